@@ -1,0 +1,64 @@
+"""Argument checks shared by the public API. Each raises before any work starts."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+
+def tensor(name: str, x: Any, *, ndim: int | None = None, floating: bool = True) -> torch.Tensor:
+    """Check that ``x`` is a tensor (of ``ndim`` dims, floating point when asked)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def same(names: Sequence[str], xs: Sequence[torch.Tensor], *, dtype: bool = True, device: bool = True) -> None:
+    """Check that tensors share dtype and device."""
+    for n, x in zip(names[1:], xs[1:]):
+        if device and x.device != xs[0].device:
+            raise ValueError(f"{n} is on {x.device} but {names[0]} is on {xs[0].device}")
+        if dtype and x.dtype != xs[0].dtype:
+            raise TypeError(f"{n} has dtype {x.dtype} but {names[0]} has dtype {xs[0].dtype}")
+
+
+def positive_int(name: str, x: Any, *, minimum: int = 1) -> int:
+    """Check that ``x`` is an int (not bool) of at least ``minimum``."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    return x
+
+
+def finite_float(name: str, x: Any, *, minimum: float | None = None, strict: bool = False) -> float:
+    """Check that ``x`` is a finite real number (>= or > ``minimum`` when given)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if minimum is not None and (x <= minimum if strict else x < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {x}")
+    return x
+
+
+def choice(name: str, x: Any, options: Sequence[str]) -> str:
+    """Check that ``x`` is one of ``options``."""
+    if x not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {x!r}")
+    return x
+
+
+def seed(name: str, x: Any) -> int:
+    """Check that ``x`` is an int seed in [0, 2**63)."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if not 0 <= x < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {x}")
+    return x

@@ -1,0 +1,82 @@
+"""Philox4x32-10 in torch integer arithmetic, bit-exact with Triton's ``tl.philox``.
+
+Stream layout (shared by the Triton kernels and this reference):
+
+- key: ``(seed & 0xffffffff, seed >> 32)``, ``seed`` in ``[0, 2**63)``;
+- counter: ``(g & 0xffffffff, g >> 32, c2, c3)`` where ``g = e // 4`` is the *group* of the
+  element with global index ``e``; one Philox call yields four uint32 words for four
+  consecutive elements, element ``e`` takes word ``e % 4``;
+- ``c3`` tags the purpose: ``STREAM_NOISE = 0`` (reverse-diffusion noise, ``c2`` = step index),
+  ``STREAM_GUMBEL = 1`` (top-1 Gumbel noise, ``c2 = 0``);
+- uniforms: Triton's ``uint_to_uniform_float`` (int32 bitcast, fold negatives, times
+  ``4.6566127342e-10``), in ``[0, 1)``;
+- normals: Box-Muller on word pairs, ``(n0, n1) = BM(u0, u1)``, ``(n2, n3) = BM(u2, u3)`` with
+  ``BM(a, b) = sqrt(-2 log max(a, 1e-7)) * (cos 2πb, sin 2πb)`` in float32.
+
+All words are held in int64 tensors with values in ``[0, 2**32)``; works on any device.
+"""
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
+ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
+STREAM_NOISE, STREAM_GUMBEL = 0, 1
+_SCALE = 4.6566127342e-10
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of ``a * b`` for a 32-bit constant ``a`` and 32-bit words ``b``."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_hi = b * a_hi  # < 2**48
+    p_lo = b * a_lo  # < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
+    return hi, lo
+
+
+def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | int,
+               c3: torch.Tensor | int, n_rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """Philox4x32 with key ``seed`` on counters ``(c0, c1, c2, c3)`` (int64 words in [0, 2**32))."""
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    c0 = c0.to(torch.int64)
+    c1 = torch.as_tensor(c1, dtype=torch.int64, device=c0.device).expand_as(c0)
+    c2 = torch.as_tensor(c2, dtype=torch.int64, device=c0.device).expand_as(c0)
+    c3 = torch.as_tensor(c3, dtype=torch.int64, device=c0.device).expand_as(c0)
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mulhilo(ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + KEY_A) & MASK32, (k1 + KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's ``uint_to_uniform_float`` for uint32 words held in int64: float32 in [0, 1)."""
+    x = torch.where(x >= 2**31, x - 2**32, x)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(_SCALE, dtype=torch.float32, device=x.device)
+
+
+def _words(seed: int, index: torch.Tensor, c2: int, c3: int) -> torch.Tensor:
+    """The four uint32 words of each element's group, stacked on a last axis of size 4."""
+    g = index.to(torch.int64) // 4
+    return torch.stack(philox4x32(seed, g & MASK32, g >> 32, c2, c3), dim=-1)
+
+
+def uniform(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_GUMBEL) -> torch.Tensor:
+    """Uniform float32 in [0, 1) for global element indices ``index`` (int64, any shape)."""
+    words = _words(seed, index, c2, c3)
+    return uint32_to_uniform(torch.gather(words, -1, (index.to(torch.int64) % 4).unsqueeze(-1)).squeeze(-1))
+
+
+def normal(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_NOISE) -> torch.Tensor:
+    """Standard normal float32 for global element indices ``index`` (int64, any shape)."""
+    u = uint32_to_uniform(_words(seed, index, c2, c3))
+    u0 = torch.clamp(u[..., 0::2], min=1.0e-7)  # words 0 and 2
+    th = 6.283185307179586 * u[..., 1::2]       # words 1 and 3
+    r = torch.sqrt(-2.0 * torch.log(u0))
+    n = torch.stack([r[..., 0] * torch.cos(th[..., 0]), r[..., 0] * torch.sin(th[..., 0]),
+                     r[..., 1] * torch.cos(th[..., 1]), r[..., 1] * torch.sin(th[..., 1])], dim=-1)
+    return torch.gather(n, -1, (index.to(torch.int64) % 4).unsqueeze(-1)).squeeze(-1)

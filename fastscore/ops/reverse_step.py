@@ -1,0 +1,110 @@
+"""One reverse-diffusion update, shared by DDPM ancestral and DDIM (eta >= 0).
+
+With ``a = sqrt(alpha_bar_t)``, ``b = sqrt(1 - alpha_bar_t)``:
+  x0  = (x_t - b * eps) / a;     if clip_x0: x0 = clamp(x0, -1, 1) and eps = (x_t - a * x0) / b
+  x_{t-1} = sqrt(alpha_bar_prev) * x0 + dir_coef * eps + sigma * z
+DDIM: ``sigma = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)``,
+``dir_coef = sqrt(1 - ab_prev - sigma**2)``. DDPM ancestral (posterior variance) is DDIM with
+eta = 1 on consecutive steps. The last step uses ``ab_prev = 1``, ``sigma = dir_coef = 0``.
+
+``z`` is standard normal from ``philox.normal(seed, e, c2=step)``, ``e`` the element's global index
+in the whole sampling run: ``e = (sample_offset + i) * (C*H*W) + j`` for sample ``i`` of the batch
+and element ``j`` within it, so a sample's noise never depends on batch size or position.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .. import _validate
+from . import _dispatch, philox
+
+
+class StepCoefficients(NamedTuple):
+    """Per-step scalars of one reverse update (all floats; see module docstring)."""
+    sqrt_alpha_bar: float
+    sqrt_one_minus_alpha_bar: float
+    sqrt_alpha_bar_prev: float
+    dir_coef: float
+    sigma: float
+
+
+def _check(x_t, eps, coef, seed, step, sample_offset, out) -> StepCoefficients:
+    _validate.tensor("x_t", x_t)
+    _validate.tensor("eps", eps)
+    if eps.shape != x_t.shape:
+        raise ValueError(f"eps must have the shape of x_t {tuple(x_t.shape)}, got {tuple(eps.shape)}")
+    _validate.same(("x_t", "eps"), (x_t, eps), dtype=False)
+    if x_t.dim() < 1 or x_t.shape[0] == 0:
+        raise ValueError(f"x_t must have a non-empty batch dimension, got shape {tuple(x_t.shape)}")
+    if not isinstance(coef, StepCoefficients):
+        if isinstance(coef, (tuple, list)) and len(coef) == 5:
+            coef = StepCoefficients(*coef)
+        else:
+            raise TypeError("coefficients must be a StepCoefficients (or a 5-tuple of floats)")
+    for name, c in zip(StepCoefficients._fields, coef):
+        _validate.finite_float(f"coefficients.{name}", c)
+    if coef.sqrt_alpha_bar <= 0 or coef.sqrt_one_minus_alpha_bar <= 0:
+        raise ValueError("coefficients.sqrt_alpha_bar and sqrt_one_minus_alpha_bar must be > 0")
+    if coef.sigma < 0 or coef.dir_coef < 0:
+        raise ValueError("coefficients.sigma and dir_coef must be >= 0")
+    _validate.seed("seed", seed)
+    _validate.positive_int("step", step, minimum=0)
+    if step >= 2**31:
+        raise ValueError(f"step must be < 2**31, got {step}")
+    _validate.positive_int("sample_offset", sample_offset, minimum=0)
+    if out is not None:
+        _validate.tensor("out", out)
+        if out.shape != x_t.shape or out.dtype != x_t.dtype or out.device != x_t.device:
+            raise ValueError("out must match x_t in shape, dtype and device")
+    return StepCoefficients(*(float(c) for c in coef))
+
+
+def noise_like(x_t: torch.Tensor, seed: int, step: int, sample_offset: int = 0) -> torch.Tensor:
+    """The float32 standard normal noise that ``reverse_step`` adds (documented stream)."""
+    per = x_t[0].numel()
+    e = torch.arange(x_t.numel(), device=x_t.device, dtype=torch.int64) + sample_offset * per
+    return philox.normal(seed, e, c2=step).view(x_t.shape)
+
+
+def reverse_step_reference(x_t: torch.Tensor, eps: torch.Tensor, coef: StepCoefficients, *, seed: int,
+                           step: int, sample_offset: int = 0, clip_x0: bool = False,
+                           noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager float32 update; ``noise`` overrides the Philox draw (for closed-form tests)."""
+    a, b, a_prev, d, s = coef
+    x = x_t.float()
+    e = eps.float()
+    x0 = (x - b * e) / a
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+        e = (x - a * x0) / b
+    y = a_prev * x0 + d * e
+    if s > 0:
+        z = noise_like(x_t, seed, step, sample_offset) if noise is None else noise.float()
+        y = y + s * z
+    return y.to(x_t.dtype)
+
+
+def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coefficients: StepCoefficients, *, seed: int,
+                 step: int, sample_offset: int = 0, clip_x0: bool = False, out: torch.Tensor | None = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """x_{t-1} from x_t (B, ...) and eps (same shape); ``out=x_t`` updates in place."""
+    coef = _check(x_t, eps, coefficients, seed, step, sample_offset, out)
+    if _dispatch.resolve(backend, x_t, eps) == "triton":
+        from . import _reverse_step_triton
+        return _reverse_step_triton.reverse_step(x_t, eps, coef, seed, step, sample_offset, clip_x0, out)
+    y = reverse_step_reference(x_t, eps, coef, seed=seed, step=step, sample_offset=sample_offset,
+                               clip_x0=clip_x0)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
+def ddim_coefficients(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> StepCoefficients:
+    """DDIM(eta) step coefficients from alpha_bar at t and at the previous (less noisy) step."""
+    sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * math.sqrt(1 - alpha_bar_t / alpha_bar_prev)
+    d = math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0))
+    return StepCoefficients(math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t), math.sqrt(alpha_bar_prev), d, sigma)
