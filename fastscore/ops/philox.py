@@ -60,9 +60,19 @@ def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
 
 
 def _words(seed: int, index: torch.Tensor, c2: int, c3: int) -> torch.Tensor:
-    """The four uint32 words of each element's group, stacked on a last axis of size 4."""
-    g = index.to(torch.int64) // 4
-    return torch.stack(philox4x32(seed, g & MASK32, g >> 32, c2, c3), dim=-1)
+    """The four uint32 words of each element's group (index.shape + (4,)), one Philox call per group."""
+    index = index.to(torch.int64)
+    flat = index.reshape(-1)
+    if flat.numel() == 0:
+        return torch.zeros((*index.shape, 4), dtype=torch.int64, device=index.device)
+    g0 = int(flat.min()) // 4
+    g1 = int(flat.max()) // 4
+    if g1 - g0 + 1 <= 2 * flat.numel():  # dense indices (the usual case): one call per group in range
+        g = torch.arange(g0, g1 + 1, dtype=torch.int64, device=index.device)
+        words = torch.stack(philox4x32(seed, g & MASK32, g >> 32, c2, c3), dim=-1)
+        return words[(flat // 4) - g0].view(*index.shape, 4)
+    g = flat // 4
+    return torch.stack(philox4x32(seed, g & MASK32, g >> 32, c2, c3), dim=-1).view(*index.shape, 4)
 
 
 def uniform(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_GUMBEL) -> torch.Tensor:

@@ -36,7 +36,7 @@ def _check(x_t, eps, coef, seed, step, sample_offset, out) -> StepCoefficients:
     _validate.tensor("eps", eps)
     if eps.shape != x_t.shape:
         raise ValueError(f"eps must have the shape of x_t {tuple(x_t.shape)}, got {tuple(eps.shape)}")
-    _validate.same(("x_t", "eps"), (x_t, eps), dtype=False)
+    _validate.same(("x_t", "eps"), (x_t, eps))
     if x_t.dim() < 1 or x_t.shape[0] == 0:
         raise ValueError(f"x_t must have a non-empty batch dimension, got shape {tuple(x_t.shape)}")
     if not isinstance(coef, StepCoefficients):
@@ -105,6 +105,12 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coefficients: StepCoeffic
 
 def ddim_coefficients(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> StepCoefficients:
     """DDIM(eta) step coefficients from alpha_bar at t and at the previous (less noisy) step."""
+    _validate.finite_float("eta", eta, minimum=0.0)
+    _validate.finite_float("alpha_bar_t", alpha_bar_t, minimum=0.0, strict=True)
+    _validate.finite_float("alpha_bar_prev", alpha_bar_prev)
+    if not alpha_bar_t < 1.0 or not alpha_bar_t <= alpha_bar_prev <= 1.0:
+        raise ValueError(f"need 0 < alpha_bar_t < 1 and alpha_bar_t <= alpha_bar_prev <= 1, "
+                         f"got {alpha_bar_t}, {alpha_bar_prev}")
     sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * math.sqrt(1 - alpha_bar_t / alpha_bar_prev)
     d = math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0))
     return StepCoefficients(math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t), math.sqrt(alpha_bar_prev), d, sigma)

@@ -26,22 +26,21 @@ def gumbel_noise(seed: int, b: int, nq: int, nk: int, device: torch.device) -> t
     return -torch.log(-torch.log(u))
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, gumbel: bool, seed: int) -> torch.Tensor:
+def _scores(q: torch.Tensor, k: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))
-    if gumbel:
-        s = s + gumbel_noise(seed, q.shape[0], q.shape[1], k.shape[1], q.device).to(acc)
-    return s
+    return s if noise is None else s + noise.to(acc)
 
 
 class _Top1Reference(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, temperature: float, gumbel: bool, seed: int):
-        s = _scores(q, k, gumbel, seed)
+        noise = gumbel_noise(seed, q.shape[0], q.shape[1], k.shape[1], q.device) if gumbel else None
+        s = _scores(q, k, noise)
         idx = torch.argmax(s, dim=-1)  # first maximal index on ties
         out = torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]))
         ctx.save_for_backward(q, k, v, idx)
-        ctx.temperature, ctx.gumbel, ctx.seed = temperature, gumbel, seed
+        ctx.temperature, ctx.noise = temperature, noise
         ctx.mark_non_differentiable(idx)
         return out, idx
 
@@ -52,7 +51,7 @@ class _Top1Reference(torch.autograd.Function):
         dout = dout.to(acc)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         dv.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]), dout)
-        p = torch.softmax(_scores(q, k, ctx.gumbel, ctx.seed) / ctx.temperature, dim=-1)
+        p = torch.softmax(_scores(q, k, ctx.noise) / ctx.temperature, dim=-1)
         dp = torch.matmul(dout, v.to(acc).transpose(-1, -2))
         ds = p * (dp - (dp * p).sum(-1, keepdim=True)) / ctx.temperature
         dq = torch.matmul(ds, k.to(acc))

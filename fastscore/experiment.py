@@ -1,0 +1,457 @@
+"""The study: train the four score networks, sample, score, probe; tables, figures, resumable runs.
+
+``reproduce(config, out)`` writes to ``out``: ``study.json`` (the config; a different config in the
+same directory is refused without ``force``), ``rows/*.json`` (one finished row each, the unit of
+resumption), ``checkpoints/*.safetensors``, ``results.json`` (every number, config, versions,
+device), ``results.md`` (the tables) and PNG figures (with matplotlib installed). Every file is
+written atomically.
+
+``coordination_probe`` measures whether a network uses the other pairs: clean images are noised
+to level t; the accuracy of the denoised value of pair 1 (nearest colour of x0_hat at its value
+cell) is compared between images where pair 0 shares pair 1's key ("matched") and where it does
+not ("unmatched"). An optimal denoiser is more accurate when matched (two noisy views of one value).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import __version__, _validate
+from .checkpoint import atomic_write_text, load_model, save_model
+from .data import KVConfig, generate, make_dataset, palette_of_size, render
+from .metrics import Rate, analytic_random_consistency, random_images, score
+from .models import ATTENTIONS, ScoreNet
+from .sampling import sample
+from .schedule import make_schedule
+from .training import TrainConfig, train
+
+LABELS = {"none": "CNN", "top1": "CNN + top-1 attention", "identity": "CNN + identity attention",
+          "softmax": "CNN + softmax attention"}
+PAPER = {"random": 5.38, "none": 10.88, "top1": 21.64, "identity": 25.44, "softmax": 64.03}
+RATE_KEYS = ("valid", "consistent", "consistent_among_valid", "novel", "nearest_consistent")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything that defines a study's numbers (JSON-serialisable)."""
+    n_pairs: int = 4
+    n_colours: int = 4
+    image_size: int = 8
+    n_train: int = 5000
+    data_seed: int = 0
+    networks: tuple[str, ...] = ("none", "top1", "identity", "softmax")
+    width: int = 64
+    temperature: float = 1.0
+    coord_channels: bool = False
+    train_steps: int = 4000
+    batch_size: int = 128
+    lr: float = 2e-3
+    ema: float = 0.999
+    n_seeds: int = 3
+    n_samples: int = 10000
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 1.0
+    clip_x0: bool = True
+    probe_t: tuple[int, ...] = (100, 200, 400, 600)
+    probe_n: int = 2000
+    n_random: int = 10000
+
+    def __post_init__(self) -> None:
+        for n in self.networks:
+            _validate.choice("networks", n, ATTENTIONS)
+        for name in ("n_seeds", "n_samples", "train_steps", "n_train", "probe_n", "n_random"):
+            _validate.positive_int(name, getattr(self, name))
+        self.data_config()  # validates the geometry
+
+    @classmethod
+    def preset(cls, mode: str, **overrides) -> "StudyConfig":
+        """``"full"`` (the defaults), ``"quick"`` (minutes on a CPU) or ``"tiny"`` (seconds; CI)."""
+        _validate.choice("mode", mode, ("full", "quick", "tiny"))
+        base = {"full": {}, "quick": dict(train_steps=1500, n_samples=1000, n_seeds=1, probe_n=1000, n_random=2000),
+                "tiny": dict(train_steps=20, n_samples=48, n_seeds=1, n_train=300, probe_n=48, n_random=200,
+                             steps=8, width=16, probe_t=(200,))}[mode]
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def data_config(self) -> KVConfig:
+        return KVConfig(n_pairs=self.n_pairs, palette=palette_of_size(self.n_colours), image_size=self.image_size)
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(steps=self.train_steps, batch_size=self.batch_size, lr=self.lr, ema=self.ema, seed=seed)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _versions(device: torch.device) -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:  # pragma: no cover
+        tv = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"fastscore": __version__, "torch": torch.__version__, "triton": tv, "python": platform.python_version(),
+            "device": str(device), "device_name": name, "threads": torch.get_num_threads()}
+
+
+def _prepare_dir(out: Path, config: StudyConfig, force: bool) -> None:
+    study = out / "study.json"
+    want = config.to_dict()
+    if out.exists() and any(out.iterdir()):
+        if study.exists():
+            have = json.loads(study.read_text())
+            if have == want:
+                return  # resume
+            if not force:
+                raise FileExistsError(f"{out} holds a study with another config; pass --force (force=True) to "
+                                      "replace it, or choose another --out")
+        elif not force:
+            raise FileExistsError(f"{out} exists and is not a fastscore study; pass --force or another --out")
+        for sub in ("rows", "checkpoints", "figures"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for f in ("results.json", "results.md", "study.json"):
+            (out / f).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(study, json.dumps(want, indent=2), overwrite=True)
+
+
+@torch.no_grad()
+def coordination_probe(model, config: KVConfig, t_values: Sequence[int], *, n: int = 2000, seed: int = 0,
+                       device: str | torch.device = "cpu", batch_size: int = 1000) -> list[dict]:
+    """Per t: accuracy of pair 1's denoised value when pair 0 shares its key vs when it does not.
+
+    Returns rows ``{"t", "matched": Rate, "unmatched": Rate, "gap"}`` over ``n`` images per case.
+    Needs ``config.n_pairs >= 2``.
+    """
+    if config.n_pairs < 2:
+        raise ValueError("the coordination probe needs n_pairs >= 2")
+    _validate.positive_int("n", n)
+    sched = make_schedule("linear", getattr(getattr(model, "config", None), "T", 1000))
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    b = generate(config, 2 * n, seed)
+    keys, f = b.keys.clone(), b.functions
+    P = config.n_colours
+    keys[:n, 0] = keys[:n, 1]                                          # matched: pair 0 shares pair 1's key
+    shift = torch.randint(1, P, (n,), generator=g)
+    keys[n:, 0] = (keys[n:, 1] + shift) % P                            # unmatched: a different key
+    values = f.gather(1, keys)
+    x0 = render(config, keys, values)
+    (vr, vc) = config.positions[1][1]
+    s = config.cell_size
+    rows = []
+    for t in t_values:
+        t = _validate.positive_int("t", int(t), minimum=0)
+        if t >= sched.T:
+            raise ValueError(f"t must be < T={sched.T}, got {t}")
+        ab = float(sched.alpha_bar[t])
+        correct = []
+        for start in range(0, 2 * n, batch_size):
+            xb = x0[start:start + batch_size].to(device)
+            eps = torch.randn(xb.shape, generator=g).to(device)
+            xt = math.sqrt(ab) * xb + math.sqrt(1 - ab) * eps
+            tt = torch.full((xb.shape[0],), t, dtype=torch.int64, device=device)
+            x0_hat = (xt - math.sqrt(1 - ab) * model(xt, tt)) / math.sqrt(ab)
+            cell = x0_hat[:, :, vr * s:(vr + 1) * s, vc * s:(vc + 1) * s].mean((2, 3)).cpu()
+            pal = torch.tensor(config.palette)
+            nearest = ((cell[:, None, :] - pal[None]) ** 2).sum(-1).argmin(1)
+            correct.append(nearest == values[start:start + batch_size, 1])
+        c = torch.cat(correct)
+        m, u = Rate(int(c[:n].sum()), n), Rate(int(c[n:].sum()), n)
+        rows.append({"t": t, "matched": m, "unmatched": u, "gap": m.value - u.value})
+    return rows
+
+
+def format_probe(rows: list[dict]) -> str:
+    """A markdown table of ``coordination_probe`` rows."""
+    lines = ["| t | accuracy, key shared | accuracy, key not shared | gap |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['t']} | {r['matched']} | {r['unmatched']} | {100 * r['gap']:+.2f} pp |")
+    return "\n".join(lines)
+
+
+def _probe_json(rows: list[dict]) -> list[dict]:
+    return [{"t": r["t"], "matched": r["matched"].to_dict(), "unmatched": r["unmatched"].to_dict(), "gap": r["gap"]}
+            for r in rows]
+
+
+def _row_name(net: str, seed: int) -> str:
+    return f"{net}-seed{seed}"
+
+
+def _run_row(config: StudyConfig, out: Path, net: str, seed: int, images, train_set, device, backend, bar) -> dict:
+    cfg = config.data_config()
+    ckpt = out / "checkpoints" / f"{_row_name(net, seed)}.safetensors"
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    if ckpt.exists():
+        model, meta = load_model(ckpt, backend=backend, device=device)
+        losses = meta["extra"].get("losses", [])
+        train_seconds = meta["extra"].get("seconds", 0.0)
+        if bar is not None:
+            bar.update(config.train_steps)
+    else:
+        torch.manual_seed(1000 + seed)
+        model = ScoreNet(net, config.width, image_size=cfg.image_size, temperature=config.temperature,
+                         coord_channels=config.coord_channels, backend=backend)
+        res = train(model, images, config.train_config(seed), device=device, progress=False,
+                    callback=(lambda s, l: bar.update(1)) if bar is not None else None)
+        model, losses, train_seconds = res.model, res.losses[::10], res.seconds
+        save_model(ckpt, model, data_config=cfg, train_config=config.train_config(seed),
+                   extra={"n_train": config.n_train, "data_seed": config.data_seed, "losses": losses,
+                          "seconds": train_seconds}, overwrite=True)
+    t1 = time.perf_counter()
+    x = sample(model, config.n_samples, sampler=config.sampler, steps=config.steps, eta=config.eta,
+               clip_x0=config.clip_x0, seed=10_000 + seed, device=device, backend=backend,
+               callback=(lambda b: bar.update(b)) if bar is not None else None)
+    sample_seconds = time.perf_counter() - t1
+    scores = score(cfg, x.cpu(), train_set)
+    probe = coordination_probe(model, cfg, config.probe_t, n=config.probe_n, seed=20_000 + seed, device=device)
+    if bar is not None:
+        bar.update(1)
+    return {"network": net, "seed": seed, "rates": scores.to_dict(), "probe": _probe_json(probe),
+            "train_seconds": train_seconds, "sample_seconds": sample_seconds,
+            "seconds": train_seconds + (time.perf_counter() - t1), "losses": losses,
+            "preview": x[:64].cpu().tolist() if x.shape[0] else []}
+
+
+def _pooled(rows: list[dict], key: str) -> dict:
+    k = sum(r["rates"][key]["k"] for r in rows)
+    n = sum(r["rates"][key]["n"] for r in rows)
+    per_seed = [r["rates"][key]["rate"] for r in rows]
+    per_seed = [p for p in per_seed if p == p]
+    mean = sum(per_seed) / len(per_seed) if per_seed else float("nan")
+    std = (sum((p - mean) ** 2 for p in per_seed) / (len(per_seed) - 1)) ** 0.5 if len(per_seed) > 1 else 0.0
+    return {**Rate(k, n).to_dict(), "per_seed": per_seed, "mean": mean, "std": std}
+
+
+def _fmt(d: dict) -> str:
+    if d["n"] == 0:
+        return "n/a"
+    lo, hi = d["ci95"]
+    s = f"{100 * d['rate']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+    if len(d.get("per_seed", [])) > 1:
+        s += f" (seeds {100 * d['mean']:.1f}±{100 * d['std']:.1f})"
+    return s
+
+
+def summarise(config: StudyConfig, rows: list[dict], baseline: dict) -> dict:
+    """Pool per-seed rows per network: rates with Wilson intervals, per-seed mean and spread."""
+    nets = {}
+    for net in config.networks:
+        rs = [r for r in rows if r["network"] == net]
+        if not rs:
+            continue
+        probe = []
+        for i, t in enumerate(config.probe_t):
+            m = Rate(sum(r["probe"][i]["matched"]["k"] for r in rs), sum(r["probe"][i]["matched"]["n"] for r in rs))
+            u = Rate(sum(r["probe"][i]["unmatched"]["k"] for r in rs),
+                     sum(r["probe"][i]["unmatched"]["n"] for r in rs))
+            probe.append({"t": t, "matched": m.to_dict(), "unmatched": u.to_dict(), "gap": m.value - u.value})
+        nets[net] = {"label": LABELS[net], "rates": {k: _pooled(rs, k) for k in RATE_KEYS}, "probe": probe,
+                     "seconds": sum(r["seconds"] for r in rs), "train_seconds": sum(r["train_seconds"] for r in rs),
+                     "sample_seconds": sum(r["sample_seconds"] for r in rs), "seeds": [r["seed"] for r in rs]}
+    return {"baseline": baseline, "networks": nets}
+
+
+def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: float) -> str:
+    """The results tables as markdown."""
+    b = summary["baseline"]
+    head = ("| model | valid | consistent | consistent among valid | novel | nearest-colour consistent | wall s |\n"
+            "|---|---|---|---|---|---|---|")
+    lines = [f"# fastscore study: {config.n_pairs} pairs, {config.n_colours} colours, {config.image_size}x"
+             f"{config.image_size}", "",
+             f"{config.train_steps} training steps x {config.n_seeds} seed(s), {config.n_samples} samples per "
+             f"network and seed ({config.sampler}, {config.steps} steps, eta {config.eta}); device "
+             f"{versions['device_name']} ({versions['device']}), torch {versions['torch']}; total wall time "
+             f"{wall:.0f} s.", "", head]
+    an = b["analytic_consistent"]
+    lines.append(f"| random, analytic | 100% | {100 * an:.2f}% (exact: {b['analytic_fraction']}) | {100 * an:.2f}% | "
+                 f"- | - | 0 |")
+    e = b["empirical"]
+    lines.append(f"| random, empirical | {_fmt(e['valid'])} | {_fmt(e['consistent'])} | "
+                 f"{_fmt(e['consistent_among_valid'])} | {_fmt(e['novel'])} | {_fmt(e['nearest_consistent'])} | "
+                 f"{b['seconds']:.1f} |")
+    for net, s in summary["networks"].items():
+        r = s["rates"]
+        lines.append(f"| {s['label']} | {_fmt(r['valid'])} | {_fmt(r['consistent'])} | "
+                     f"{_fmt(r['consistent_among_valid'])} | {_fmt(r['novel'])} | {_fmt(r['nearest_consistent'])} | "
+                     f"{s['seconds']:.0f} |")
+    lines += ["", "## Coordination probe", "",
+              "Accuracy of pair 1's denoised value (nearest colour of x0_hat) when pair 0 shares its key vs not; "
+              "a network that uses the other pair shows a positive gap.", "",
+              "| model | t | key shared | key not shared | gap |", "|---|---|---|---|---|"]
+    for net, s in summary["networks"].items():
+        for p in s["probe"]:
+            lines.append(f"| {s['label']} | {p['t']} | {_fmt(p['matched'])} | {_fmt(p['unmatched'])} | "
+                         f"{100 * p['gap']:+.2f} pp |")
+    lines += ["", "Paper (Finn et al. 2025, consistency): random 5.38%, CNN 10.88%, top-1 21.64%, identity 25.44%, "
+              "softmax attention 64.03%.", ""]
+    return "\n".join(lines)
+
+
+def _figures(out: Path, config: StudyConfig, rows: list[dict], device, backend) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    written = []
+    nets = [n for n in config.networks if any(r["network"] == n for r in rows)]
+    # sample grids
+    fig, axes = plt.subplots(1, len(nets), figsize=(3.2 * len(nets), 3.4), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        r = next(r for r in rows if r["network"] == net)
+        x = torch.tensor(r["preview"][:36])
+        k = int(math.ceil(math.sqrt(max(len(x), 1))))
+        H = x.shape[-1] if len(x) else 1
+        grid = torch.ones(3, k * (H + 1), k * (H + 1))
+        for i, im in enumerate(x):
+            gy, gx = divmod(i, k)
+            grid[:, gy * (H + 1):gy * (H + 1) + H, gx * (H + 1):gx * (H + 1) + H] = (im.clamp(-1, 1) + 1) / 2
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(LABELS[net], fontsize=9)
+        ax.axis("off")
+    written.append(_savefig(fig, fig_dir / "samples.png"))
+    plt.close(fig)
+    # loss curves
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for net in nets:
+        for r in rows:
+            if r["network"] == net and r["losses"]:
+                l = torch.tensor(r["losses"])
+                w = max(1, len(l) // 30)
+                sm = l.unfold(0, w, w).mean(1) if len(l) >= w else l
+                ax.plot(torch.arange(len(sm)) * w * 10, sm, label=f"{LABELS[net]} s{r['seed']}", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("eps MSE")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
+    written.append(_savefig(fig, fig_dir / "loss.png"))
+    plt.close(fig)
+    # attention maps: where the value cell of pair 1 attends, on one training image at a few t
+    cfg = config.data_config()
+    att_nets = [n for n in nets if n != "none"]
+    if att_nets:
+        x0, _ = make_dataset(cfg, 1, seed=config.data_seed + 7)
+        ts = [100, 300, 600]
+        fig, axes = plt.subplots(len(att_nets), len(ts) + 1, figsize=(2.2 * (len(ts) + 1), 2.3 * len(att_nets)),
+                                 squeeze=False)
+        (vr, vc) = cfg.positions[1][1]
+        H = cfg.image_size
+        for i, net in enumerate(att_nets):
+            model, _ = load_model(out / "checkpoints" / f"{_row_name(net, 0)}.safetensors", backend=backend,
+                                  device=device)
+            axes[i][0].imshow(((x0[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), interpolation="nearest")
+            axes[i][0].set_title("image", fontsize=8)
+            axes[i][0].set_ylabel(LABELS[net], fontsize=7)
+            sched = make_schedule("linear", model.config.T)
+            g = torch.Generator().manual_seed(0)
+            for j, t in enumerate(ts):
+                ab = float(sched.alpha_bar[t])
+                xt = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g)
+                w = model.attention_weights(xt.to(device), torch.tensor([t], device=device))[0].cpu()
+                axes[i][j + 1].imshow(w[vr * H + vc].view(H, H).numpy(), cmap="viridis", interpolation="nearest")
+                axes[i][j + 1].set_title(f"t={t}", fontsize=8)
+            for ax in axes[i]:
+                ax.set_xticks([])
+                ax.set_yticks([])
+        fig.suptitle("attention of pair 1's value cell", fontsize=9)
+        written.append(_savefig(fig, fig_dir / "attention.png"))
+        plt.close(fig)
+    return written
+
+
+def _savefig(fig, path: Path) -> str:
+    from .checkpoint import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"), overwrite=True)
+    return str(path)
+
+
+def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.device = "cpu", backend: str = "auto",
+              force: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) the study into directory ``out``; returns the results document."""
+    out = Path(out)
+    device = torch.device(device)
+    _prepare_dir(out, config, force)
+    (out / "rows").mkdir(exist_ok=True)
+    start = time.perf_counter()
+    cfg = config.data_config()
+    images, train_set = make_dataset(cfg, config.n_train, config.data_seed)
+    t0 = time.perf_counter()
+    rnd = score(cfg, random_images(cfg, config.n_random, seed=config.data_seed + 1), train_set).to_dict()
+    an = analytic_random_consistency(cfg.n_pairs, cfg.n_colours)
+    baseline = {"analytic_fraction": str(an), "analytic_consistent": float(an), "empirical": rnd,
+                "seconds": time.perf_counter() - t0}
+    jobs = [(net, s) for net in config.networks for s in range(config.n_seeds)]
+    per_job = config.train_steps + config.n_samples + 1
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=per_job * len(jobs), desc="reproduce", dynamic_ncols=True, unit="unit")
+    rows = []
+    for net, s in jobs:
+        path = out / "rows" / f"{_row_name(net, s)}.json"
+        if bar is not None:
+            bar.set_description(f"reproduce [{LABELS[net]}, seed {s}]")
+        if path.exists():
+            row = json.loads(path.read_text())
+            if bar is not None:
+                bar.update(per_job)
+        else:
+            row = _run_row(config, out, net, s, images, train_set, device, backend, bar)
+            atomic_write_text(path, json.dumps(row), overwrite=True)
+        rows.append(row)
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - start
+    versions = _versions(device)
+    summary = summarise(config, rows, baseline)
+    figures = _figures(out, config, rows, device, backend)
+    doc = {"config": config.to_dict(), "data_config": cfg.to_dict(), "versions": versions, "wall_seconds": wall,
+           "summary": summary, "rows": [{k: v for k, v in r.items() if k != "preview"} for r in rows],
+           "figures": figures, "paper": PAPER}
+    md = results_markdown(config, summary, versions, wall)
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=1), overwrite=True)
+    atomic_write_text(out / "results.md", md, overwrite=True)
+    print(md)
+    return doc
+
+
+def pairs_sweep(config: StudyConfig, out: Path, pairs: Sequence[int], **kw) -> dict:
+    """One study per number of pairs (images grown and coordinate channels on where > 4 pairs need them);
+    writes ``out/pairs-K/`` per K and ``out/sweep.md`` comparing CNN and attention."""
+    docs = {}
+    need_coords = any(p > 4 for p in pairs)
+    for p in pairs:
+        size = config.image_size
+        while True:
+            try:
+                KVConfig(n_pairs=p, palette=palette_of_size(config.n_colours), image_size=size)
+                break
+            except ValueError:
+                size += 2
+        c = replace(config, n_pairs=p, image_size=size, coord_channels=config.coord_channels or need_coords)
+        docs[p] = reproduce(c, Path(out) / f"pairs-{p}", **kw)
+    lines = ["| pairs | chance | " + " | ".join(f"{LABELS[n]} (consistent among valid)" for n in config.networks) + " |",
+             "|---" * (2 + len(config.networks)) + "|"]
+    for p, d in docs.items():
+        s = d["summary"]
+        cells = [_fmt(s["networks"][n]["rates"]["consistent_among_valid"]) if n in s["networks"] else "-"
+                 for n in config.networks]
+        lines.append(f"| {p} | {100 * s['baseline']['analytic_consistent']:.2f}% | " + " | ".join(cells) + " |")
+    atomic_write_text(Path(out) / "sweep.md", "\n".join(lines) + "\n", overwrite=True)
+    print("\n".join(lines))
+    return docs

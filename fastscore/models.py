@@ -1,0 +1,168 @@
+"""Score networks: one CNN base, four attention variants. Each predicts the noise eps.
+
+``ScoreNet(x_t, t) -> eps_hat`` with ``x_t`` (B, C, H, W) and integer timesteps ``t`` (B,) in
+[0, T). The score is ``-eps_hat / sqrt(1 - alpha_bar[t])`` (``Schedule.eps_to_score``).
+
+Architecture (all variants share it, so all non-locality comes from the attention layer):
+  z = SiLU(conv3x3(SiLU(conv3x3(x) + e1(t))) + e2(t))          # CNN g: 5x5 receptive field
+  h = z + A(z)                                                  # residual attention over H*W tokens
+  eps_hat = conv1x1(SiLU(conv1x1(h)))                           # pointwise head
+with ``A`` = 0 (``"none"``), ``identity_attention(z)`` (``"identity"``: q = k = v = z, scale
+width**-0.5), ``W_o softmax_attention(W_q z, W_k z, W_v z)`` (``"softmax"``), or
+``W_o top1_attention(W_q z, W_k z, W_v z)`` (``"top1"``: hard argmax; trained straight-through
+with a softmax surrogate at ``temperature`` and Gumbel noise in training mode).
+No layer pools over positions. ``coord_channels=True`` appends two fixed coordinate channels
+(row, col in [-1, 1]) to the input, a positional source that keeps the CNN local.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _validate, ops
+
+ATTENTIONS = ("none", "identity", "top1", "softmax")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a ``ScoreNet`` (JSON-serialisable)."""
+    attention: str = "none"
+    width: int = 64
+    attn_dim: int = 64
+    image_channels: int = 3
+    image_size: int = 8
+    T: int = 1000
+    temperature: float = 1.0
+    gumbel: bool = True
+    coord_channels: bool = False
+
+    def __post_init__(self) -> None:
+        _validate.choice("attention", self.attention, ATTENTIONS)
+        _validate.positive_int("width", self.width)
+        _validate.positive_int("attn_dim", self.attn_dim)
+        _validate.positive_int("image_channels", self.image_channels)
+        _validate.positive_int("image_size", self.image_size)
+        _validate.positive_int("T", self.T, minimum=2)
+        _validate.finite_float("temperature", self.temperature, minimum=0.0, strict=True)
+        if not isinstance(self.gumbel, bool) or not isinstance(self.coord_channels, bool):
+            raise TypeError("gumbel and coord_channels must be bools")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, T: int) -> torch.Tensor:
+    """Sinusoidal embedding (B, dim) float32 of integer timesteps ``t`` (B,)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    a = (t.to(torch.float32) * (1000.0 / T)).unsqueeze(1) * freqs.unsqueeze(0)
+    emb = torch.cat([torch.cos(a), torch.sin(a)], dim=1)
+    return F.pad(emb, (0, dim - 2 * half))
+
+
+class ScoreNet(nn.Module):
+    """eps-prediction score network; see the module docstring. ``backend`` picks the ops' path."""
+
+    def __init__(self, attention: str = "none", width: int = 64, *, attn_dim: int | None = None,
+                 image_channels: int = 3, image_size: int = 8, T: int = 1000, temperature: float = 1.0,
+                 gumbel: bool = True, coord_channels: bool = False, backend: str = "auto") -> None:
+        super().__init__()
+        self.config = ModelConfig(attention, width, attn_dim or width, image_channels, image_size, T,
+                                  float(temperature), gumbel, coord_channels)
+        self.backend = _validate.choice("backend", backend, ops._dispatch.BACKENDS)
+        c, w = image_channels, width
+        cin = c + (2 if coord_channels else 0)
+        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 2 * w))
+        self.conv1 = nn.Conv2d(cin, w, 3, padding=1)
+        self.conv2 = nn.Conv2d(w, w, 3, padding=1)
+        d = self.config.attn_dim
+        if attention in ("softmax", "top1"):
+            self.qkv = nn.Linear(w, 3 * d)
+            self.proj = nn.Linear(d, w)
+        self.head1 = nn.Conv2d(w, w, 1)
+        self.head2 = nn.Conv2d(w, c, 1)
+        self.last_index: torch.Tensor | None = None  # top-1 index map of the last forward
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (c.image_channels, c.image_size, c.image_size)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The CNN embedding z (B, width, H, W) of noisy images x at timesteps t."""
+        if self.config.coord_channels:
+            B, _, H, W = x.shape
+            r = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype).view(1, 1, H, 1).expand(B, 1, H, W)
+            cc = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype).view(1, 1, 1, W).expand(B, 1, H, W)
+            x = torch.cat([x, r, cc], dim=1)
+        e1, e2 = self.time_mlp(timestep_embedding(t, self.config.width, self.config.T)).chunk(2, dim=1)
+        h = F.silu(self.conv1(x) + e1[:, :, None, None])
+        return F.silu(self.conv2(h) + e2[:, :, None, None])
+
+    def attend(self, z: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+        """Residual attention over the H*W tokens of z (B, width, H, W); returns the same shape."""
+        kind = self.config.attention
+        if kind == "none":
+            return z
+        B, w, H, W = z.shape
+        tok = z.flatten(2).transpose(1, 2)                              # (B, N, w)
+        if kind == "identity":
+            a = ops.identity_attention(tok.contiguous(), w ** -0.5, backend=self.backend)
+        else:
+            q, k, v = self.qkv(tok).chunk(3, dim=-1)
+            if kind == "softmax":
+                a = ops.softmax_attention(q, k, v, self.config.attn_dim ** -0.5, backend=self.backend)
+            else:
+                a, idx = ops.top1_attention(q, k, v, temperature=self.config.temperature,
+                                            gumbel=self.config.gumbel and self.training, seed=seed,
+                                            backend=self.backend)
+                self.last_index = idx.detach()
+            a = self.proj(a)
+        return z + a.transpose(1, 2).reshape(B, w, H, W)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+        """eps_hat (B, C, H, W) for x (B, C, H, W) and integer timesteps t (B,) (or a scalar)."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        h = self.attend(self.embed(x, t), seed=seed)
+        return self.head2(F.silu(self.head1(h)))
+
+    def attention_weights(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, N) float32 attention probabilities of the layer (for figures; materialises N x N).
+        ``"top1"`` gives the one-hot argmax; ``"none"`` the identity."""
+        kind = self.config.attention
+        with torch.no_grad():
+            if t.dim() == 0:
+                t = t.expand(x.shape[0])
+            z = self.embed(x, t)
+            B, w, H, W = z.shape
+            tok = z.flatten(2).transpose(1, 2).float()
+            if kind == "none":
+                return torch.eye(H * W, device=x.device).expand(B, -1, -1)
+            if kind == "identity":
+                q = k = tok
+                scale = w ** -0.5
+            else:
+                q, k, _ = self.qkv(tok).chunk(3, dim=-1)
+                scale = self.config.attn_dim ** -0.5
+            s = q @ k.transpose(1, 2)
+            if kind == "top1":
+                return F.one_hot(s.argmax(-1), H * W).float()
+            return torch.softmax(s * scale, -1)
+
+
+def build_model(config: ModelConfig, backend: str = "auto") -> ScoreNet:
+    """A fresh ``ScoreNet`` from a ``ModelConfig``."""
+    c = config
+    return ScoreNet(c.attention, c.width, attn_dim=c.attn_dim, image_channels=c.image_channels,
+                    image_size=c.image_size, T=c.T, temperature=c.temperature, gumbel=c.gumbel,
+                    coord_channels=c.coord_channels, backend=backend)

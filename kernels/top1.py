@@ -1,0 +1,441 @@
+"""Top-1 (hard) attention: Triton kernels and their launchers.
+
+Forward: ``idx_i = argmax_j s_ij`` (ties: lowest j; a row with a NaN score takes its first NaN
+column, as ``torch.argmax`` does, and outputs NaN) and ``out_i = v[idx_i]``, with
+``s_ij = q_i . k_j (+ g_ij)``; one pass over the key blocks with a running max / argmax, no
+score buffer.
+
+Backward (straight-through):
+  * ``dv_j = sum_{i: idx_i = j} dout_i``: the launcher sorts each batch's index map (stable,
+    torch ops); one program per key block sums its contiguous run of the sorted queries in a
+    fixed order with a one-hot ``tl.dot``. No atomics: results repeat bit for bit.
+  * dq, dk through the surrogate ``O_soft = softmax(s / T) v`` (same Gumbel noise):
+    ``P = softmax(s / T)``, ``dP = dout v^T``, ``dS = P * (dP - Delta) / T`` with
+    ``Delta_i = sum_j P_ij dP_ij = dout_i . O_soft_i`` (the *surrogate* output, not the hard one),
+    so a preprocess pass computes the log-sum-exp of ``s / T`` and ``O_soft`` online and stores
+    only ``lse`` and ``Delta`` (B, N) float32; then ``dq = dS k`` per query block and
+    ``dk = dS^T q`` per key block. Nothing of size N x N is ever stored.
+
+Gumbel noise ``g_ij = -log(-log(u))`` with ``u`` = Philox4x32-10 keyed by ``seed`` at global
+element index ``e = (b * N + i) * N + j``: counter ``(e // 4 low 32 bits, e // 4 high bits, 0,
+STREAM_GUMBEL = 1)``, word ``e % 4``, ``tl.uint_to_uniform_float``, clamped to [1e-10, 1 - 1e-7].
+
+Precision: scores and all accumulations in float32; float32 inputs use IEEE float32 dots (so the
+argmax matches an fp32 eager matmul), float16/bfloat16 inputs feed tensor cores in their own
+dtype (probabilities and dS are rounded to that dtype before their dots, as in flash attention).
+Limits: ``D, Dv <= MAX_D`` (256); the caller falls back to a reference above that.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_D = 256
+STREAM_GUMBEL = 1
+_LOG2E = 1.4426950408889634
+_NUM_WARPS = 4
+_NUM_STAGES = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b):
+    """a @ b with float32 accumulation; IEEE float32 for float32 operands."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _gumbel(seed, b, offs_m, offs_n, N):
+    """Gumbel(0, 1) noise of shape (len(offs_m), len(offs_n)) for batch ``b`` (int64 scalar)."""
+    e = (b * N + offs_m.to(tl.int64)[:, None]) * N + offs_n.to(tl.int64)[None, :]
+    grp = e // 4
+    c0 = (grp & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (grp >> 32).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero + 1)  # c3 = STREAM_GUMBEL
+    w = e % 4
+    word = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    u = tl.uint_to_uniform_float(word)
+    u = tl.minimum(tl.maximum(u, 1e-10), 1.0 - 1e-7)
+    return -tl.log(-tl.log(u))
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _top1_fwd_kernel(Q, K, V, Out, Idx, seed, N, D, DV,
+                     stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
+                     stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od,
+                     stride_ib, stride_in,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     GUMBEL: tl.constexpr):
+    """One program: BLOCK_M queries of batch ``program_id(1)``; scans all N keys once.
+
+    Q, K: (B, N, D) and V: (B, N, DV), any strides (stride_xb / _xn / _xd: batch, token,
+    feature). Out: (B, N, DV) in V's dtype; Idx: (B, N) int64. ``seed``: Gumbel key (GUMBEL).
+    BLOCK_D >= max(D, DV), a power of two >= 16; padded features are masked to 0.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    q = tl.load(Q + b * stride_qb + offs_m.to(tl.int64)[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & (offs_d < D)[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    idx_i = tl.zeros((BLOCK_M,), tl.int32)
+    nan_i = tl.zeros((BLOCK_M,), tl.int32) + N  # first NaN column, N if none
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kt = tl.load(K + b * stride_kb + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=mask_n[None, :] & (offs_d < D)[:, None], other=0.0)
+        s = _dot(q, kt)
+        if GUMBEL:
+            s += _gumbel(seed, b, offs_m, offs_n, N)
+        is_nan = (s != s) & mask_n[None, :]
+        nan_i = tl.minimum(nan_i, tl.min(tl.where(is_nan, offs_n[None, :], N), 1))
+        s = tl.where(mask_n[None, :] & (s == s), s, float("-inf"))
+        bmax = tl.max(s, 1)
+        barg = tl.min(tl.where(s == bmax[:, None], offs_n[None, :], N), 1)
+        upd = bmax > m_i  # strict: an earlier block keeps its (lower) index on ties
+        m_i = tl.where(upd, bmax, m_i)
+        idx_i = tl.where(upd, barg, idx_i)
+    has_nan = nan_i < N
+    idx_i = tl.where(has_nan, nan_i, idx_i)
+    mask_v = mask_m[:, None] & (offs_d < DV)[None, :]
+    vrow = tl.load(V + b * stride_vb + idx_i.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                   mask=mask_v, other=0.0).to(tl.float32)
+    vrow = tl.where(has_nan[:, None], float("nan"), vrow)
+    tl.store(Out + b * stride_ob + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :] * stride_od,
+             vrow.to(Out.dtype.element_ty), mask=mask_v)
+    tl.store(Idx + b * stride_ib + offs_m.to(tl.int64) * stride_in, idx_i.to(tl.int64), mask=mask_m)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _top1_bwd_preprocess_kernel(Q, K, V, DO, Lse, Delta, seed, N, D, DV, scale2,
+                                stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
+                                stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                GUMBEL: tl.constexpr):
+    """One program: BLOCK_M queries of batch ``program_id(1)``; online softmax of s / T over all keys.
+
+    Writes ``Lse`` = log2-sum-exp2 of ``s * scale2`` (``scale2 = log2(e) / T``) and
+    ``Delta = rowsum(dO * O_soft)`` with ``O_soft = softmax(s / T) v``; both (B, N) float32
+    contiguous. Q, K: (B, N, D); V, DO: (B, N, DV); strides as in the forward kernel.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    q = tl.load(Q + b * stride_qb + offs_m.to(tl.int64)[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & (offs_d < D)[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kt = tl.load(K + b * stride_kb + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=mask_n[None, :] & (offs_d < D)[:, None], other=0.0)
+        v = tl.load(V + b * stride_vb + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=mask_n[:, None] & (offs_d < DV)[None, :], other=0.0)
+        s = _dot(q, kt)
+        if GUMBEL:
+            s += _gumbel(seed, b, offs_m, offs_n, N)
+        s = tl.where(mask_n[None, :], s * scale2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    do = tl.load(DO + b * stride_dob + offs_m.to(tl.int64)[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask_m[:, None] & (offs_d < DV)[None, :], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    tl.store(Lse + b * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    tl.store(Delta + b * N + offs_m, delta, mask=mask_m)
+
+
+@triton.jit
+def _top1_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, seed, N, D, DV, scale2, inv_t,
+                        stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
+                        stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
+                        stride_dqb, stride_dqn, stride_dqd,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        GUMBEL: tl.constexpr):
+    """One program: dq for BLOCK_M queries of batch ``program_id(1)``, looping over all key blocks.
+
+    ``dq_i = sum_j P_ij (dP_ij - Delta_i) k_j / T`` with ``P`` recomputed from ``Lse`` (log2
+    domain, see the preprocess kernel) and ``dP = dO v^T``. DQ: (B, N, D) in Q's dtype.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_qd = mask_m[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * stride_qb + offs_m.to(tl.int64)[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_qd, other=0.0)
+    do = tl.load(DO + b * stride_dob + offs_m.to(tl.int64)[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask_m[:, None] & (offs_d < DV)[None, :], other=0.0)
+    lse = tl.load(Lse + b * N + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(Delta + b * N + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        k = tl.load(K + b * stride_kb + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
+        v = tl.load(V + b * stride_vb + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=mask_n[:, None] & (offs_d < DV)[None, :], other=0.0)
+        s = _dot(q, tl.trans(k))
+        if GUMBEL:
+            s += _gumbel(seed, b, offs_m, offs_n, N)
+        p = tl.where(mask_n[None, :], tl.exp2(s * scale2 - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k)
+    tl.store(DQ + b * stride_dqb + offs_m.to(tl.int64)[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+             (dq * inv_t).to(DQ.dtype.element_ty), mask=mask_qd)
+
+
+@triton.jit
+def _top1_bwd_dk_kernel(Q, K, V, DO, Lse, Delta, DK, seed, N, D, DV, scale2, inv_t,
+                        stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
+                        stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
+                        stride_dkb, stride_dkn, stride_dkd,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        GUMBEL: tl.constexpr):
+    """One program: dk for BLOCK_N keys of batch ``program_id(1)``, looping over all query blocks.
+
+    ``dk_j = sum_i P_ij (dP_ij - Delta_i) q_i / T``; same inputs as the dq kernel.
+    DK: (B, N, D) in K's dtype.
+    """
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_kd = mask_n[:, None] & (offs_d < D)[None, :]
+    k = tl.load(K + b * stride_kb + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=mask_kd, other=0.0)
+    v = tl.load(V + b * stride_vb + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=mask_n[:, None] & (offs_d < DV)[None, :], other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q = tl.load(Q + b * stride_qb + offs_m.to(tl.int64)[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None] & (offs_d < D)[None, :], other=0.0)
+        do = tl.load(DO + b * stride_dob + offs_m.to(tl.int64)[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=mask_m[:, None] & (offs_d < DV)[None, :], other=0.0)
+        lse = tl.load(Lse + b * N + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(Delta + b * N + offs_m, mask=mask_m, other=0.0)
+        s = _dot(q, tl.trans(k))
+        if GUMBEL:
+            s += _gumbel(seed, b, offs_m, offs_n, N)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s * scale2 - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK + b * stride_dkb + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * inv_t).to(DK.dtype.element_ty), mask=mask_kd)
+
+
+@triton.jit
+def _top1_bwd_dv_kernel(DO, SortedIdx, Perm, Bounds, DV_out, N, DV, n_blocks,
+                        stride_dob, stride_don, stride_dod, stride_dvb, stride_dvn, stride_dvd,
+                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: dv for BLOCK_N keys of batch ``program_id(1)`` by a deterministic gather.
+
+    SortedIdx, Perm: (B, N) int64 contiguous, each row of the index map sorted (stable) and the
+    query behind each entry. Bounds: (B, n_blocks + 1) int64 contiguous, ``Bounds[b, t]`` = number
+    of entries of row b below key ``t * BLOCK_N``: the queries that picked this program's keys are
+    ``Perm[b, Bounds[b, pid] : Bounds[b, pid + 1]]``, summed BLOCK_T at a time in that order
+    (one-hot dot, float32 accumulation). DO: (B, N, DV); DV_out: (B, N, DV) in DO's dtype.
+    """
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DV
+    start = tl.load(Bounds + b * (n_blocks + 1) + pid_n).to(tl.int32)
+    end = tl.load(Bounds + b * (n_blocks + 1) + pid_n + 1).to(tl.int32)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < end
+        key = tl.load(SortedIdx + b * N + offs_t, mask=mask_t, other=-1).to(tl.int32)
+        qi = tl.load(Perm + b * N + offs_t, mask=mask_t, other=0)
+        do = tl.load(DO + b * stride_dob + qi[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+        onehot = (offs_n[:, None] == key[None, :]).to(do.dtype)
+        acc += _dot(onehot, do)
+    tl.store(DV_out + b * stride_dvb + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             acc.to(DV_out.dtype.element_ty), mask=(offs_n < N)[:, None] & mask_d[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def block_sizes(d: int, dv: int) -> tuple[int, int]:
+    """(BLOCK, BLOCK_D) for feature sizes d, dv: BLOCK_D = max(16, next_pow2(max(d, dv)));
+    BLOCK (query and key tile) shrinks as BLOCK_D grows to keep tiles in registers."""
+    if max(d, dv) > MAX_D:
+        raise ValueError(f"top-1 kernels support D, Dv <= {MAX_D}, got D={d}, Dv={dv}")
+    block_d = max(16, triton.next_power_of_2(max(d, dv)))
+    block = 64 if block_d <= 64 else (32 if block_d <= 128 else 16)
+    return block, block_d
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"expected q, k (B, N, D) and v (B, N, Dv), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q, k, v must share a dtype among float32/float16/bfloat16, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    b, n, d = q.shape
+    if n < 1 or d < 1 or v.shape[2] < 1:
+        raise ValueError(f"need N >= 1, D >= 1, Dv >= 1, got shapes {tuple(q.shape)}, {tuple(v.shape)}")
+    return b, n, d, v.shape[2]
+
+
+def top1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gumbel: bool = False, seed: int = 0,
+                 out: torch.Tensor | None = None, idx: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: returns ``(out (B, N, Dv) in v's dtype, idx (B, N) int64)``.
+
+    ``out`` / ``idx`` may be given (preallocated, any strides) and are then written in place.
+    """
+    b, n, d, dv = _check_inputs(q, k, v)
+    block, block_d = block_sizes(d, dv)
+    if out is None:
+        out = torch.empty((b, n, dv), dtype=v.dtype, device=v.device)
+    if idx is None:
+        idx = torch.empty((b, n), dtype=torch.int64, device=q.device)
+    grid = (triton.cdiv(n, block), b)
+    _top1_fwd_kernel[grid](
+        q, k, v, out, idx, int(seed), n, d, dv,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *idx.stride(),
+        BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, GUMBEL=bool(gumbel),
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+    return out, idx
+
+
+def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                  temperature: float, gumbel: bool = False, seed: int = 0,
+                  dq: torch.Tensor | None = None, dk: torch.Tensor | None = None,
+                  dv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels: returns ``(dq, dk, dv)`` in the input dtypes.
+
+    dv is the hard gradient (gather of ``dout`` over the queries that picked each key, from
+    ``idx``); dq, dk are those of the surrogate ``softmax(s / temperature) v``. Extra memory:
+    ``lse``, ``Delta`` (B, N) float32 and the sorted index map (B, N) int64 x 2.
+    """
+    b, n, d, dvn = _check_inputs(q, k, v)
+    if dout.shape != v.shape:
+        raise ValueError(f"dout must have shape {tuple(v.shape)}, got {tuple(dout.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dout = dout.to(v.dtype)
+    block, block_d = block_sizes(d, dvn)
+    scale2 = _LOG2E / float(temperature)
+    inv_t = 1.0 / float(temperature)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+    lse = torch.empty((b, n), dtype=torch.float32, device=q.device)
+    delta = torch.empty((b, n), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(n, block), b)
+    common = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, GUMBEL=bool(gumbel),
+                  num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    _top1_bwd_preprocess_kernel[grid](q, k, v, dout, lse, delta, int(seed), n, d, dvn, scale2, *strides, **common)
+    _top1_bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, int(seed), n, d, dvn, scale2, inv_t,
+                              *strides, *dq.stride(), **common)
+    _top1_bwd_dk_kernel[grid](q, k, v, dout, lse, delta, dk, int(seed), n, d, dvn, scale2, inv_t,
+                              *strides, *dk.stride(), **common)
+    # hard dv: sort each row of the index map, then one program per key block gathers its run
+    sorted_idx, perm = torch.sort(idx, dim=1, stable=True)
+    n_blocks = triton.cdiv(n, block)
+    edges = (torch.arange(n_blocks + 1, device=idx.device, dtype=torch.int64) * block).clamp_(max=n)
+    bounds = torch.searchsorted(sorted_idx.contiguous(), edges.expand(b, n_blocks + 1).contiguous())
+    _top1_bwd_dv_kernel[grid](dout, sorted_idx.contiguous(), perm.contiguous(), bounds.contiguous(), dv,
+                              n, dvn, n_blocks, *dout.stride(), *dv.stride(),
+                              BLOCK_N=block, BLOCK_T=block, BLOCK_D=block_d,
+                              num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time compile configurations
+# ----------------------------------------------------------------------------------------------
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_BLOCK_DS = (16, 32, 64, 128, 256)
+
+
+def _sig(names: str, ptr: str) -> dict[str, str]:
+    """Signature from a space-separated spec: ``name:type`` where type ``P`` means the data pointer."""
+    out = {}
+    for item in names.split():
+        name, ty = item.split(":")
+        out[name] = ptr if ty == "P" else ty
+    return out
+
+
+_S3 = "stride_{0}b:i32 stride_{0}n:i32 stride_{0}d:i32"
+_IN_STRIDES = " ".join(_S3.format(x) for x in ("q", "k", "v"))
+
+
+def compile_configs() -> list[dict]:
+    """Every (kernel, dtype, constexpr) configuration the launchers can launch, in the
+    ``triton.compiler.ASTSource`` format of triton 3.6 (signature includes constexprs)."""
+    configs = []
+    for dtype, block_d in itertools.product(_PTR, _BLOCK_DS):
+        ptr, tag = _PTR[dtype], _PTR[dtype][1:]
+        block, _ = block_sizes(block_d, block_d)
+        for gumbel in (False, True):
+            consts = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "GUMBEL": gumbel}
+            cs = {c: "constexpr" for c in consts}
+            g = "g" if gumbel else "n"
+            specs = [
+                ("fwd", _top1_fwd_kernel,
+                 f"Q:P K:P V:P Out:P Idx:*i64 seed:i64 N:i32 D:i32 DV:i32 {_IN_STRIDES} "
+                 + _S3.format("o") + " stride_ib:i32 stride_in:i32"),
+                ("bwd_preprocess", _top1_bwd_preprocess_kernel,
+                 f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
+                 f"{_IN_STRIDES} " + _S3.format("do")),
+                ("bwd_dq", _top1_bwd_dq_kernel,
+                 f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 DQ:P seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
+                 f"inv_t:fp32 {_IN_STRIDES} " + _S3.format("do") + " " + _S3.format("dq")),
+                ("bwd_dk", _top1_bwd_dk_kernel,
+                 f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 DK:P seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
+                 f"inv_t:fp32 {_IN_STRIDES} " + _S3.format("do") + " " + _S3.format("dk")),
+            ]
+            for name, fn, spec in specs:
+                configs.append({"name": f"top1_{name}_{tag}_d{block_d}_{g}", "fn": fn,
+                                "signature": {**_sig(spec, ptr), **cs}, "constexprs": dict(consts),
+                                "num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES})
+        consts = {"BLOCK_N": block, "BLOCK_T": block, "BLOCK_D": block_d}
+        spec = ("DO:P SortedIdx:*i64 Perm:*i64 Bounds:*i64 DV_out:P N:i32 DV:i32 n_blocks:i32 "
+                + _S3.format("do") + " " + _S3.format("dv"))
+        configs.append({"name": f"top1_bwd_dv_{tag}_d{block_d}", "fn": _top1_bwd_dv_kernel,
+                        "signature": {**_sig(spec, ptr), **{c: "constexpr" for c in consts}},
+                        "constexprs": dict(consts), "num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES})
+    return configs

@@ -1,0 +1,317 @@
+"""The fused reverse-step kernel against the torch reference and the closed forms of DDPM/DDIM."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+from fastscore.kernels import reverse_step as kernel_mod
+from fastscore.ops import StepCoefficients, ddim_coefficients, noise_like, reverse_step, reverse_step_reference
+from fastscore.schedule import make_schedule
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SCHED = make_schedule("linear", T=1000)
+AB = SCHED.alpha_bar.tolist()
+
+
+def coefficients(kind: str) -> StepCoefficients:
+    t, prev = 600, 580
+    return {
+        "ddim_eta0": ddim_coefficients(AB[t], AB[prev], 0.0),
+        "ddim_eta05": ddim_coefficients(AB[t], AB[prev], 0.5),
+        "ddpm": ddim_coefficients(AB[t], AB[t - 1], 1.0),
+        "last": ddim_coefficients(AB[5], 1.0, 1.0),
+    }[kind]
+
+
+def inputs(shape, seed, dtype=torch.float32, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    x = (1.5 * torch.randn(shape, generator=g)).to(dtype=dtype, device=device)
+    e = torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+    return x, e
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape", [(3, 3, 8, 8), (5, 3, 7, 5), (2, 1, 33, 37), (1, 1)])
+@pytest.mark.parametrize("kind", ["ddim_eta0", "ddim_eta05", "ddpm", "last"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_kernel_matches_reference(seed, shape, kind, clip):
+    x, e = inputs(shape, seed)
+    coef = coefficients(kind)
+    offset = seed % 5
+    out = torch.full_like(x, float("nan"))  # poisoned: an unwritten element fails
+    got = reverse_step(x, e, coef, seed=seed, step=seed % 50, sample_offset=offset, clip_x0=clip, out=out,
+                       backend="triton")
+    assert got is out
+    ref = reverse_step_reference(x, e, coef, seed=seed, step=seed % 50, sample_offset=offset, clip_x0=clip)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (3, 2, 5, 5)])
+def test_in_place(seed, shape):
+    x, e = inputs(shape, seed)
+    coef = coefficients("ddpm")
+    ref = reverse_step_reference(x, e, coef, seed=seed, step=2, sample_offset=1, clip_x0=True)
+    got = reverse_step(x, e, coef, seed=seed, step=2, sample_offset=1, clip_x0=True, out=x, backend="triton")
+    assert got is x
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpret
+def test_non_contiguous_inputs_and_out(seed):
+    x, e = inputs((6, 5, 4), seed)
+    xt, et = x.transpose(1, 2), e.transpose(1, 2)  # (6, 4, 5), not contiguous
+    coef = coefficients("ddim_eta05")
+    ref = reverse_step_reference(xt, et, coef, seed=seed, step=1)
+    got = reverse_step(xt, et, coef, seed=seed, step=1, out=xt, backend="triton")
+    assert got is xt
+    torch.testing.assert_close(xt, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("per_shape", [(3, 8, 8), (3, 5, 5)])  # 192 (aligned groups) and 75 elements
+def test_batch_size_invariance(seed, backend, per_shape):
+    x, e = inputs((10, *per_shape), seed)
+    coef = coefficients("ddpm")
+    full = reverse_step(x, e, coef, seed=seed, step=4, sample_offset=0, backend=backend)
+    part = reverse_step(x[6:9], e[6:9], coef, seed=seed, step=4, sample_offset=6, backend=backend)
+    torch.testing.assert_close(part, full[6:9], rtol=0, atol=0)
+    shifted = reverse_step(x[6:9], e[6:9], coef, seed=seed, step=4, sample_offset=5, backend=backend)
+    assert not torch.allclose(shifted, full[6:9])
+
+
+@pytest.mark.interpret
+def test_seed_and_offset_from_device_tensors(seed):
+    """The launcher reads seed and sample_offset from 1-element int64 tensors (CUDA graph replay)."""
+    x, e = inputs((5, 3, 5, 5), seed)
+    coef = tuple(coefficients("ddpm"))
+    s = seed * 1_000_003 % 2**63
+    expected = kernel_mod.reverse_step(x, e, coef, s, 3, 2)
+    for seed_arg, off_arg in [(torch.tensor([s], device=DEVICE), 2), (s, torch.tensor([2], device=DEVICE)),
+                              (torch.tensor([s], device=DEVICE), torch.tensor([2], device=DEVICE))]:
+        got = kernel_mod.reverse_step(x, e, coef, seed_arg, 3, off_arg)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    ref = reverse_step_reference(x, e, coefficients("ddpm"), seed=s, step=3, sample_offset=2)
+    torch.testing.assert_close(expected, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpret
+def test_zero_sigma_draws_no_noise(seed):
+    x, e = inputs((3, 3, 8, 8), seed)
+    coef = coefficients("ddim_eta0")
+    assert coef.sigma == 0
+    a = reverse_step(x, e, coef, seed=seed, step=1, backend="triton")
+    b = reverse_step(x, e, coef, seed=seed + 1, step=2, sample_offset=3, backend="triton")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    expected = coef.sqrt_alpha_bar_prev * (x - coef.sqrt_one_minus_alpha_bar * e) / coef.sqrt_alpha_bar \
+        + coef.dir_coef * e
+    torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----- closed forms, in float64, with the noise given -----
+
+def ddpm_closed_form(x, e, z, t):
+    """Ho et al. (2020), Alg. 2: mu = (x - beta/sqrt(1 - ab) eps) / sqrt(alpha), var = beta_tilde."""
+    beta = SCHED.betas[t].item()
+    ab, ab_prev = AB[t], AB[t - 1]
+    mean = (x - beta / math.sqrt(1 - ab) * e) / math.sqrt(1 - beta)
+    return mean + math.sqrt((1 - ab_prev) / (1 - ab) * beta) * z
+
+
+def ddim_closed_form(x, e, z, ab, ab_prev, eta, clip=False):
+    """Song et al. (2021), eq. 12."""
+    x0 = (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        e = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    return math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - sigma**2) * e + sigma * z
+
+
+@pytest.mark.parametrize("t", [1, 10, 500, 999])
+def test_ddpm_update_closed_form(seed, t):
+    x, e = inputs((4, 3, 8, 8), seed, device="cpu")
+    z = torch.randn_like(x)
+    got = reverse_step_reference(x, e, ddim_coefficients(AB[t], AB[t - 1], 1.0), seed=0, step=0, noise=z)
+    expected = ddpm_closed_form(x.double(), e.double(), z.double(), t)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_update_closed_form(seed, eta, clip):
+    x, e = inputs((4, 3, 8, 8), seed, device="cpu")
+    z = torch.randn_like(x)
+    ab, ab_prev = AB[700], AB[650]
+    got = reverse_step_reference(x, e, ddim_coefficients(ab, ab_prev, eta), seed=0, step=0, clip_x0=clip, noise=z)
+    expected = ddim_closed_form(x.double(), e.double(), z.double(), ab, ab_prev, eta, clip)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_kernel_update_closed_form(seed, eta):
+    """The kernel with its own noise equals the closed form with the documented stream as ``z``."""
+    x, e = inputs((3, 3, 5, 5), seed)
+    ab, ab_prev = AB[300], AB[299]
+    got = reverse_step(x, e, ddim_coefficients(ab, ab_prev, eta), seed=seed, step=9, sample_offset=2,
+                       clip_x0=True, backend="triton")
+    z = noise_like(x, seed, 9, 2)
+    expected = ddim_closed_form(x.double(), e.double(), z.double(), ab, ab_prev, eta, clip=True)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    if eta == 1.0:
+        plain = reverse_step(x, e, ddim_coefficients(ab, ab_prev, eta), seed=seed, step=9, sample_offset=2,
+                             backend="triton")
+        torch.testing.assert_close(plain.double(), ddpm_closed_form(x.double(), e.double(), z.double(), 300),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 2, 100, 500, 998, 999])
+def test_ddim_eta1_is_ddpm_posterior(t):
+    c = ddim_coefficients(AB[t], AB[t - 1], 1.0)
+    beta = SCHED.betas[t].item()
+    alpha = 1 - beta
+    # x_{t-1} = (a_prev / a) x_t + (d - a_prev b / a) eps + sigma z
+    assert c.sqrt_alpha_bar_prev / c.sqrt_alpha_bar == pytest.approx(1 / math.sqrt(alpha), rel=1e-12)
+    assert c.dir_coef - c.sqrt_alpha_bar_prev * c.sqrt_one_minus_alpha_bar / c.sqrt_alpha_bar == pytest.approx(
+        -beta / (math.sqrt(alpha) * math.sqrt(1 - AB[t])), rel=1e-7)
+    assert c.sigma**2 == pytest.approx((1 - AB[t - 1]) / (1 - AB[t]) * beta, rel=1e-10)
+
+
+def test_last_step_is_deterministic():
+    c = ddim_coefficients(AB[0], 1.0, 1.0)
+    assert c.sigma == 0 and c.dir_coef == 0 and c.sqrt_alpha_bar_prev == 1
+
+
+# ----- bad input: errors before any launch -----
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the kernel was launched")
+    monkeypatch.setattr(kernel_mod, "reverse_step", boom)
+
+
+GOOD = StepCoefficients(0.8, 0.6, 0.9, 0.3, 0.1)
+
+
+@pytest.mark.parametrize("case", [
+    "shape", "dtype", "step_negative", "step_large", "seed_negative", "seed_large", "seed_float",
+    "coef_nan", "coef_inf", "coef_sigma_negative", "coef_a_zero", "coef_len", "out_shape", "out_dtype", "empty_batch",
+])
+def test_bad_input_raises_before_launch(no_launch, case):
+    x = torch.zeros(2, 3, 4, device=DEVICE)
+    kw = dict(x_t=x, eps=torch.zeros_like(x), coefficients=GOOD, seed=1, step=0, out=None)
+    if case == "shape":
+        kw["eps"] = torch.zeros(2, 3, 5, device=DEVICE)
+    elif case == "dtype":
+        kw["eps"] = torch.zeros(2, 3, 4, device=DEVICE, dtype=torch.float64)
+    elif case == "step_negative":
+        kw["step"] = -1
+    elif case == "step_large":
+        kw["step"] = 2**31
+    elif case == "seed_negative":
+        kw["seed"] = -1
+    elif case == "seed_large":
+        kw["seed"] = 2**63
+    elif case == "seed_float":
+        kw["seed"] = 1.0
+    elif case == "coef_nan":
+        kw["coefficients"] = GOOD._replace(dir_coef=float("nan"))
+    elif case == "coef_inf":
+        kw["coefficients"] = GOOD._replace(sigma=float("inf"))
+    elif case == "coef_sigma_negative":
+        kw["coefficients"] = GOOD._replace(sigma=-0.1)
+    elif case == "coef_a_zero":
+        kw["coefficients"] = GOOD._replace(sqrt_alpha_bar=0.0)
+    elif case == "coef_len":
+        kw["coefficients"] = (0.8, 0.6, 0.9, 0.3)
+    elif case == "out_shape":
+        kw["out"] = torch.zeros(2, 3, 5, device=DEVICE)
+    elif case == "out_dtype":
+        kw["out"] = torch.zeros(2, 3, 4, device=DEVICE, dtype=torch.float64)
+    elif case == "empty_batch":
+        kw["x_t"] = torch.zeros(0, 3, device=DEVICE)
+        kw["eps"] = torch.zeros(0, 3, device=DEVICE)
+    x_t, eps, coef = kw.pop("x_t"), kw.pop("eps"), kw.pop("coefficients")
+    with pytest.raises((ValueError, TypeError)):
+        reverse_step(x_t, eps, coef, backend="triton", **kw)
+
+
+def test_no_launch_fixture_can_fail(no_launch):
+    x = torch.zeros(2, 3)
+    with pytest.raises(AssertionError, match="launched"):
+        reverse_step(x, x.clone(), GOOD, seed=1, step=0, backend="triton")
+
+
+@pytest.mark.parametrize("args", [(0.5, 0.6, -0.1), (0.5, 0.6, float("nan")), (0.7, 0.6, 1.0), (0.0, 0.6, 1.0),
+                                  (1.0, 1.0, 0.0), (0.5, 1.5, 0.0)])
+def test_ddim_coefficients_bad_input(args):
+    with pytest.raises(ValueError):
+        ddim_coefficients(*args)
+
+
+# ----- GPU only: half precision and the real compiler -----
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4096, 3, 8, 8), (7, 3, 5, 5)])
+def test_gpu_dtypes_match_reference(seed, dtype, shape):
+    x, e = inputs(shape, seed, dtype=dtype, device="cuda")
+    coef = coefficients("ddpm")
+    got = reverse_step(x, e, coef, seed=seed, step=3, sample_offset=1, clip_x0=True, backend="triton")
+    ref = reverse_step_reference(x, e, coef, seed=seed, step=3, sample_offset=1, clip_x0=True)
+    assert got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+
+
+_COMPILE_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastscore.kernels.reverse_step import compile_configs
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+cap = int(sys.argv[1])
+arch = "sm_90a" if cap == 90 else "sm_80"
+for c in compile_configs():
+    k = triton.compile(ASTSource(c["fn"], c["signature"], c["constexprs"], c.get("attrs")),
+                       target=GPUTarget("cuda", cap, 32),
+                       options={"num_warps": c["num_warps"], "num_stages": c["num_stages"]})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    info = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
+                          capture_output=True, text=True, check=True).stderr
+    os.unlink(f.name)
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    st, ld = (int(v) for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info).groups())
+    print(json.dumps({"name": c["name"], "arch": arch, "regs": regs, "spill_stores": st, "spill_loads": ld,
+                      "shared": k.metadata.shared}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cap", [80, 90])
+def test_every_config_compiles_without_spills(cap):
+    """AOT-compile every launchable configuration (no GPU needed; outside the interpreter, in a
+    subprocess) and check that ptxas reports no spills."""
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas not found")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(cap)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(kernel_mod.compile_configs())
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["regs"] <= 128, r

@@ -1,0 +1,394 @@
+"""Top-1 attention kernels (``fastscore.kernels.top1``) against the float64 torch reference.
+
+Kernels run in Triton's interpreter on CPU (conftest sets ``TRITON_INTERPRET=1``); every random
+input is drawn after the printed ``seed`` fixture. Hard argmax decisions are compared on rows
+whose top-2 score gap is safely above float32 rounding; every row must pick a (near-)maximal key.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastscore.kernels import top1 as K
+from fastscore.ops import top1 as top1_ops
+from fastscore.ops.top1 import _Top1Reference, gumbel_noise, top1_attention
+
+from conftest import HAS_CUDA, requires_cuda
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def _fix_interpreter_index() -> None:
+    """triton 3.6's interpreter calls ``int()`` on 1-element arrays (``range(0, N, ...)`` over a
+    runtime ``N``), which numpy >= 2.4 rejects (triton-lang/triton#9171). Apply the upstream fix."""
+    import numpy as np
+    import triton.runtime.interpreter as interp
+    if tuple(int(x) for x in np.__version__.split(".")[:2]) < (2, 4) or getattr(interp, "_fs_index_fix", False):
+        return
+    orig = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+    interp._fs_index_fix = True
+
+
+if INTERPRET:
+    _fix_interpreter_index()
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _inputs(b, n, d, dv=None, dtype=torch.float32):
+    dv = d if dv is None else dv
+    q = torch.randn(b, n, d, device=DEVICE).to(dtype)
+    k = torch.randn(b, n, d, device=DEVICE).to(dtype)
+    v = torch.randn(b, n, dv, device=DEVICE).to(dtype)
+    do = torch.randn(b, n, dv, device=DEVICE).to(dtype)
+    return q, k, v, do
+
+
+def _reference(q, k, v, do, temperature, gumbel, seed, acc=torch.float64):
+    """Reference (out, idx, dq, dk, dv) computed in ``acc`` from the given inputs."""
+    qr, kr, vr = (x.detach().to(acc).requires_grad_() for x in (q, k, v))
+    out, idx = _Top1Reference.apply(qr, kr, vr, temperature, gumbel, seed)
+    out.backward(do.to(acc))
+    return out.detach(), idx, qr.grad, kr.grad, vr.grad
+
+
+def _scores64(q, k, gumbel, seed):
+    s = q.double() @ k.double().transpose(-1, -2)
+    if gumbel:
+        s = s + gumbel_noise(seed, q.shape[0], q.shape[1], k.shape[1], q.device).double()
+    return s
+
+
+def _check_argmax(idx, q, k, v, out, gumbel, seed, tol=1e-4):
+    """idx is exact on rows with a safe top-2 gap, near-maximal everywhere; out = v[idx]."""
+    s = _scores64(q, k, gumbel, seed)
+    ref_idx = s.argmax(-1)
+    top = s.topk(min(2, s.shape[-1]), dim=-1).values
+    scale = 1.0 + s.abs().amax(-1)
+    safe = (top[..., 0] - top[..., -1] > tol * scale) if s.shape[-1] > 1 else torch.ones_like(ref_idx, dtype=torch.bool)
+    assert idx.dtype == torch.int64 and ((idx >= 0) & (idx < k.shape[1])).all()
+    assert torch.equal(idx[safe], ref_idx[safe]), "argmax differs on rows with a safe top-2 gap"
+    picked = s.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    assert (top[..., 0] - picked <= tol * scale).all(), "picked key is not (near-)maximal"
+    assert torch.equal(out, torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1])))
+    return safe
+
+
+def _assert_close_rule(name, got, ref64, ref32, mag, rel=1e-6):
+    """flash-attention's rule, |kernel - fp64| <= 2 max|torch fp32 - fp64|, plus a slack of ``rel``
+    times ``mag``: the same sum over absolute values of its terms (fp32 rounding of cancelling
+    terms, e.g. dP - Delta at N = 1, is relative to them, not to the result)."""
+    err = (got.double() - ref64).abs()
+    base = (ref32.double() - ref64).abs().max().item()
+    bad = err > 2 * base + rel * mag
+    assert not bad.any(), (f"{name}: kernel err {err.max().item():.3e} vs 2 * torch-fp32 err {base:.3e} + "
+                           f"{rel:.0e} * magnitude {mag.max().item():.3e} at {bad.nonzero()[:3].tolist()}")
+    return err.max().item()
+
+
+def _magnitudes(q, k, v, do, temperature, gumbel, seed, idx):
+    """Sums of absolute terms of dq, dk, dv (float64), for the rounding slack."""
+    s = _scores64(q, k, gumbel, seed)
+    p = torch.softmax(s / temperature, dim=-1)
+    dp = do.double().abs() @ v.double().abs().transpose(-1, -2)
+    delta = (p * dp).sum(-1, keepdim=True)
+    a = p * (dp + delta) / temperature
+    mag_dv = torch.zeros(v.shape, dtype=torch.float64, device=v.device)
+    mag_dv.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]), do.double().abs())
+    return a @ k.double().abs(), a.transpose(-1, -2) @ q.double().abs(), mag_dv
+
+
+def _run_kernels_poisoned(q, k, v, do, temperature, gumbel, seed):
+    b, n, _ = q.shape
+    out = torch.full_like(v, float("nan"))
+    idx = torch.full((b, n), -1, dtype=torch.int64, device=q.device)
+    K.top1_forward(q, k, v, gumbel, seed, out=out, idx=idx)
+    dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
+    K.top1_backward(do, q, k, v, idx, temperature, gumbel, seed, dq=dq, dk=dk, dv=dv)
+    return out, idx, dq, dk, dv
+
+
+def _check_all(q, k, v, do, temperature, gumbel, seed):
+    out, idx, dq, dk, dv = _run_kernels_poisoned(q, k, v, do, temperature, gumbel, seed)
+    for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not x.isnan().any(), f"{name} has unwritten (NaN) elements"
+    _check_argmax(idx, q, k, v, out, gumbel, seed)
+    _, _, dq64, dk64, _ = _reference(q, k, v, do, temperature, gumbel, seed)
+    _, _, dq32, dk32, _ = _reference(q, k, v, do, temperature, gumbel, seed, acc=torch.float32)
+    # hard dv against the kernel's own index map (a near-tie flip moves a row, not an error)
+    dv64 = torch.zeros(v.shape, dtype=torch.float64, device=v.device)
+    dv64.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]), do.double())
+    dv32 = torch.zeros_like(v).scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]), do)
+    mq, mk, mv = _magnitudes(q, k, v, do, temperature, gumbel, seed, idx)
+    return {"dq": _assert_close_rule("dq", dq, dq64, dq32, mq), "dk": _assert_close_rule("dk", dk, dk64, dk32, mk),
+            "dv": _assert_close_rule("dv", dv, dv64, dv32, mv)}
+
+
+# ------------------------------------------------------------------------------------------------
+# forward + backward against the reference
+# ------------------------------------------------------------------------------------------------
+_NS, _DS = (1, 7, 64, 100, 256), (3, 8, 16, 24, 64)
+_CASES = [(n, d, (1, 3)[(i + j) % 2], bool((i + j // 2) % 2)) for i, n in enumerate(_NS) for j, d in enumerate(_DS)]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("n,d,b,gumbel", _CASES, ids=[f"N{n}-D{d}-B{b}-{'gumbel' if g else 'plain'}"
+                                                      for n, d, b, g in _CASES])
+def test_matches_reference(n, d, b, gumbel, seed):
+    q, k, v, do = _inputs(b, n, d)
+    temperature = 0.5 + (seed % 7) / 4
+    _check_all(q, k, v, do, temperature, gumbel, seed)
+
+
+def test_case_grid_covers_batch_and_gumbel():
+    assert {(b, g) for _, _, b, g in _CASES} == {(1, False), (1, True), (3, False), (3, True)}
+
+
+@pytest.mark.interpret
+def test_gumbel_noise_bit_exact_argmax(seed):
+    """q = k = 0: scores are the noise alone, so the argmax is the reference noise's argmax."""
+    b, n, d = 2, 100, 4
+    q = torch.zeros(b, n, d, device=DEVICE)
+    v = torch.randn(b, n, d, device=DEVICE)
+    out, idx = K.top1_forward(q, q.clone(), v, True, seed)
+    g = gumbel_noise(seed, b, n, n, q.device)
+    top2 = g.topk(2, dim=-1).values
+    safe = top2[..., 0] - top2[..., 1] > 1e-5
+    assert safe.float().mean() > 0.9
+    assert torch.equal(idx[safe], g.argmax(-1)[safe])
+    # and the noise changes with the seed and is off without gumbel
+    _, idx2 = K.top1_forward(q, q.clone(), v, True, seed + 1)
+    assert not torch.equal(idx, idx2)
+    _, idx0 = K.top1_forward(q, q.clone(), v, False, seed)
+    assert (idx0 == 0).all()  # all scores tie at 0: lowest j
+
+
+@pytest.mark.interpret
+def test_unequal_value_width(seed):
+    q, k, _, _ = _inputs(2, 33, 5)
+    v = torch.randn(2, 33, 19, device=DEVICE)
+    do = torch.randn(2, 33, 19, device=DEVICE)
+    _check_all(q, k, v, do, 1.3, True, seed)
+
+
+@pytest.mark.interpret
+def test_strided_inputs(seed):
+    b, n, d = 3, 70, 12
+    q = torch.randn(n, b, d, device=DEVICE).transpose(0, 1)            # batch stride d, token stride b*d
+    k = torch.randn(b, n, 2 * d, device=DEVICE)[..., ::2]              # feature stride 2
+    v = torch.randn(b, 2 * n, d, device=DEVICE)[:, 1::2]               # token stride 2d
+    do = torch.randn(b, d, n, device=DEVICE).transpose(1, 2)           # feature stride n
+    assert not any(x.is_contiguous() for x in (q, k, v, do))
+    got = _run_kernels_poisoned(q, k, v, do, 0.8, True, seed)
+    want = _run_kernels_poisoned(*(x.contiguous() for x in (q, k, v, do)), 0.8, True, seed)
+    for name, g, w in zip(("out", "idx", "dq", "dk", "dv"), got, want):
+        assert torch.equal(g, w), f"{name} depends on the input strides"
+    _check_all(q, k, v, do, 0.8, True, seed)
+    # strided outputs are written in place
+    out = torch.full((b, d, n), float("nan"), device=DEVICE).transpose(1, 2)
+    K.top1_forward(q, k, v, True, seed, out=out)
+    assert torch.equal(out, want[0])
+
+
+@pytest.mark.interpret
+def test_ties_take_lowest_index(seed):
+    """Integer-valued inputs give exact float32 scores with many ties, across key blocks too."""
+    b, n, d = 3, 150, 3
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-1, 2, (b, n, d), generator=gen).float().to(DEVICE)
+    k = torch.randint(-1, 2, (b, n, d), generator=gen).float().to(DEVICE)
+    k[:, 130] = k[:, 3] = torch.tensor([5.0, 5.0, 5.0])  # duplicated best key in two blocks
+    q[:, :10] = 1.0
+    v = torch.randn(b, n, 4, device=DEVICE)
+    out, idx = K.top1_forward(q, k, v)
+    s = q.double() @ k.double().transpose(-1, -2)
+    ref = torch.tensor([[next(j for j in range(n) if s[bb, i, j] == s[bb, i].max()) for i in range(n)]
+                        for bb in range(b)], device=DEVICE)
+    assert torch.equal(idx, ref)
+    assert torch.equal(idx, s.argmax(-1))
+    assert (idx[:, :10] == 3).all()
+    assert torch.equal(out, torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, 4)))
+
+
+@pytest.mark.interpret
+def test_backward_is_deterministic(seed):
+    """Many queries pick the same keys (integer inputs): dv sums collide; two runs are bit-identical."""
+    b, n, d = 2, 200, 16
+    q = torch.randint(-1, 2, (b, n, d), device=DEVICE).float()
+    k = torch.randint(-1, 2, (b, n, d), device=DEVICE).float()
+    k[:, :4] *= 3.0  # a few dominant keys
+    v, do = torch.randn(b, n, d, device=DEVICE), torch.randn(b, n, d, device=DEVICE)
+    out, idx = K.top1_forward(q, k, v, True, seed)
+    assert torch.bincount(idx.flatten(), minlength=n).max() > 10
+    r1 = K.top1_backward(do, q, k, v, idx, 0.9, True, seed)
+    r2 = K.top1_backward(do, q, k, v, idx, 0.9, True, seed)
+    for a, c in zip(r1, r2):
+        assert torch.equal(a, c)
+    dv64 = torch.zeros(v.shape, dtype=torch.float64, device=DEVICE)
+    dv64.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), do.double())
+    assert (r1[2].double() - dv64).abs().max() < 1e-5
+
+
+@pytest.mark.interpret
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(b=st.integers(1, 2), n=st.integers(1, 40), d=st.integers(1, 20), dv=st.integers(1, 20),
+       gumbel=st.booleans(), temperature=st.floats(0.2, 3.0), data_seed=st.integers(0, 2**31 - 1))
+def test_property_random_shapes(b, n, d, dv, gumbel, temperature, data_seed, seed):
+    torch.manual_seed(data_seed ^ seed)
+    q, k, _, _ = _inputs(b, n, d)
+    v, do = torch.randn(b, n, dv, device=DEVICE), torch.randn(b, n, dv, device=DEVICE)
+    _check_all(q, k, v, do, temperature, gumbel, data_seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# the op: dispatch, autograd, torch.library, bad input, NaN
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.interpret
+def test_op_autograd_matches_reference(seed):
+    q, k, v, do = _inputs(2, 50, 8)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    out, idx = top1_attention(qs, ks, vs, temperature=0.7, gumbel=True, seed=seed, backend="triton")
+    out.backward(do)
+    assert not idx.requires_grad
+    _check_argmax(idx, q, k, v, out.detach(), True, seed)
+    _, _, dq64, dk64, _ = _reference(q, k, v, do, 0.7, True, seed)
+    assert torch.allclose(qs.grad.double(), dq64, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(ks.grad.double(), dk64, atol=1e-4, rtol=1e-4)
+    dv64 = torch.zeros(v.shape, dtype=torch.float64).scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, 8), do.double())
+    assert torch.allclose(vs.grad.double(), dv64, atol=1e-5)
+
+
+@pytest.mark.interpret
+def test_opcheck(seed):
+    from fastscore.ops import _top1_triton
+    q, k, v, do = _inputs(2, 9, 5)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.7, True, seed)
+    torch.library.opcheck(_top1_triton._top1_fwd_op, args)
+    out, idx = _top1_triton._top1_fwd_op(*args)
+    torch.library.opcheck(_top1_triton._top1_bwd_op, (do, q.detach(), k.detach(), v.detach(), idx, 0.7, True, seed))
+
+
+@pytest.mark.interpret
+def test_torch_compile_traces_without_graph_breaks(seed):
+    q, k, v, do = _inputs(1, 20, 6)
+
+    def f(q, k, v):
+        out, idx = top1_attention(q, k, v, temperature=0.5, gumbel=True, seed=seed, backend="triton")
+        return (out * 2.0).sum(), idx
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    loss, idx = compiled(qs, ks, vs)
+    loss.backward()
+    qe, ke, ve = (x.clone().requires_grad_() for x in (q, k, v))
+    loss_e, idx_e = f(qe, ke, ve)
+    loss_e.backward()
+    assert torch.equal(idx, idx_e) and torch.equal(loss, loss_e)
+    for a, c in ((qs, qe), (ks, ke), (vs, ve)):
+        assert torch.equal(a.grad, c.grad)
+
+
+def test_bad_inputs():
+    q = torch.randn(2, 5, 4)
+    ok = dict(backend="triton") if INTERPRET else {}
+    with pytest.raises(ValueError, match="batch"):
+        top1_attention(q, torch.randn(3, 5, 4), torch.randn(2, 5, 4), **ok)
+    with pytest.raises(ValueError, match="sequence"):
+        top1_attention(q, torch.randn(2, 6, 4), torch.randn(2, 5, 4), **ok)
+    with pytest.raises(ValueError, match="feature"):
+        top1_attention(q, torch.randn(2, 5, 3), torch.randn(2, 5, 4), **ok)
+    with pytest.raises(TypeError, match="dtype"):
+        top1_attention(q, q.double(), q, **ok)
+    with pytest.raises(TypeError, match="floating"):
+        top1_attention(q.long(), q.long(), q.long(), **ok)
+    with pytest.raises(ValueError, match="N >= 1"):
+        top1_attention(q[:, :0], q[:, :0], q[:, :0], **ok)
+    with pytest.raises(ValueError, match="D >= 1"):
+        top1_attention(q[..., :0], q[..., :0], q, **ok)
+    with pytest.raises(ValueError, match="temperature"):
+        top1_attention(q, q, q, temperature=-1.0, **ok)
+    with pytest.raises(ValueError, match="temperature"):
+        top1_attention(q, q, q, temperature=0.0, **ok)
+    with pytest.raises(TypeError, match="gumbel"):
+        top1_attention(q, q, q, gumbel=1, **ok)
+    with pytest.raises(ValueError, match="seed"):
+        top1_attention(q, q, q, seed=-1, **ok)
+    # the launchers check too
+    with pytest.raises(TypeError, match="dtype"):
+        K.top1_forward(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match="D, Dv <="):
+        K.top1_forward(torch.randn(1, 2, K.MAX_D + 1), torch.randn(1, 2, K.MAX_D + 1), torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match="temperature"):
+        K.top1_backward(q, q, q, q, torch.zeros(2, 5, dtype=torch.int64), 0.0)
+
+
+@pytest.mark.interpret
+def test_float64_and_wide_features_fall_back_to_reference(seed):
+    q, k, v, _ = (x.double() for x in _inputs(1, 6, 3))
+    out, idx = top1_attention(q, k, v, backend="triton")
+    assert out.dtype == torch.float64 and torch.equal(idx, _scores64(q, k, False, 0).argmax(-1))
+
+
+@pytest.mark.interpret
+def test_nan_input_gives_nan_rows(seed):
+    b, n, d = 2, 40, 6
+    q, k, v, do = _inputs(b, n, d)
+    q[0, 5, 2] = float("nan")
+    out, idx = K.top1_forward(q, k, v)
+    assert out[0, 5].isnan().all() and ((idx >= 0) & (idx < n)).all()
+    assert not out[0, :5].isnan().any() and not out[1].isnan().any()
+    assert idx[0, 5] == 0  # torch.argmax semantics: first NaN column
+    dq, dk, dv = K.top1_backward(do, q, k, v, idx, 1.0)
+    assert dq[0, 5].isnan().all() and not dq[1].isnan().any()
+    k[1, 17, 0] = float("nan")  # a NaN key touches every query row of its batch
+    out, idx = K.top1_forward(q, k, v)
+    assert out[1].isnan().all() and (idx[1] == 17).all() and not out[0, 6:].isnan().any()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only (the interpreter cannot run bf16 tl.dot)
+# ------------------------------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,d", [(64, 16), (100, 24), (256, 64), (1024, 128), (33, 200)])
+def test_gpu_dtypes(dtype, n, d, seed):
+    b = 3
+    q, k, v, do = _inputs(b, n, d, dtype=dtype)
+    out, idx, dq, dk, dv = _run_kernels_poisoned(q, k, v, do, 0.8, True, seed)
+    assert out.dtype == dtype and not out.isnan().any()
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    _check_argmax(idx, q, k, v, out, True, seed, tol=tol)
+    _, _, dq64, dk64, _ = _reference(q, k, v, do, 0.8, True, seed)
+    _, _, dq32, dk32, _ = _reference(q, k, v, do, 0.8, True, seed, acc=torch.float32)
+    for name, g, r64, r32 in (("dq", dq, dq64, dq32), ("dk", dk, dk64, dk32)):
+        err = (g.double() - r64).abs().max().item()
+        base = (r32.to(dtype).double() - r64).abs().max().item()
+        assert err <= 2 * base + tol * (1 + r64.abs().max().item()), name
+    dv64 = torch.zeros(v.shape, dtype=torch.float64, device=DEVICE)
+    dv64.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), do.double())
+    assert (dv.double() - dv64).abs().max() <= tol * (1 + dv64.abs().max())
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_backward_deterministic(seed):
+    q, k, v, do = _inputs(8, 1024, 32)
+    k[:, :3] *= 4
+    _, idx = K.top1_forward(q, k, v)
+    r1 = K.top1_backward(do, q, k, v, idx, 1.0)
+    r2 = K.top1_backward(do, q, k, v, idx, 1.0)
+    assert all(torch.equal(a, c) for a, c in zip(r1, r2))
