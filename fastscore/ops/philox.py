@@ -17,6 +17,7 @@ All words are held in int64 tensors with values in ``[0, 2**32)``; works on any 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -36,10 +37,28 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
+def _philox_numpy(seed: int, c0, c1, c2, c3, n_rounds: int):
+    """The same rounds in numpy uint64 (one exact 64-bit product per multiply); CPU fast path."""
+    u = np.uint64
+    m = u(MASK32)
+    k0, k1 = u(seed & MASK32), u((seed >> 32) & MASK32)
+    a, b, s32 = u(ROUND_A), u(ROUND_B), u(32)
+    with np.errstate(over="ignore"):
+        for _ in range(n_rounds):
+            pb, pa = b * c2, a * c0
+            c0, c1, c2, c3 = (pb >> s32) ^ c1 ^ k0, pb & m, (pa >> s32) ^ c3 ^ k1, pa & m
+            k0, k1 = (k0 + u(KEY_A)) & m, (k1 + u(KEY_B)) & m
+    return c0, c1, c2, c3
+
+
 def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | int,
                c3: torch.Tensor | int, n_rounds: int = 10) -> tuple[torch.Tensor, ...]:
     """Philox4x32 with key ``seed`` on counters ``(c0, c1, c2, c3)`` (int64 words in [0, 2**32))."""
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    if c0.device.type == "cpu":  # torch's int64 multiply is slow on CPU; numpy's uint64 is exact and fast
+        words = [np.broadcast_to(torch.as_tensor(c, dtype=torch.int64).numpy(), c0.shape).astype(np.uint64)
+                 for c in (c0, c1, c2, c3)]
+        return tuple(torch.from_numpy(w.astype(np.int64)) for w in _philox_numpy(seed, *words, n_rounds))
     c0 = c0.to(torch.int64)
     c1 = torch.as_tensor(c1, dtype=torch.int64, device=c0.device).expand_as(c0)
     c2 = torch.as_tensor(c2, dtype=torch.int64, device=c0.device).expand_as(c0)
@@ -59,34 +78,36 @@ def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(_SCALE, dtype=torch.float32, device=x.device)
 
 
-def _words(seed: int, index: torch.Tensor, c2: int, c3: int) -> torch.Tensor:
-    """The four uint32 words of each element's group (index.shape + (4,)), one Philox call per group."""
-    index = index.to(torch.int64)
-    flat = index.reshape(-1)
+def _group_words(seed: int, index: torch.Tensor, c2: int, c3: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(words (G, 4), pos)``: the uint32 words of the groups that ``index`` touches, one Philox call
+    per group, and each element's position in ``words.flatten()``."""
+    flat = index.reshape(-1).to(torch.int64)
     if flat.numel() == 0:
-        return torch.zeros((*index.shape, 4), dtype=torch.int64, device=index.device)
-    g0 = int(flat.min()) // 4
-    g1 = int(flat.max()) // 4
-    if g1 - g0 + 1 <= 2 * flat.numel():  # dense indices (the usual case): one call per group in range
+        return torch.zeros((0, 4), dtype=torch.int64, device=index.device), flat
+    g0 = int(flat.min()) >> 2
+    g1 = int(flat.max()) >> 2
+    if g1 - g0 + 1 <= 2 * flat.numel():  # dense indices (the usual case): every group in range
         g = torch.arange(g0, g1 + 1, dtype=torch.int64, device=index.device)
-        words = torch.stack(philox4x32(seed, g & MASK32, g >> 32, c2, c3), dim=-1)
-        return words[(flat // 4) - g0].view(*index.shape, 4)
-    g = flat // 4
-    return torch.stack(philox4x32(seed, g & MASK32, g >> 32, c2, c3), dim=-1).view(*index.shape, 4)
+        pos = flat - 4 * g0
+    else:
+        g = flat >> 2
+        pos = torch.arange(flat.numel(), device=flat.device) * 4 + (flat & 3)
+    return torch.stack(philox4x32(seed, g & MASK32, g >> 32, c2, c3), dim=-1), pos
 
 
 def uniform(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_GUMBEL) -> torch.Tensor:
     """Uniform float32 in [0, 1) for global element indices ``index`` (int64, any shape)."""
-    words = _words(seed, index, c2, c3)
-    return uint32_to_uniform(torch.gather(words, -1, (index.to(torch.int64) % 4).unsqueeze(-1)).squeeze(-1))
+    words, pos = _group_words(seed, index, c2, c3)
+    return uint32_to_uniform(words).flatten()[pos].view(index.shape)
 
 
 def normal(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_NOISE) -> torch.Tensor:
     """Standard normal float32 for global element indices ``index`` (int64, any shape)."""
-    u = uint32_to_uniform(_words(seed, index, c2, c3))
-    u0 = torch.clamp(u[..., 0::2], min=1.0e-7)  # words 0 and 2
-    th = 6.283185307179586 * u[..., 1::2]       # words 1 and 3
+    words, pos = _group_words(seed, index, c2, c3)
+    u = uint32_to_uniform(words)
+    u0 = torch.clamp(u[:, 0::2], min=1.0e-7)  # words 0 and 2
+    th = 6.283185307179586 * u[:, 1::2]       # words 1 and 3
     r = torch.sqrt(-2.0 * torch.log(u0))
-    n = torch.stack([r[..., 0] * torch.cos(th[..., 0]), r[..., 0] * torch.sin(th[..., 0]),
-                     r[..., 1] * torch.cos(th[..., 1]), r[..., 1] * torch.sin(th[..., 1])], dim=-1)
-    return torch.gather(n, -1, (index.to(torch.int64) % 4).unsqueeze(-1)).squeeze(-1)
+    n = torch.stack([r[:, 0] * torch.cos(th[:, 0]), r[:, 0] * torch.sin(th[:, 0]),
+                     r[:, 1] * torch.cos(th[:, 1]), r[:, 1] * torch.sin(th[:, 1])], dim=-1)
+    return n.flatten()[pos].view(index.shape)

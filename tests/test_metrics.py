@@ -1,0 +1,65 @@
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from fastscore.data import KVConfig, make_dataset, palette_of_size
+from fastscore.metrics import (analytic_random_consistency, content_codes, is_consistent, random_images, score,
+                               wilson)
+
+
+def test_analytic_baseline_default_is_1045_over_4096():
+    assert analytic_random_consistency(4, 4) == Fraction(1045, 4096)
+
+
+def _brute(n, P):
+    import itertools
+    ok = 0
+    for keys in itertools.product(range(P), repeat=n):
+        d = len(set(keys))
+        ok += Fraction(1, P ** (n - d))
+    return ok / P**n
+
+
+@pytest.mark.parametrize("n,P", [(1, 2), (2, 2), (3, 3), (4, 4), (5, 3), (3, 6)])
+def test_analytic_baseline_matches_enumeration(n, P):
+    assert analytic_random_consistency(n, P) == _brute(n, P)
+
+
+@pytest.mark.parametrize("n,P", [(3, 2), (5, 3), (4, 4)])
+def test_analytic_baseline_matches_monte_carlo(n, P, seed):
+    size = {3: 12, 5: 12, 4: 8}[n]
+    cfg = KVConfig(n_pairs=n, palette=palette_of_size(P), image_size=size)
+    x = random_images(cfg, 20000, seed % 2**31)
+    s = score(cfg, x)
+    p = float(analytic_random_consistency(n, P))
+    se = math.sqrt(p * (1 - p) / 20000)
+    assert s.valid.all()
+    assert abs(s.rates["consistent"].value - p) < 4.5 * se
+
+
+def test_wilson_interval():
+    lo, hi = wilson(50, 100)
+    assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-12
+    assert wilson(0, 100)[0] == 0.0 and wilson(100, 100)[1] == 1.0
+    assert abs(wilson(10, 100)[0] - 0.0552) < 1e-3 and abs(wilson(10, 100)[1] - 0.1744) < 1e-3
+
+
+def test_is_consistent_by_hand():
+    keys = torch.tensor([[0, 0, 1, 2], [0, 0, 1, 2], [3, 3, 3, 3], [0, 1, 2, 3]])
+    vals = torch.tensor([[1, 1, 0, 0], [1, 2, 0, 0], [2, 2, 2, 1], [0, 0, 0, 0]])
+    assert is_consistent(keys, vals).tolist() == [True, False, False, True]
+
+
+def test_novelty_against_training_set():
+    cfg = KVConfig()
+    x, b = make_dataset(cfg, 300, 0)
+    s = score(cfg, x, b)
+    assert s.consistent.all() and not s.novel.any()
+    y = random_images(cfg, 2000, 5)
+    s2 = score(cfg, y, b)
+    d_codes = content_codes(b.keys, b.values, 4)
+    assert s2.novel.sum() > 0 and (s2.novel <= s2.consistent).all()
+    assert s2.rates["novel"].k <= s2.rates["consistent"].k
+    assert len(set(d_codes.tolist())) <= 300

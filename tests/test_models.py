@@ -1,0 +1,91 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from fastscore.models import ATTENTIONS, ModelConfig, ScoreNet, build_model
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_shapes_and_gradients(attention, seed):
+    m = ScoreNet(attention, 16, image_size=8)
+    x = torch.randn(3, 3, 8, 8)
+    t = torch.randint(0, 1000, (3,))
+    y = m(x, t)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_locality(attention, seed):
+    """A pixel far from x changes the CNN's output at x not at all, and attention models' measurably."""
+    torch.manual_seed(seed)
+    m = ScoreNet(attention, 16, image_size=8).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # make the attention non-trivial
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([500, 500])
+    y = x.clone()
+    y[:, :, 7, 7] += 3.0  # Chebyshev distance 7 from (0, 0), beyond the 5x5 receptive field
+    with torch.no_grad():
+        a, b = m(x, t), m(y, t)
+    diff = (a - b)[:, :, :3, :3].abs().max().item()
+    near = (a - b)[:, :, 5:, 5:].abs().max().item()
+    assert near > 1e-4  # the change is seen nearby
+    if attention == "none":
+        assert diff == 0.0
+    elif attention == "top1":
+        # the hard argmax may or may not change; the surrogate's gradient path must reach the far pixel
+        x2 = x.clone().requires_grad_(True)
+        m.train()
+        out = m(x2, t)
+        out[:, :, 0, 0].sum().backward()
+        assert x2.grad[:, :, 7, 7].abs().max() > 0
+    else:
+        assert diff > 1e-6
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_cnn_has_no_layer_that_pools_over_positions(attention):
+    m = ScoreNet(attention)
+    banned = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d,
+              nn.InstanceNorm2d)
+    assert not any(isinstance(mod, banned) for mod in m.modules())
+
+
+def test_coord_channels_break_translation_equivariance_only_through_position():
+    m = ScoreNet("none", 8, coord_channels=True)
+    x = torch.randn(1, 3, 8, 8)
+    assert m(x, torch.tensor([10])).shape == x.shape
+
+
+def test_config_round_trip():
+    m = ScoreNet("softmax", 24, attn_dim=8, temperature=0.5)
+    m2 = build_model(ModelConfig(**m.config.to_dict()))
+    assert m2.config == m.config
+    assert sum(p.numel() for p in m2.parameters()) == sum(p.numel() for p in m.parameters())
+
+
+def test_attention_weights_are_distributions():
+    for a in ("identity", "softmax", "top1"):
+        m = ScoreNet(a, 8)
+        w = m.attention_weights(torch.randn(2, 3, 8, 8), torch.tensor(100))
+        assert w.shape == (2, 64, 64)
+        assert torch.allclose(w.sum(-1), torch.ones(2, 64))
+
+
+@pytest.mark.parametrize("kwargs, err", [
+    (dict(attention="linear"), ValueError), (dict(width=0), ValueError), (dict(width=2.0), TypeError),
+    (dict(temperature=0.0), ValueError), (dict(backend="cuda"), ValueError),
+])
+def test_bad_model_args(kwargs, err):
+    kw = dict(attention="none") | kwargs
+    with pytest.raises(err):
+        ScoreNet(**kw)
+
+
+def test_bad_forward_shape():
+    with pytest.raises(ValueError, match="x must have shape"):
+        ScoreNet("none", 8)(torch.randn(2, 3, 9, 9), torch.tensor([1, 2]))

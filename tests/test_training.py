@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from fastscore.data import KVConfig, make_dataset
+from fastscore.models import ScoreNet
+from fastscore.training import TrainConfig, train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["none", "softmax"])
+def test_training_lowers_the_loss(attention):
+    x, _ = make_dataset(KVConfig(), 500, 0)
+    torch.manual_seed(0)
+    r = train(ScoreNet(attention, 16), x, TrainConfig(steps=150, batch_size=64, ema=0.9), progress=False)
+    first, last = sum(r.losses[:20]) / 20, sum(r.losses[-20:]) / 20
+    assert last < 0.6 * first
+    assert not r.model.training
+
+
+def test_training_is_seeded():
+    x, _ = make_dataset(KVConfig(), 100, 0)
+    out = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        out.append(train(ScoreNet("none", 8), x, TrainConfig(steps=5, batch_size=8), progress=False).losses)
+    assert out[0] == out[1]
+
+
+@pytest.mark.parametrize("kw, err", [
+    (dict(steps=0), ValueError), (dict(lr=0.0), ValueError), (dict(ema=1.0), ValueError),
+    (dict(lr_schedule="step"), ValueError), (dict(batch_size=1.5), TypeError),
+])
+def test_bad_train_config(kw, err):
+    with pytest.raises(err):
+        TrainConfig(**kw)
+
+
+def test_bad_train_args():
+    with pytest.raises(TypeError, match="model"):
+        train("net", torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="data"):
+        train(ScoreNet("none", 4), torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match="data"):
+        train(ScoreNet("none", 4), torch.zeros(0, 3, 8, 8))
