@@ -43,9 +43,12 @@ def step_coefficients(schedule: Schedule, ts: Sequence[int], eta: float) -> list
 
 
 def sample_ddim(model: Callable, x: torch.Tensor, schedule: Schedule, ts: Sequence[int], *, eta: float = 0.0,
-                seed: int = 0, sample_offset: int = 0, clip_x0: bool = True,
+                seed: int = 0, sample_offset: int | torch.Tensor = 0, clip_x0: bool = True,
                 backend: str = "auto") -> torch.Tensor:
-    """DDIM(eta) from x = x_T (B, ...) over timesteps ``ts`` (decreasing); updates x in place."""
+    """DDIM(eta) from x = x_T (B, ...) over timesteps ``ts`` (decreasing); updates x in place.
+
+    ``sample_offset``: index of x's first sample in the whole run (keys the noise); an int64 device
+    tensor is read by the fused kernel at run time (CUDA graphs)."""
     coefs = step_coefficients(schedule, ts, eta)
     tt = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     for i, (t, c) in enumerate(zip(ts, coefs)):
@@ -144,11 +147,11 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
 
 
 class _GraphRunner:
-    """Captures the whole sampling loop for one batch shape in a CUDA graph and replays it.
-
-    The noise stream is keyed by ``sample_offset``, a kernel argument, so the graph is captured
-    for each (batch size, offset) on first use; if capture fails the runner turns itself off and
-    ``sample`` falls back to the eager loop.
+    """Captures the whole sampling loop (network and update, all steps) in one CUDA graph per batch
+    shape and replays it. The batch's first sample index lives in a device tensor that the fused
+    update reads, so one graph serves every batch. The first batch of a shape runs eagerly (it
+    compiles every kernel variant and is the warm-up capture needs); if capture fails, the runner
+    turns itself off and ``sample`` falls back to the eager loop.
     """
 
     def __init__(self, model, schedule, ts, eta, seed, clip_x0, backend):
@@ -158,27 +161,24 @@ class _GraphRunner:
 
     def __call__(self, x0: torch.Tensor, offset: int) -> torch.Tensor:
         model, schedule, ts, eta, seed, clip_x0, backend = self.args
-        key = (tuple(x0.shape), offset)
-        try:
-            if key not in self.graphs:
-                static = x0.clone()
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):  # warm-up (compiles kernels, allocates workspaces)
-                    sample_ddim(model, static.clone(), schedule, ts[:1], eta=eta, seed=seed, sample_offset=offset,
-                                clip_x0=clip_x0, backend=backend)
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    sample_ddim(model, static, schedule, ts, eta=eta, seed=seed, sample_offset=offset,
-                                clip_x0=clip_x0, backend=backend)
-                self.graphs[key] = (g, static)
-            g, static = self.graphs[key]
+        key = tuple(x0.shape)
+        if key in self.graphs:
+            g, static, off = self.graphs[key]
             static.copy_(x0)
+            off.fill_(offset)
             g.replay()
             return static.clone()
+        x = sample_ddim(model, x0.clone(), schedule, ts, eta=eta, seed=seed, sample_offset=offset, clip_x0=clip_x0,
+                        backend=backend)
+        try:
+            static = x0.clone()
+            off = torch.full((1,), offset, dtype=torch.int64, device=x0.device)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                sample_ddim(model, static, schedule, ts, eta=eta, seed=seed, sample_offset=off, clip_x0=clip_x0,
+                            backend=backend)
+            self.graphs[key] = (g, static, off)
         except Exception:  # pragma: no cover - depends on the CUDA stack
             self.ok = False
-            x = x0.clone()
-            return sample_ddim(model, x, schedule, ts, eta=eta, seed=seed, sample_offset=offset, clip_x0=clip_x0,
-                               backend=backend)
+        return x

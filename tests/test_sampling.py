@@ -70,3 +70,32 @@ def test_sample_needs_shape_for_plain_callables():
         sample(lambda x, t: x, 3)
     x = sample(lambda x, t: torch.zeros_like(x), 3, shape=(1, 2, 2), steps=4)
     assert x.shape == (3, 1, 2, 2)
+
+
+@pytest.mark.interpret
+def test_triton_and_torch_backends_draw_the_same_samples(seed):
+    m = ScoreNet("none", 8).eval()
+    a = sample(m, 6, seed=seed % 2**31, steps=4, batch_size=4, backend="torch")
+    b = sample(m, 6, seed=seed % 2**31, steps=4, batch_size=4, backend="triton")
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_device_tensor_seed_and_offset_match_ints(seed):
+    from fastscore.ops import ddim_coefficients, reverse_step
+    x, e = torch.randn(3, 3, 5, 5), torch.randn(3, 3, 5, 5)
+    c = ddim_coefficients(0.4, 0.5, 1.0)
+    for backend in ("torch", "triton"):
+        a = reverse_step(x, e, c, seed=11, step=2, sample_offset=7, backend=backend)
+        b = reverse_step(x, e, c, seed=torch.tensor([11]), step=2, sample_offset=torch.tensor([7]), backend=backend)
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="sample_offset"):
+        reverse_step(x, e, c, seed=1, step=0, sample_offset=torch.tensor([1.0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_matches_eager():
+    m = ScoreNet("softmax", 16).cuda().eval()
+    a = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=False)
+    b = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=True)
+    assert torch.allclose(a, b, atol=1e-4)

@@ -50,11 +50,18 @@ def _check(x_t, eps, coef, seed, step, sample_offset, out) -> StepCoefficients:
         raise ValueError("coefficients.sqrt_alpha_bar and sqrt_one_minus_alpha_bar must be > 0")
     if coef.sigma < 0 or coef.dir_coef < 0:
         raise ValueError("coefficients.sigma and dir_coef must be >= 0")
-    _validate.seed("seed", seed)
+    for name, v in (("seed", seed), ("sample_offset", sample_offset)):
+        if isinstance(v, torch.Tensor):  # device scalars, so a captured CUDA graph can change them
+            if v.dtype != torch.int64 or v.numel() != 1 or v.device != x_t.device:
+                raise ValueError(f"{name} given as a tensor must be one int64 on {x_t.device}, got "
+                                 f"{v.dtype} x {v.numel()} on {v.device}")
+        elif name == "seed":
+            _validate.seed("seed", v)
+        else:
+            _validate.positive_int("sample_offset", v, minimum=0)
     _validate.positive_int("step", step, minimum=0)
     if step >= 2**31:
         raise ValueError(f"step must be < 2**31, got {step}")
-    _validate.positive_int("sample_offset", sample_offset, minimum=0)
     if out is not None:
         _validate.tensor("out", out)
         if out.shape != x_t.shape or out.dtype != x_t.dtype or out.device != x_t.device:
@@ -87,14 +94,22 @@ def reverse_step_reference(x_t: torch.Tensor, eps: torch.Tensor, coef: StepCoeff
     return y.to(x_t.dtype)
 
 
-def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coefficients: StepCoefficients, *, seed: int,
-                 step: int, sample_offset: int = 0, clip_x0: bool = False, out: torch.Tensor | None = None,
+def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coefficients: StepCoefficients, *, seed: int | torch.Tensor,
+                 step: int, sample_offset: int | torch.Tensor = 0, clip_x0: bool = False, out: torch.Tensor | None = None,
                  backend: str = "auto") -> torch.Tensor:
-    """x_{t-1} from x_t (B, ...) and eps (same shape); ``out=x_t`` updates in place."""
+    """x_{t-1} from x_t (B, ...) and eps (same shape, dtype); ``out=x_t`` updates in place.
+
+    ``seed`` (in [0, 2**63)) and ``sample_offset`` may be 1-element int64 tensors on x_t's device:
+    the Triton kernel reads them from memory, so one captured CUDA graph serves every batch.
+    """
     coef = _check(x_t, eps, coefficients, seed, step, sample_offset, out)
     if _dispatch.resolve(backend, x_t, eps) == "triton":
         from . import _reverse_step_triton
         return _reverse_step_triton.reverse_step(x_t, eps, coef, seed, step, sample_offset, clip_x0, out)
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.item())
+    if isinstance(sample_offset, torch.Tensor):
+        sample_offset = int(sample_offset.item())
     y = reverse_step_reference(x_t, eps, coef, seed=seed, step=step, sample_offset=sample_offset,
                                clip_x0=clip_x0)
     if out is not None:
