@@ -21,7 +21,10 @@ LR_SCHEDULES = ("onecycle", "cosine", "constant")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyper-parameters (JSON-serialisable). ``ema=0`` turns EMA off."""
+    """Training hyper-parameters (JSON-serialisable). ``ema=0`` turns EMA off.
+
+    Loss weighting over t: with probability ``t_focus_prob`` a training timestep is drawn uniformly
+    from ``t_focus = (lo, hi)`` (inclusive) instead of from [0, T); the default draws all uniformly."""
     steps: int = 3000
     batch_size: int = 128
     lr: float = 2e-3
@@ -30,6 +33,8 @@ class TrainConfig:
     ema: float = 0.999
     grad_clip: float = 1.0
     seed: int = 0
+    t_focus: tuple[int, int] | None = None
+    t_focus_prob: float = 0.0
 
     def __post_init__(self) -> None:
         _validate.positive_int("steps", self.steps)
@@ -42,6 +47,14 @@ class TrainConfig:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         _validate.finite_float("grad_clip", self.grad_clip, minimum=0.0)
         _validate.seed("seed", self.seed)
+        _validate.finite_float("t_focus_prob", self.t_focus_prob, minimum=0.0)
+        if self.t_focus_prob > 1:
+            raise ValueError(f"t_focus_prob must be in [0, 1], got {self.t_focus_prob}")
+        if self.t_focus is not None:
+            lo, hi = self.t_focus
+            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
+                raise ValueError(f"t_focus must be two ints 0 <= lo <= hi, got {self.t_focus}")
+            object.__setattr__(self, "t_focus", (lo, hi))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +111,14 @@ def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfi
     start = time.perf_counter()
     for step in range(config.steps):
         i = torch.randint(0, data.shape[0], (config.batch_size,), generator=gen).to(device)
-        t = torch.randint(0, schedule.T, (config.batch_size,), generator=gen).to(device)
+        t = torch.randint(0, schedule.T, (config.batch_size,), generator=gen)
+        if config.t_focus is not None and config.t_focus_prob > 0:
+            lo, hi = config.t_focus
+            if hi >= schedule.T:
+                raise ValueError(f"t_focus must lie in [0, T={schedule.T}), got {config.t_focus}")
+            focus = torch.rand(config.batch_size, generator=gen) < config.t_focus_prob
+            t = torch.where(focus, torch.randint(lo, hi + 1, (config.batch_size,), generator=gen), t)
+        t = t.to(device)
         eps = torch.randn((config.batch_size, *data.shape[1:]), generator=gen).to(device)
         a = ab[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * data[i] + (1 - a).sqrt() * eps

@@ -15,6 +15,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def patch_interpreter() -> bool:
+    """Triton 3.6's interpreter turns kernel scalars into Python ints with ``int(ndarray of shape
+    (1,))``, which NumPy >= 2.4 rejects, so ``range(0, n)`` over a kernel argument fails there.
+    Patch ``tensor.__index__`` of the interpreter to read the single element instead. Only applied
+    when interpreting and only when NumPy rejects the conversion; idempotent."""
+    import numpy as np
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return False
+    except TypeError:
+        pass
+    from triton.runtime import interpreter as interp
+    if getattr(interp, "_fastscore_index_patch", False):
+        return False
+    original = interp._patch_lang_tensor
+
+    def _patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = _patched
+    interp._fastscore_index_patch = True
+    return True
+
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

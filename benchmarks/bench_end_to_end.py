@@ -1,0 +1,118 @@
+"""End to end: ``fastscore.sample`` for each of the four networks, and one training step.
+
+CPU:  pytest benchmarks/bench_end_to_end.py --benchmark-only   (throughput in images/s in extra_info)
+GPU:  python benchmarks/bench_end_to_end.py                    -> benchmarks/results/end_to_end_<device>.json
+      (50-step DDIM on 4,096 images: fused + CUDA graph, fused without graph, torch reference)
+
+The CPU benchmark also times an eager sampling loop written the usual way (``torch.randn_like`` and
+separate arithmetic per step) against ``fastscore.sample`` on the reference path.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import env, write_rows  # noqa: E402
+
+import fastscore  # noqa: E402
+from fastscore.data import KVConfig, make_dataset  # noqa: E402
+from fastscore.models import ATTENTIONS, ScoreNet  # noqa: E402
+from fastscore.sampling import step_coefficients, timesteps  # noqa: E402
+from fastscore.schedule import make_schedule  # noqa: E402
+from fastscore.training import TrainConfig, train  # noqa: E402
+
+
+@torch.no_grad()
+def eager_sample(model, n, steps=50, eta=1.0, seed=0):
+    """The usual eager DDIM loop: randn_like noise and separate ops per step (no fused update)."""
+    torch.manual_seed(seed)
+    s = make_schedule("linear", model.config.T)
+    ts = timesteps(s.T, steps)
+    x = torch.randn(n, *model.image_shape)
+    for t, c in zip(ts, step_coefficients(s, ts, eta)):
+        eps = model(x, torch.full((n,), t, dtype=torch.int64))
+        x0 = ((x - c.sqrt_one_minus_alpha_bar * eps) / c.sqrt_alpha_bar).clamp(-1, 1)
+        eps = (x - c.sqrt_alpha_bar * x0) / c.sqrt_one_minus_alpha_bar
+        x = c.sqrt_alpha_bar_prev * x0 + c.dir_coef * eps + c.sigma * torch.randn_like(x)
+    return x
+
+
+# ----- CPU: pytest-benchmark -----
+N_CPU = 256
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_bench_sample_cpu(benchmark, attention):
+    m = ScoreNet(attention, 64).eval()
+    benchmark.group = "sample 256 images, 50 DDIM steps, CPU"
+    benchmark.pedantic(lambda: fastscore.sample(m, N_CPU, steps=50, backend="torch"), rounds=3, iterations=1)
+    benchmark.extra_info["images_per_s"] = N_CPU / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("attention", ["softmax"])
+def test_bench_sample_eager_loop_cpu(benchmark, attention):
+    m = ScoreNet(attention, 64).eval()
+    benchmark.group = "sample 256 images, 50 DDIM steps, CPU"
+    benchmark.pedantic(lambda: eager_sample(m, N_CPU), rounds=3, iterations=1)
+    benchmark.extra_info["images_per_s"] = N_CPU / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_bench_train_step_cpu(benchmark, attention):
+    x, _ = make_dataset(KVConfig(), 1024, 0)
+    m = ScoreNet(attention, 64)
+    cfg = TrainConfig(steps=5, batch_size=128, ema=0.999)
+    benchmark.group = "5 training steps, batch 128, CPU"
+    benchmark.pedantic(lambda: train(m, x, cfg, progress=False), rounds=3, iterations=1)
+    benchmark.extra_info["images_per_s"] = 5 * 128 / benchmark.stats.stats.median
+
+
+# ----- GPU -----
+def main() -> None:  # pragma: no cover - needs a GPU
+    if not torch.cuda.is_available():
+        print("no CUDA device: `pytest benchmarks/bench_end_to_end.py --benchmark-only` runs the CPU version")
+        return
+    rows = []
+    n = 4096
+    for attention in ATTENTIONS:
+        m = ScoreNet(attention, 64).cuda().eval()
+        for provider, kw in (("fused+graph", dict(cuda_graph=True)), ("fused", dict(cuda_graph=False)),
+                             ("torch", dict(cuda_graph=False, backend="torch"))):
+            fastscore.sample(m, n, steps=50, batch_size=n, **kw)  # warm-up (and graph capture)
+            times = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fastscore.sample(m, n, steps=50, batch_size=n, **kw)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            times.sort()
+            med = times[2]
+            rows.append({"op": "sample_ddim50", "provider": provider, "shape": [n, 3, 8, 8], "dtype": "float32",
+                         "metric": "images/s", "value": n / med, "median_ms": 1e3 * med, "p20_ms": 1e3 * times[1],
+                         "p80_ms": 1e3 * times[3], "network": attention, **env()})
+            print(f"{attention:9s} {provider:12s} {1e3 * med:9.1f} ms  {n / med:10.0f} images/s")
+    x, _ = make_dataset(KVConfig(), 8192, 0)
+    for attention in ATTENTIONS:
+        m = ScoreNet(attention, 64).cuda()
+        cfg = TrainConfig(steps=50, batch_size=512, ema=0.999)
+        train(m, x, cfg, progress=False)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train(m, x, cfg, progress=False)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        rows.append({"op": "train_step", "provider": "fused", "shape": [512, 3, 8, 8], "dtype": "float32",
+                     "metric": "images/s", "value": 50 * 512 / dt, "median_ms": 1e3 * dt / 50, "p20_ms": None,
+                     "p80_ms": None, "network": attention, **env()})
+        print(f"{attention:9s} train step {1e3 * dt / 50:8.2f} ms  {50 * 512 / dt:10.0f} images/s")
+    print("wrote", write_rows("end_to_end_" + env()["device"].replace(" ", "_"), rows))
+
+
+if __name__ == "__main__":
+    main()
