@@ -95,7 +95,7 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
            "target": TARGETS[arch], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     t0 = time.perf_counter()
     try:
-        k = triton.compile(ASTSource(cfg["fn"], cfg["signature"], cfg["constexprs"]),
+        k = triton.compile(ASTSource(cfg["fn"], cfg["signature"], cfg["constexprs"], cfg.get("attrs")),
                            target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
         with tempfile.TemporaryDirectory() as d:

@@ -375,18 +375,23 @@ def block_d(d: int) -> int:
     return max(triton.next_power_of_2(int(d)), 16)
 
 
-def _block(n: int, bd: int) -> int:
-    """Sequence block for sequences of length ``n`` and feature block ``bd``."""
-    cap = 32 if bd >= 256 else 64
-    return min(cap, max(16, triton.next_power_of_2(int(n))))
+def _block_cap(kernel: str, bd: int) -> int:
+    """Largest sequence block for ``kernel`` at feature block ``bd`` (keeps tiles in registers)."""
+    if kernel in ("fwd", "bwd_preprocess"):
+        return 32 if bd >= 256 else 64
+    return 16 if bd >= 256 else (32 if bd >= 128 else 64)
+
+
+def _block(n: int, bd: int, kernel: str = "fwd") -> int:
+    """Sequence block for sequences of length ``n``: ``next_pow2(n)`` within [16, cap]."""
+    return min(_block_cap(kernel, bd), max(16, triton.next_power_of_2(int(n))))
 
 
 def _num_warps(kernel: str, block: int, bd: int) -> int:
-    """Warps per program: one per 16 rows of the block, more for the wide backward tiles."""
-    w = max(1, block // 16)
-    if kernel in ("bwd_dkdv", "bwd_dq", "identity_bwd") and block * bd >= 64 * 128:
-        w = 8
-    return w
+    """Warps per program: one per 1024 tile elements (block x bd) in the forward, twice that in
+    the backward kernels (which hold two float32 accumulators), between 1 and 8."""
+    per = 1024 if kernel in ("fwd", "bwd_preprocess") else 512
+    return max(1, min(8, block * bd // per))
 
 
 def _num_stages(kernel: str) -> int:
@@ -415,7 +420,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _check_dtype(*xs: torch.Tensor) -> None:
     for x in xs:
         if x.dtype not in _DTYPES:
-            raise TypeError(f"attention kernels take float32/float16/bfloat16, got {x.dtype}")
+            raise TypeError(f"q, k, v: the Triton attention kernels take float32/float16/bfloat16, got {x.dtype}")
 
 
 def _span_ok(x: torch.Tensor) -> bool:
@@ -424,7 +429,9 @@ def _span_ok(x: torch.Tensor) -> bool:
 
 
 def _prep(x: torch.Tensor) -> torch.Tensor:
-    if _span_ok(x):
+    """``x`` itself when its feature stride is 1 (the kernels are compiled for unit feature stride;
+    batch and sequence strides are free) and its in-sequence offsets fit in int32; else a copy."""
+    if (x.stride(2) == 1 or x.shape[2] == 1) and _span_ok(x):
         return x
     x = x.contiguous()
     if not _span_ok(x):
@@ -432,10 +439,22 @@ def _prep(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise (TypeError / ValueError) for what the kernels cannot take: dtypes other than
+    float32/float16/bfloat16, and feature sizes above ``MAX_BLOCK_D``."""
+    _check_dtype(q, k, v)
+    _check_d(max(q.shape[2], v.shape[2]))
+
+
+def _st(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, sequence, feature) strides; the feature stride is 1 after ``_prep``."""
+    return x.stride(0), x.stride(1), 1
+
+
 def _check_d(d: int) -> int:
     bd = block_d(d)
     if bd > MAX_BLOCK_D:
-        raise ValueError(f"the Triton attention kernels support D <= {MAX_BLOCK_D}, got {d}")
+        raise ValueError(f"D: the Triton attention kernels support feature sizes up to {MAX_BLOCK_D}, got {d}")
     return bd
 
 
@@ -468,10 +487,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     grid = (n_blocks, triton.cdiv(B, spp))
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *_st(q),
+        *_st(k),
+        *_st(v),
+        *_st(out),
         B, NQ, NK, D, DV, float(scale) * LOG2E, spp,
         BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd,
         EVEN_N=(NQ % blk == 0 and NK % blk == 0), EVEN_D=(D == bd and DV == bd),
@@ -487,8 +506,8 @@ def _delta(o: torch.Tensor, do: torch.Tensor, blk: int, bd: int, spp: int) -> to
     grid = (triton.cdiv(NQ, blk), triton.cdiv(B, spp))
     _attn_bwd_preprocess_kernel[grid](
         o, do, delta,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
+        *_st(o),
+        *_st(do),
         B, NQ, DV, spp,
         BLOCK_M=blk, BLOCK_D=bd, EVEN_N=(NQ % blk == 0), EVEN_D=(DV == bd),
         num_warps=_num_warps("bwd_preprocess", blk, bd), num_stages=_num_stages("bwd_preprocess"),
@@ -506,7 +525,7 @@ def attention_backward(q, k, v, out, lse, do, scale: float, dq=None, dk=None, dv
     B, NQ, D = q.shape
     NK, DV = k.shape[1], v.shape[2]
     bd = _check_d(max(D, DV))
-    blk = _block(max(NQ, NK), bd)
+    blk = _block(max(NQ, NK), bd, "bwd")
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else _prep(dq)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else _prep(dk)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else _prep(dv)
@@ -518,22 +537,22 @@ def attention_backward(q, k, v, out, lse, do, scale: float, dq=None, dk=None, dv
     common = dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d, DOT_PRECISION=prec)
     _attn_bwd_dkdv_kernel[(triton.cdiv(NK, blk), triton.cdiv(B, spp))](
         q, k, v, do, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
+        *_st(q),
+        *_st(k),
+        *_st(v),
+        *_st(do),
+        *_st(dk),
+        *_st(dv),
         B, NQ, NK, D, DV, float(scale), float(scale) * LOG2E, spp,
         num_warps=_num_warps("bwd_dkdv", blk, bd), num_stages=_num_stages("bwd_dkdv"), **common,
     )
     _attn_bwd_dq_kernel[(triton.cdiv(NQ, blk), triton.cdiv(B, spp))](
         q, k, v, do, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        *_st(q),
+        *_st(k),
+        *_st(v),
+        *_st(do),
+        *_st(dq),
         B, NQ, NK, D, DV, float(scale), float(scale) * LOG2E, spp,
         num_warps=_num_warps("bwd_dq", blk, bd), num_stages=_num_stages("bwd_dq"), **common,
     )
@@ -551,16 +570,16 @@ def identity_backward(z, out, lse, do, scale: float, dz=None):
     z, out, do = _prep(z), _prep(out), _prep(do)
     B, N, D = z.shape
     bd = _check_d(D)
-    blk = _block(N, bd)
+    blk = _block(N, bd, "bwd")
     dz = torch.empty_like(z, memory_format=torch.contiguous_format) if dz is None else _prep(dz)
     n_blocks = triton.cdiv(N, blk)
     spp = _seqs_per_program(B, n_blocks, N, bd)
     delta = _delta(out, do, blk, bd, spp)
     _identity_bwd_kernel[(n_blocks, triton.cdiv(B, spp))](
         z, do, lse, delta, dz,
-        z.stride(0), z.stride(1), z.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dz.stride(0), dz.stride(1), dz.stride(2),
+        *_st(z),
+        *_st(do),
+        *_st(dz),
         B, N, D, float(scale), float(scale) * LOG2E, spp,
         BLOCK=blk, BLOCK_D=bd, EVEN_N=(N % blk == 0), EVEN_D=(D == bd),
         DOT_PRECISION=_dot_precision(z.dtype),
@@ -573,8 +592,12 @@ def identity_backward(z, out, lse, do, scale: float, dz=None):
 # ahead-of-time compile configurations
 # ----------------------------------------------------------------------------------------------
 def _signature(fn, ptr_types: dict[str, str], floats: tuple[str, ...], constexprs: dict) -> dict:
+    """ASTSource signature of ``fn``; adds the unit feature strides (``stride_*d``, which Triton's
+    JIT specialises to the constant 1) to ``constexprs`` in place."""
     sig = {}
     for name in fn.arg_names:
+        if name.startswith("stride_") and name.endswith("d"):
+            constexprs[name] = 1
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in ptr_types:
@@ -589,17 +612,19 @@ def _signature(fn, ptr_types: dict[str, str], floats: tuple[str, ...], constexpr
 def compile_configs(dtypes=("fp32", "fp16", "bf16")) -> list[dict]:
     """Every (kernel, constexprs, num_warps, num_stages) the launchers can launch, for ``dtypes``.
 
-    Each entry: ``{"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}`` in the
-    ``triton.compiler.ASTSource`` format of triton 3.6.
+    Each entry: ``{"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "attrs"}`` in
+    the ``triton.compiler.ASTSource`` format of triton 3.6 (``attrs``: the divisibility hints the JIT
+    would derive for contiguous tensors; optional for consumers).
     """
     out = []
     for dt in dtypes:
         p = f"*{dt}"
         precs = ("ieee",)
         for prec, bd, even_n, even_d in itertools.product(precs, _BLOCK_DS, (True, False), (True, False)):
-            blocks = [b for b in _BLOCKS if b <= (32 if bd >= 256 else 64)]
-            for blk in blocks:
+            for blk in _BLOCKS:
                 for identity in (False, True):
+                    if blk > _block_cap("fwd", bd):
+                        continue
                     c = dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d,
                              IDENTITY=identity, DOT_PRECISION=prec)
                     out.append(dict(
@@ -608,6 +633,8 @@ def compile_configs(dtypes=("fp32", "fp16", "bf16")) -> list[dict]:
                                              ("qk_scale",), c),
                         constexprs=c, num_warps=_num_warps("fwd", blk, bd), num_stages=_num_stages("fwd")))
                 for name, fn in (("bwd_dkdv", _attn_bwd_dkdv_kernel), ("bwd_dq", _attn_bwd_dq_kernel)):
+                    if blk > _block_cap(name, bd):
+                        continue
                     c = dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d,
                              DOT_PRECISION=prec)
                     ptrs = {a: p for a in ("Q", "K", "V", "DO", "DK", "DV_", "DQ")}
@@ -617,13 +644,14 @@ def compile_configs(dtypes=("fp32", "fp16", "bf16")) -> list[dict]:
                                     constexprs=c, num_warps=_num_warps(name, blk, bd),
                                     num_stages=_num_stages(name)))
                 c = dict(BLOCK=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d, DOT_PRECISION=prec)
-                out.append(dict(name="identity_bwd", fn=_identity_bwd_kernel,
+                if blk <= _block_cap("identity_bwd", bd):
+                    out.append(dict(name="identity_bwd", fn=_identity_bwd_kernel,
                                 signature=_signature(_identity_bwd_kernel,
                                                      {"Z": p, "DO": p, "DZ": p, "LSE": "*fp32", "DELTA": "*fp32"},
                                                      ("sm_scale", "qk_scale"), c),
                                 constexprs=c, num_warps=_num_warps("identity_bwd", blk, bd),
                                 num_stages=_num_stages("identity_bwd")))
-                if prec == "ieee":
+                if blk <= _block_cap("bwd", bd):
                     c = dict(BLOCK_M=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d)
                     out.append(dict(name="bwd_preprocess", fn=_attn_bwd_preprocess_kernel,
                                     signature=_signature(_attn_bwd_preprocess_kernel,
@@ -632,4 +660,16 @@ def compile_configs(dtypes=("fp32", "fp16", "bf16")) -> list[dict]:
                                     num_stages=_num_stages("bwd_preprocess")))
     for c in out:
         c["name"] = f"attention.{c['name']}"
+        c["attrs"] = _attrs(c)
     return out
+
+
+def _attrs(cfg: dict) -> dict:
+    """``tt.divisibility`` 16 where Triton's JIT would find it for contiguous torch tensors:
+    every pointer, and the batch / sequence strides when D is a multiple of 16 (EVEN_D)."""
+    even_d = cfg["constexprs"].get("EVEN_D", False)
+    attrs = {}
+    for i, (name, ty) in enumerate(cfg["signature"].items()):
+        if ty.startswith("*") or (even_d and name.startswith("stride_") and name[-1] in "bn"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs

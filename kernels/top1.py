@@ -20,8 +20,8 @@ Gumbel noise ``g_ij = -log(-log(u))`` with ``u`` = Philox4x32-10 keyed by ``seed
 element index ``e = (b * N + i) * N + j``: counter ``(e // 4 low 32 bits, e // 4 high bits, 0,
 STREAM_GUMBEL = 1)``, word ``e % 4``, ``tl.uint_to_uniform_float``, clamped to [1e-10, 1 - 1e-7].
 
-Precision: scores and all accumulations in float32; float32 inputs use IEEE float32 dots (so the
-argmax matches an fp32 eager matmul), float16/bfloat16 inputs feed tensor cores in their own
+Precision: scores and all accumulations in float32; float32 inputs use 3xTF32 dots (float32-level
+accuracy, so the argmax agrees with an fp32 eager matmul up to rounding-level near-ties), float16/bfloat16 inputs feed tensor cores in their own
 dtype (probabilities and dS are rounded to that dtype before their dots, as in flash attention).
 Limits: ``D, Dv <= MAX_D`` (256); the caller falls back to a reference above that.
 """
@@ -36,8 +36,15 @@ import triton.language as tl
 MAX_D = 256
 STREAM_GUMBEL = 1
 _LOG2E = 1.4426950408889634
-_NUM_WARPS = 4
 _NUM_STAGES = 2
+
+
+def num_warps(kernel: str, gumbel: bool) -> int:
+    """Warps per program: 8 for the backward score kernels and for the forward with in-kernel
+    Gumbel noise (their 64 x 64 tiles, Philox state included, spill at 4 warps), else 4."""
+    if kernel in ("bwd_preprocess", "bwd_dq", "bwd_dk"):
+        return 8
+    return 8 if gumbel else 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,9 +52,10 @@ _NUM_STAGES = 2
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dot(a, b):
-    """a @ b with float32 accumulation; IEEE float32 for float32 operands."""
+    """a @ b with float32 accumulation; float32 operands use 3xTF32 (float32-level accuracy on
+    tensor cores; the FMA path of IEEE dots spills at these tile sizes)."""
     if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b)
 
@@ -293,13 +301,16 @@ def _top1_bwd_dv_kernel(DO, SortedIdx, Perm, Bounds, DV_out, N, DV, n_blocks,
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def block_sizes(d: int, dv: int) -> tuple[int, int]:
+def block_sizes(d: int, dv: int, dtype: torch.dtype = torch.float16) -> tuple[int, int]:
     """(BLOCK, BLOCK_D) for feature sizes d, dv: BLOCK_D = max(16, next_pow2(max(d, dv)));
-    BLOCK (query and key tile) shrinks as BLOCK_D grows to keep tiles in registers."""
+    BLOCK (query and key tile) shrinks as BLOCK_D grows, and for float32 (3xTF32 dots hold
+    split operands), to keep tiles in registers."""
     if max(d, dv) > MAX_D:
         raise ValueError(f"top-1 kernels support D, Dv <= {MAX_D}, got D={d}, Dv={dv}")
     block_d = max(16, triton.next_power_of_2(max(d, dv)))
     block = 64 if block_d <= 64 else (32 if block_d <= 128 else 16)
+    if dtype == torch.float32:
+        block = 32 if block_d <= 64 else 16
     return block, block_d
 
 
@@ -324,7 +335,7 @@ def top1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gumbel: bool
     ``out`` / ``idx`` may be given (preallocated, any strides) and are then written in place.
     """
     b, n, d, dv = _check_inputs(q, k, v)
-    block, block_d = block_sizes(d, dv)
+    block, block_d = block_sizes(d, dv, q.dtype)
     if out is None:
         out = torch.empty((b, n, dv), dtype=v.dtype, device=v.device)
     if idx is None:
@@ -334,7 +345,7 @@ def top1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gumbel: bool
         q, k, v, out, idx, int(seed), n, d, dv,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *idx.stride(),
         BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, GUMBEL=bool(gumbel),
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+        num_warps=num_warps("fwd", gumbel), num_stages=_NUM_STAGES)
     return out, idx
 
 
@@ -354,7 +365,7 @@ def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     dout = dout.to(v.dtype)
-    block, block_d = block_sizes(d, dvn)
+    block, block_d = block_sizes(d, dvn, q.dtype)
     scale2 = _LOG2E / float(temperature)
     inv_t = 1.0 / float(temperature)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
@@ -364,7 +375,7 @@ def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     delta = torch.empty((b, n), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n, block), b)
     common = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, GUMBEL=bool(gumbel),
-                  num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+                  num_warps=num_warps("bwd_dq", gumbel), num_stages=_NUM_STAGES)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     _top1_bwd_preprocess_kernel[grid](q, k, v, dout, lse, delta, int(seed), n, d, dvn, scale2, *strides, **common)
     _top1_bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, int(seed), n, d, dvn, scale2, inv_t,
@@ -379,7 +390,7 @@ def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     _top1_bwd_dv_kernel[grid](dout, sorted_idx.contiguous(), perm.contiguous(), bounds.contiguous(), dv,
                               n, dvn, n_blocks, *dout.stride(), *dv.stride(),
                               BLOCK_N=block, BLOCK_T=block, BLOCK_D=block_d,
-                              num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+                              num_warps=num_warps("bwd_dv", False), num_stages=_NUM_STAGES)
     return dq, dk, dv
 
 
@@ -409,7 +420,7 @@ def compile_configs() -> list[dict]:
     configs = []
     for dtype, block_d in itertools.product(_PTR, _BLOCK_DS):
         ptr, tag = _PTR[dtype], _PTR[dtype][1:]
-        block, _ = block_sizes(block_d, block_d)
+        block, _ = block_sizes(block_d, block_d, dtype)
         for gumbel in (False, True):
             consts = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "GUMBEL": gumbel}
             cs = {c: "constexpr" for c in consts}
@@ -431,11 +442,11 @@ def compile_configs() -> list[dict]:
             for name, fn, spec in specs:
                 configs.append({"name": f"top1_{name}_{tag}_d{block_d}_{g}", "fn": fn,
                                 "signature": {**_sig(spec, ptr), **cs}, "constexprs": dict(consts),
-                                "num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES})
+                                "num_warps": num_warps(name, gumbel), "num_stages": _NUM_STAGES})
         consts = {"BLOCK_N": block, "BLOCK_T": block, "BLOCK_D": block_d}
         spec = ("DO:P SortedIdx:*i64 Perm:*i64 Bounds:*i64 DV_out:P N:i32 DV:i32 n_blocks:i32 "
                 + _S3.format("do") + " " + _S3.format("dv"))
         configs.append({"name": f"top1_bwd_dv_{tag}_d{block_d}", "fn": _top1_bwd_dv_kernel,
                         "signature": {**_sig(spec, ptr), **{c: "constexpr" for c in consts}},
-                        "constexprs": dict(consts), "num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES})
+                        "constexprs": dict(consts), "num_warps": num_warps("bwd_dv", False), "num_stages": _NUM_STAGES})
     return configs

@@ -1,0 +1,347 @@
+"""Softmax-attention Triton kernels against a float64 reference (interpreter on CPU, float32).
+
+Tolerance (flash-attention's rule): the kernel's error against the float64 reference is at most
+twice the error of the same computation done by torch in float32, plus a small absolute floor.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, requires_cuda
+from fastscore.kernels import attention as K
+from fastscore.ops import _attention_triton as T  # noqa: F401  (registers ops, interpreter fix)
+from fastscore.ops.attention import identity_attention, softmax_attention, softmax_attention_reference
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+interpret = pytest.mark.interpret
+ERRORS: dict[str, float] = {}  # largest kernel error seen per quantity (printed with -s)
+
+
+def _nan_like(x: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    return torch.full(shape or x.shape, float("nan"), device=x.device, dtype=dtype or x.dtype)
+
+
+def _reference(q, k, v, do, scale):
+    """float64 and float32 torch results: (out, lse, dq, dk, dv) each."""
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        qq, kk, vv = (x.detach().to(dt).requires_grad_() for x in (q, k, v))
+        o = softmax_attention_reference(qq, kk, vv, scale)
+        lse = torch.logsumexp(scale * qq @ kk.transpose(1, 2), -1)
+        dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), do.to(dt))
+        res[dt] = (o.detach(), lse.detach(), dq, dk, dv)
+    return res[torch.float64], res[torch.float32]
+
+
+def _check(name: str, got: torch.Tensor, ref64: torch.Tensor, ref32: torch.Tensor, floor: float = 2e-6):
+    assert not torch.isnan(got).any(), f"{name}: NaN in kernel output (unwritten element?)"
+    err = (got.double() - ref64).abs().max().item()
+    err_torch = (ref32.double() - ref64).abs().max().item()
+    bound = 2 * err_torch + floor * max(1.0, ref64.abs().max().item())
+    ERRORS[name] = max(ERRORS.get(name, 0.0), err)
+    assert err <= bound, f"{name}: kernel error {err:.3e} > bound {bound:.3e} (torch fp32 error {err_torch:.3e})"
+
+
+def _inputs(B, N, D, DV=None, dtype=torch.float32, NK=None):
+    DV = D if DV is None else DV
+    NK = N if NK is None else NK
+    q = torch.randn(B, N, D, device=DEV, dtype=dtype)
+    k = torch.randn(B, NK, D, device=DEV, dtype=dtype)
+    v = torch.randn(B, NK, DV, device=DEV, dtype=dtype)
+    do = torch.randn(B, N, DV, device=DEV, dtype=dtype)
+    return q, k, v, do
+
+
+# The full grid N in {1, 7, 64, 100, 256} x D in {3, 8, 16, 24, 64} x B in {1, 3}, plus Dv != D.
+SHAPES = [(B, N, D, D) for B in (1, 3) for N in (1, 7, 64, 100, 256) for D in (3, 8, 16, 24, 64)]
+SHAPES += [(1, 100, 8, 3), (3, 7, 24, 40)]
+
+
+@interpret
+@pytest.mark.parametrize("B,N,D,DV", SHAPES)
+def test_forward_backward_vs_fp64(seed, B, N, D, DV):
+    q, k, v, do = _inputs(B, N, D, DV)
+    scale = D ** -0.5
+    (o64, lse64, dq64, dk64, dv64), (o32, lse32, dq32, dk32, dv32) = _reference(q, k, v, do, scale)
+    out, lse = K.attention_forward(q, k, v, scale, out=_nan_like(v, (B, N, DV)),
+                                   lse=_nan_like(q, (B, N), torch.float32))
+    _check("out", out, o64, o32)
+    _check("lse", lse, lse64, lse32)
+    dq, dk, dv = K.attention_backward(q, k, v, out, lse, do, scale,
+                                      dq=_nan_like(q), dk=_nan_like(k), dv=_nan_like(v))
+    _check("dq", dq, dq64, dq32)
+    _check("dk", dk, dk64, dk32)
+    _check("dv", dv, dv64, dv32)
+
+
+@interpret
+def test_different_query_and_key_lengths(seed):
+    q, k, v, do = _inputs(2, 20, 8, 5, NK=37)
+    (o64, _, dq64, dk64, dv64), (o32, _, dq32, dk32, dv32) = _reference(q, k, v, do, 0.4)
+    out, lse = K.attention_forward(q, k, v, 0.4)
+    dq, dk, dv = K.attention_backward(q, k, v, out, lse, do, 0.4)
+    for name, a, r64, r32 in (("out", out, o64, o32), ("dq", dq, dq64, dq32), ("dk", dk, dk64, dk32),
+                              ("dv", dv, dv64, dv32)):
+        _check(name, a, r64, r32)
+
+
+@interpret
+@pytest.mark.parametrize("B,N,D", [(1, 1, 3), (3, 7, 8), (1, 64, 16), (3, 100, 24), (1, 256, 64)])
+def test_identity_vs_fp64(seed, B, N, D):
+    z = torch.randn(B, N, D, device=DEV)
+    do = torch.randn(B, N, D, device=DEV)
+    scale = D ** -0.5
+    ref = {}
+    for dt in (torch.float64, torch.float32):
+        zz = z.to(dt).requires_grad_()
+        o = softmax_attention_reference(zz, zz, zz, scale)
+        (dz,) = torch.autograd.grad(o, (zz,), do.to(dt))
+        ref[dt] = (o.detach(), dz)
+    out, lse = K.identity_forward(z, scale, out=_nan_like(z), lse=_nan_like(z, (B, N), torch.float32))
+    _check("identity out", out, ref[torch.float64][0], ref[torch.float32][0])
+    dz = K.identity_backward(z, out, lse, do, scale, dz=_nan_like(z))
+    _check("identity dz", dz, ref[torch.float64][1], ref[torch.float32][1])
+
+
+@interpret
+@pytest.mark.parametrize("spp", [2, 3])
+def test_several_sequences_per_program(seed, monkeypatch, spp):
+    """Force the multi-sequence path (and a ragged last group: B = 5) on a small batch."""
+    monkeypatch.setattr(K, "_seqs_per_program", lambda b, *a: spp)
+    q, k, v, do = _inputs(5, 7, 8)
+    (o64, _, dq64, dk64, dv64), (o32, _, dq32, dk32, dv32) = _reference(q, k, v, do, 0.5)
+    out, lse = K.attention_forward(q, k, v, 0.5, out=_nan_like(q))
+    dq, dk, dv = K.attention_backward(q, k, v, out, lse, do, 0.5)
+    _check("out", out, o64, o32)
+    _check("dq", dq, dq64, dq32)
+    _check("dk", dk, dk64, dk32)
+    _check("dv", dv, dv64, dv32)
+    dz = K.identity_backward(q, *K.identity_forward(q, 0.5), do, 0.5, dz=_nan_like(q))
+    assert not torch.isnan(dz).any()
+
+
+def _strided(x: torch.Tensor, kind: str) -> torch.Tensor:
+    B, N, D = x.shape
+    if kind == "slice":  # (B, N, 3D)[..., D:2D]: a fused qkv projection
+        big = torch.randn(B, N, 3 * D, device=x.device, dtype=x.dtype)
+        big[..., D:2 * D] = x
+        return big[..., D:2 * D]
+    if kind == "seq_major":  # stored (N, B, D)
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    if kind == "feature_stride":  # stride 2 along D: copied by the launcher
+        big = torch.randn(B, N, 2 * D, device=x.device, dtype=x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    raise ValueError(kind)
+
+
+@interpret
+@pytest.mark.parametrize("kind", ["slice", "seq_major", "feature_stride"])
+def test_strided_inputs(seed, kind):
+    q, k, v, do = _inputs(3, 37, 12)
+    qs, ks, vs, dos = (_strided(x, kind) for x in (q, k, v, do))
+    assert not qs.is_contiguous()
+    (o64, _, dq64, dk64, dv64), (o32, _, dq32, dk32, dv32) = _reference(q, k, v, do, 0.3)
+    out, lse = K.attention_forward(qs, ks, vs, 0.3)
+    dq, dk, dv = K.attention_backward(qs, ks, vs, out, lse, dos, 0.3)
+    _check("out", out, o64, o32)
+    _check("dq", dq, dq64, dq32)
+    _check("dk", dk, dk64, dk32)
+    _check("dv", dv, dv64, dv32)
+    zs = _strided(q, kind)
+    oz, lz = K.identity_forward(zs, 0.3)
+    ref = softmax_attention_reference(q.double(), q.double(), q.double(), 0.3)
+    ref32 = softmax_attention_reference(q, q, q, 0.3)
+    _check("identity out", oz, ref, ref32)
+
+
+@interpret
+def test_public_api_autograd(seed):
+    """Through fastscore.ops with backend='triton': autograd graph, gradients for q, k, v and z."""
+    q, k, v, do = _inputs(2, 30, 16)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    softmax_attention(q64, k64, v64, backend="torch").backward(do.double())
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    out = softmax_attention(qt, kt, vt, backend="triton")
+    out.backward(do)
+    (o64, _, dq64, dk64, dv64), (o32, _, dq32, dk32, dv32) = _reference(q, k, v, do, 16 ** -0.5)
+    _check("out", out.detach(), o64, o32)
+    _check("dq", qt.grad, dq64, dq32)
+    _check("dk", kt.grad, dk64, dk32)
+    _check("dv", vt.grad, dv64, dv32)
+    z = q.clone().requires_grad_()
+    identity_attention(z, backend="triton").backward(do)
+    z64 = q.double().requires_grad_()
+    identity_attention(z64, backend="torch").backward(do.double())
+    z32 = q.clone().requires_grad_()
+    identity_attention(z32, backend="torch").backward(do)
+    _check("identity dz", z.grad, z64.grad, z32.grad)
+
+
+@interpret
+def test_nan_input_gives_nan_rows(seed):
+    q, k, v, _ = _inputs(2, 20, 8)
+    q[0, 3] = float("nan")
+    out, lse = K.attention_forward(q, k, v, 0.5)
+    assert torch.isnan(out[0, 3]).all() and torch.isnan(lse[0, 3])
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[0, 3] = False
+    assert torch.isfinite(out[mask]).all()
+    k[1, 5] = float("nan")  # a NaN key touches every query row of its sequence
+    out, _ = K.attention_forward(q, k, v, 0.5)
+    assert torch.isnan(out[1]).all()
+    z = torch.randn(1, 9, 4)
+    z[0, 2, 1] = float("nan")
+    oz, _ = K.identity_forward(z, 0.5)
+    assert torch.isnan(oz).all()
+
+
+@pytest.mark.parametrize("bad,exc,word", [
+    (lambda q, k, v: (q, k[:1], v[:1]), ValueError, "batch"),
+    (lambda q, k, v: (q, k[:, :, :3], v), ValueError, "D"),
+    (lambda q, k, v: (q, k, v[:, :5]), ValueError, "sequence"),
+    (lambda q, k, v: (q, k.double(), v), TypeError, "k"),
+    (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, "q"),
+    (lambda q, k, v: (q[:, :0], k, v), ValueError, "N"),
+    (lambda q, k, v: (q[..., :0], k[..., :0], v), ValueError, "D"),
+    (lambda q, k, v: (q[0], k, v), ValueError, "q"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float32"),  # triton path only
+    (lambda q, k, v: (torch.randn(1, 4, 300), torch.randn(1, 4, 300), v[:1, :4]), ValueError, "D"),
+])
+def test_bad_input_raises_before_launch(monkeypatch, bad, exc, word):
+    def boom(*a, **kw):
+        raise AssertionError("kernel launched")
+    monkeypatch.setattr(K, "attention_forward", boom)
+    monkeypatch.setattr(K, "identity_forward", boom)
+    q, k, v, _ = _inputs(2, 8, 4)
+    args = bad(q, k, v)
+    with pytest.raises(exc, match=word):
+        softmax_attention(*args, backend="triton")
+
+
+def test_bad_scale_and_identity_input():
+    with pytest.raises(ValueError, match="scale"):
+        softmax_attention(torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4), math.inf,
+                          backend="triton")
+    with pytest.raises(TypeError, match="z|q"):
+        identity_attention(torch.ones(1, 3, 4, dtype=torch.int32), backend="triton")
+
+
+@interpret
+def test_opcheck():
+    args = [torch.randn(2, 9, 8, requires_grad=True), torch.randn(2, 9, 8, requires_grad=True),
+            torch.randn(2, 9, 5, requires_grad=True), 0.3]
+    torch.library.opcheck(torch.ops.fastscore.attention_fwd.default, args)
+    torch.library.opcheck(torch.ops.fastscore.identity_attention_fwd.default,
+                          [torch.randn(2, 9, 8, requires_grad=True), 0.3])
+
+
+@interpret
+def test_torch_compile_fullgraph(seed):
+    """A small module using both ops traces without graph breaks (aot_eager: no C++ compiler)."""
+    lin = torch.nn.Linear(8, 24)
+    x = torch.randn(2, 10, 8)
+
+    def f(x):
+        q, k, v = lin(x).chunk(3, dim=-1)
+        return (softmax_attention(q, k, v, backend="triton") + identity_attention(x, backend="triton")).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    grads = torch.autograd.grad(loss, list(lin.parameters()))
+    ref = f(x)
+    ref_grads = torch.autograd.grad(ref, list(lin.parameters()))
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@interpret
+def test_lse_and_no_quadratic_buffer(seed, monkeypatch):
+    """Every tensor the launchers allocate is O(B N D): none has N*N elements."""
+    sizes = []
+    real_empty = torch.empty
+
+    def spy(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        sizes.append(t.numel())
+        return t
+    monkeypatch.setattr(torch, "empty", spy)
+    B, N, D = 1, 100, 4
+    q, k, v, do = _inputs(B, N, D)
+    out, lse = K.attention_forward(q, k, v, 0.5)
+    K.attention_backward(q, k, v, out, lse, do, 0.5)
+    K.identity_backward(q, *K.identity_forward(q, 0.5), do, 0.5)
+    assert sizes and max(sizes) <= B * N * D
+
+
+try:
+    from hypothesis import given, settings, strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+if given is not None:
+    @interpret
+    @settings(max_examples=8, deadline=None)
+    @given(B=st.integers(1, 3), N=st.integers(1, 40), NK=st.integers(1, 40), D=st.integers(1, 20),
+           DV=st.integers(1, 20), scale=st.floats(0.05, 2.0), identity=st.booleans(),
+           s=st.integers(0, 2**31 - 1))
+    def test_property_random_shapes(B, N, NK, D, DV, scale, identity, s):
+        torch.manual_seed(s)
+        if identity:
+            z = torch.randn(B, N, D)
+            do = torch.randn(B, N, D)
+            out, lse = K.identity_forward(z, scale, out=_nan_like(z))
+            dz = K.identity_backward(z, out, lse, do, scale, dz=_nan_like(z))
+            z64 = z.double().requires_grad_()
+            o64 = softmax_attention_reference(z64, z64, z64, scale)
+            (g64,) = torch.autograd.grad(o64, (z64,), do.double())
+            z32 = z.clone().requires_grad_()
+            o32 = softmax_attention_reference(z32, z32, z32, scale)
+            (g32,) = torch.autograd.grad(o32, (z32,), do)
+            _check("identity out", out, o64.detach(), o32.detach())
+            _check("identity dz", dz, g64, g32)
+            return
+        q, k, v, do = _inputs(B, N, D, DV, NK=NK)
+        (o64, lse64, dq64, dk64, dv64), (o32, lse32, dq32, dk32, dv32) = _reference(q, k, v, do, scale)
+        out, lse = K.attention_forward(q, k, v, scale, out=_nan_like(v, (B, N, DV)))
+        dq, dk, dv = K.attention_backward(q, k, v, out, lse, do, scale,
+                                          dq=_nan_like(q), dk=_nan_like(k), dv=_nan_like(v))
+        for name, a, r64, r32 in (("out", out, o64, o32), ("lse", lse, lse64, lse32), ("dq", dq, dq64, dq32),
+                                  ("dk", dk, dk64, dk32), ("dv", dv, dv64, dv32)):
+            _check(name, a, r64, r32)
+
+
+def test_print_largest_errors():
+    """Runs last in this file: prints the largest errors seen (use -s to see them)."""
+    for k_, v_ in sorted(ERRORS.items()):
+        print(f"[max error vs fp64] {k_}: {v_:.3e}")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU-only: 16-bit inputs (the interpreter cannot run bf16 tl.dot) and the compiled kernels
+# ------------------------------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,N,D", [(3, 100, 24), (64, 256, 64), (1024, 64, 16), (2, 1000, 128)])
+def test_16bit_on_gpu(seed, dtype, B, N, D):
+    q, k, v, do = _inputs(B, N, D, dtype=dtype)
+    scale = D ** -0.5
+    ref64 = _reference(q, k, v, do, scale)[0]
+    ref = {}
+    for dt_name, dt in (("low", dtype),):
+        qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, scale=scale)
+        ref[dt_name] = (o.detach(), *torch.autograd.grad(o, (qq, kk, vv), do))
+    out, lse = K.attention_forward(q, k, v, scale, out=_nan_like(q))
+    dq, dk, dv = K.attention_backward(q, k, v, out, lse, do, scale)
+    for name, got, r64, rlow in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv),
+                                    (ref64[0], *ref64[2:]), ref["low"]):
+        _check(f"{dtype} {name}", got, r64, rlow, floor=1e-3)
+    dz = K.identity_backward(q, *K.identity_forward(q, scale), do, scale)
+    assert torch.isfinite(dz).all()
