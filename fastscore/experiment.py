@@ -18,7 +18,7 @@ import math
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -191,7 +191,6 @@ def _row_name(net: str, seed: int) -> str:
 def _run_row(config: StudyConfig, out: Path, net: str, seed: int, images, train_set, device, backend, bar) -> dict:
     cfg = config.data_config()
     ckpt = out / "checkpoints" / f"{_row_name(net, seed)}.safetensors"
-    t0 = time.perf_counter()
     losses: list[float] = []
     if ckpt.exists():
         model, meta = load_model(ckpt, backend=backend, device=device)

@@ -8,7 +8,6 @@ each element's global index, so sample i is the same whatever the batch size.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
