@@ -4,7 +4,9 @@
 
 Peaks are datasheet figures (dense, no sparsity) unless measured on the device (a large copy for
 bandwidth, a large matmul for matrix throughput). fp32 attention inputs run ``tl.dot`` in TF32,
-so their compute peak is the TF32 one. Expected time = max(FLOPs / peak, bytes / bandwidth) +
+except where a kernel chooses otherwise: the attention kernels compute fp32 ``tl.dot`` in IEEE
+fp32 (CUDA-core FMA peak, matching torch's default matmul precision), top-1 in 3xTF32 (a third
+of the TF32 peak); fp16/bf16 use the tensor-core peak. Expected time = max(FLOPs / peak, bytes / bandwidth) +
 one launch overhead per kernel (``LAUNCH_US``): at the workload's small shapes the overhead
 matters.
 """
@@ -91,10 +93,20 @@ def reverse_step_cost(numel: int, dtype: str = "float32") -> tuple[float, float,
     return 10.0 * numel, 3 * ELT[dtype] * numel, 1, 2.0 * numel
 
 
+FP32_DOT = {"attention": "ieee", "top1": "tf32x3", "reverse_step": "none"}
+
+
+def matrix_peak(dev: Device, dtype: str, fp32_dot: str) -> float:
+    """FLOP/s of the kernel's dot products: tensor cores for 16-bit inputs; for fp32 per ``fp32_dot``."""
+    if dtype != "float32":
+        return dev.bf16
+    return {"ieee": dev.fp32, "tf32": dev.tf32, "tf32x3": dev.tf32 / 3, "none": dev.fp32}[fp32_dot]
+
+
 def expected_ms(flops: float, bytes_: float, launches: int, exps: float, dev: Device, dtype: str = "float32",
-                matrix: bool = True) -> float:
+                fp32_dot: str = "ieee") -> float:
     """Roofline time in milliseconds: the slowest of matrix/CUDA-core FLOPs, memory and SFU, plus launches."""
-    peak = (dev.tf32 if dtype == "float32" else dev.bf16) if matrix else dev.fp32
+    peak = matrix_peak(dev, dtype, fp32_dot)
     return 1e3 * max(flops / peak, bytes_ / dev.bandwidth, exps / dev.sfu) + launches * LAUNCH_US * 1e-3
 
 
@@ -104,15 +116,15 @@ def expected_for_row(r: dict, dev: Device) -> float:
     if op.startswith("softmax_attention") or op.startswith("identity_attention"):
         B, N, D = s
         return expected_ms(*attention_cost(B, N, D, dt, backward=op.endswith("fwd_bwd"),
-                                           identity=op.startswith("identity")), dev, dt)
+                                           identity=op.startswith("identity")), dev, dt, FP32_DOT["attention"])
     if op.startswith("top1"):
         B, N, D = s
-        return expected_ms(*top1_cost(B, N, D, dt), dev, dt)
+        return expected_ms(*top1_cost(B, N, D, dt), dev, dt, FP32_DOT["top1"])
     if op == "reverse_step":
         n = 1
         for x in s:
             n *= x
-        return expected_ms(*reverse_step_cost(n, dt), dev, dt, matrix=False)
+        return expected_ms(*reverse_step_cost(n, dt), dev, dt, "none")
     raise KeyError(op)
 
 
@@ -123,21 +135,24 @@ def estimates() -> list[dict]:
         for B in (1024, 4096):
             for N in (64, 256, 1024):
                 for D in (16, 32, 64):
-                    for op, cost in (("softmax_attention_fwd", attention_cost(B, N, D)),
-                                     ("softmax_attention_fwd_bwd", attention_cost(B, N, D, backward=True)),
-                                     ("top1_fwd", top1_cost(B, N, D))):
-                        f, by, la, ex = cost
-                        ms = expected_ms(f, by, la, ex, dev)
-                        bound = max((f / dev.tf32, "matrix"), (by / dev.bandwidth, "memory"), (ex / dev.sfu, "exp"))
-                        out.append({"device": dev.name, "op": op, "shape": [B, N, D], "dtype": "float32",
-                                    "flops": f, "bytes": by, "exps": ex, "expected_ms": ms, "bound": bound[1]})
+                    for dt in ("float32", "bfloat16"):
+                        for op, cost, kind in (
+                                ("softmax_attention_fwd", attention_cost(B, N, D, dt), "attention"),
+                                ("softmax_attention_fwd_bwd", attention_cost(B, N, D, dt, backward=True), "attention"),
+                                ("top1_fwd", top1_cost(B, N, D, dt), "top1")):
+                            f, by, la, ex = cost
+                            ms = expected_ms(f, by, la, ex, dev, dt, FP32_DOT[kind])
+                            peak = matrix_peak(dev, dt, FP32_DOT[kind])
+                            bound = max((f / peak, "matrix"), (by / dev.bandwidth, "memory"), (ex / dev.sfu, "exp"))
+                            out.append({"device": dev.name, "op": op, "shape": [B, N, D], "dtype": dt, "flops": f,
+                                        "bytes": by, "exps": ex, "expected_ms": ms, "bound": bound[1]})
         for shape in ((4096, 3, 8, 8), (4096, 3, 32, 32)):
             n = 1
             for x in shape:
                 n *= x
             f, by, la, ex = reverse_step_cost(n)
             out.append({"device": dev.name, "op": "reverse_step", "shape": list(shape), "dtype": "float32",
-                        "flops": f, "bytes": by, "exps": ex, "expected_ms": expected_ms(f, by, la, ex, dev, matrix=False),
+                        "flops": f, "bytes": by, "exps": ex, "expected_ms": expected_ms(f, by, la, ex, dev, "float32", "none"),
                         "bound": "memory" if by / dev.bandwidth > ex / dev.sfu else "sfu"})
     return out
 
@@ -150,9 +165,9 @@ def main() -> None:  # pragma: no cover - a report
     from _common import RESULTS
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "roofline_estimates.json").write_text(json.dumps({"devices": devices, "rows": rows}, indent=1))
-    print(f"{'device':14s} {'op':27s} {'B,N,D':18s} {'GFLOP':>8s} {'MB':>8s} {'expected us':>12s} bound")
+    print(f"{'device':14s} {'op':27s} {'B,N,D':18s} {'dtype':9s} {'GFLOP':>8s} {'MB':>8s} {'expected us':>12s} bound")
     for r in rows:
-        print(f"{r['device']:14s} {r['op']:27s} {str(tuple(r['shape'])):18s} {r['flops'] / 1e9:8.2f} "
+        print(f"{r['device']:14s} {r['op']:27s} {str(tuple(r['shape'])):18s} {r['dtype']:9s} {r['flops'] / 1e9:8.2f} "
               f"{r['bytes'] / 1e6:8.2f} {1e3 * r['expected_ms']:12.1f} {r['bound']}")
 
 

@@ -23,7 +23,16 @@ STREAM_GUMBEL = 1)``, word ``e % 4``, ``tl.uint_to_uniform_float``, clamped to [
 Precision: scores and all accumulations in float32; float32 inputs use 3xTF32 dots (float32-level
 accuracy, so the argmax agrees with an fp32 eager matmul up to rounding-level near-ties), float16/bfloat16 inputs feed tensor cores in their own
 dtype (probabilities and dS are rounded to that dtype before their dots, as in flash attention).
-Limits: ``D, Dv <= MAX_D`` (256); the caller falls back to a reference above that.
+Launch configurations: ``launch_config`` picks (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel,
+dtype class (float32 / 16-bit) and BLOCK_D = max(16, next_pow2(max(D, Dv))) from a table tuned so
+that no configuration spills registers on sm_80 or sm_90a; ``compile_configs`` lists exactly those
+configurations for the ahead-of-time compile report.
+
+Limits: ``D, Dv <= max_features(dtype)``: ``MAX_D`` = 128 (the workload's largest head size;
+BLOCK_D = 256 tiles spill at every tile size worth launching) for float16/bfloat16 and
+``MAX_D_FP32`` = 64 for float32 (its 3xTF32 dq / dk tiles spill at BLOCK_D = 128 even at 16 x 16
+with 4 or 8 warps). The launchers raise above the limit and ``fastscore.ops`` routes such inputs
+to the torch reference.
 """
 from __future__ import annotations
 
@@ -33,18 +42,13 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_D = 256
+MAX_D = 128
+MAX_D_FP32 = 64
 STREAM_GUMBEL = 1
 _LOG2E = 1.4426950408889634
-_NUM_STAGES = 2
-
-
-def num_warps(kernel: str, gumbel: bool) -> int:
-    """Warps per program: 8 for the backward score kernels and for the forward with in-kernel
-    Gumbel noise (their 64 x 64 tiles, Philox state included, spill at 4 warps), else 4."""
-    if kernel in ("bwd_preprocess", "bwd_dq", "bwd_dk"):
-        return 8
-    return 8 if gumbel else 4
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dk", "bwd_dv")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BLOCK_DS = (16, 32, 64, 128)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,17 +305,97 @@ def _top1_bwd_dv_kernel(DO, SortedIdx, Perm, Bounds, DV_out, N, DV, n_blocks,
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def block_sizes(d: int, dv: int, dtype: torch.dtype = torch.float16) -> tuple[int, int]:
-    """(BLOCK, BLOCK_D) for feature sizes d, dv: BLOCK_D = max(16, next_pow2(max(d, dv)));
-    BLOCK (query and key tile) shrinks as BLOCK_D grows, and for float32 (3xTF32 dots hold
-    split operands), to keep tiles in registers."""
-    if max(d, dv) > MAX_D:
-        raise ValueError(f"top-1 kernels support D, Dv <= {MAX_D}, got D={d}, Dv={dv}")
-    block_d = max(16, triton.next_power_of_2(max(d, dv)))
-    block = 64 if block_d <= 64 else (32 if block_d <= 128 else 16)
-    if dtype == torch.float32:
-        block = 32 if block_d <= 64 else 16
-    return block, block_d
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kernel, dtype class, BLOCK_D, gumbel); dtype class
+#: "fp32" (3xTF32 dots) or "half" (float16 and bfloat16). For ``bwd_dv`` BLOCK_M is BLOCK_T, the
+#: queries gathered per step. Chosen so that no configuration spills on sm_80 or sm_90a (see
+#: ``compile_configs`` and benchmarks/compile_report.py).
+_TUNED: dict[tuple[str, str, int, bool], tuple[int, int, int, int]] = {
+    ("fwd", "fp32", 16, False): (64, 32, 4, 2),
+    ("fwd", "fp32", 16, True): (64, 32, 4, 2),
+    ("fwd", "fp32", 32, False): (64, 32, 4, 2),
+    ("fwd", "fp32", 32, True): (64, 32, 4, 2),
+    ("fwd", "fp32", 64, False): (32, 32, 8, 1),
+    ("fwd", "fp32", 64, True): (32, 16, 4, 2),
+    ("fwd", "half", 16, False): (64, 64, 4, 2),
+    ("fwd", "half", 16, True): (64, 32, 4, 2),
+    ("fwd", "half", 32, False): (64, 64, 4, 2),
+    ("fwd", "half", 32, True): (64, 32, 4, 2),
+    ("fwd", "half", 64, False): (64, 32, 4, 2),
+    ("fwd", "half", 64, True): (32, 32, 4, 2),
+    ("fwd", "half", 128, False): (32, 32, 4, 2),
+    ("fwd", "half", 128, True): (32, 32, 4, 2),
+    ("bwd_preprocess", "fp32", 16, False): (64, 32, 4, 2),
+    ("bwd_preprocess", "fp32", 16, True): (64, 32, 4, 2),
+    ("bwd_preprocess", "fp32", 32, False): (32, 16, 4, 2),
+    ("bwd_preprocess", "fp32", 32, True): (32, 16, 4, 2),
+    ("bwd_preprocess", "fp32", 64, False): (16, 16, 4, 2),
+    ("bwd_preprocess", "fp32", 64, True): (16, 16, 4, 2),
+    ("bwd_preprocess", "half", 16, False): (64, 64, 4, 2),
+    ("bwd_preprocess", "half", 16, True): (64, 32, 4, 2),
+    ("bwd_preprocess", "half", 32, False): (64, 64, 4, 2),
+    ("bwd_preprocess", "half", 32, True): (32, 32, 4, 2),
+    ("bwd_preprocess", "half", 64, False): (32, 32, 4, 2),
+    ("bwd_preprocess", "half", 64, True): (32, 16, 4, 2),
+    ("bwd_preprocess", "half", 128, False): (16, 16, 4, 2),
+    ("bwd_preprocess", "half", 128, True): (16, 16, 4, 2),
+    ("bwd_dq", "fp32", 16, False): (64, 32, 4, 2),
+    ("bwd_dq", "fp32", 16, True): (32, 16, 4, 2),
+    ("bwd_dq", "fp32", 32, False): (16, 32, 4, 2),
+    ("bwd_dq", "fp32", 32, True): (16, 32, 4, 2),
+    ("bwd_dq", "fp32", 64, False): (16, 32, 4, 2),
+    ("bwd_dq", "fp32", 64, True): (16, 32, 4, 2),
+    ("bwd_dq", "half", 16, False): (64, 64, 4, 2),
+    ("bwd_dq", "half", 16, True): (64, 32, 4, 2),
+    ("bwd_dq", "half", 32, False): (64, 32, 4, 2),
+    ("bwd_dq", "half", 32, True): (32, 32, 4, 2),
+    ("bwd_dq", "half", 64, False): (32, 32, 4, 2),
+    ("bwd_dq", "half", 64, True): (16, 32, 4, 2),
+    ("bwd_dq", "half", 128, False): (16, 16, 4, 2),
+    ("bwd_dq", "half", 128, True): (32, 32, 4, 2),
+    ("bwd_dk", "fp32", 16, False): (32, 32, 4, 2),
+    ("bwd_dk", "fp32", 16, True): (16, 16, 4, 2),
+    ("bwd_dk", "fp32", 32, False): (16, 16, 4, 2),
+    ("bwd_dk", "fp32", 32, True): (16, 16, 4, 2),
+    ("bwd_dk", "fp32", 64, False): (16, 32, 4, 2),
+    ("bwd_dk", "fp32", 64, True): (16, 32, 4, 2),
+    ("bwd_dk", "half", 16, False): (64, 64, 4, 2),
+    ("bwd_dk", "half", 16, True): (32, 32, 4, 2),
+    ("bwd_dk", "half", 32, False): (32, 32, 4, 2),
+    ("bwd_dk", "half", 32, True): (32, 64, 4, 2),
+    ("bwd_dk", "half", 64, False): (16, 32, 4, 2),
+    ("bwd_dk", "half", 64, True): (32, 32, 4, 2),
+    ("bwd_dk", "half", 128, False): (16, 16, 4, 2),
+    ("bwd_dk", "half", 128, True): (32, 32, 4, 2),
+    ("bwd_dv", "fp32", 16, False): (32, 64, 4, 2),
+    ("bwd_dv", "fp32", 32, False): (32, 32, 4, 2),
+    ("bwd_dv", "fp32", 64, False): (32, 64, 4, 2),
+    ("bwd_dv", "half", 16, False): (64, 64, 4, 2),
+    ("bwd_dv", "half", 32, False): (64, 64, 4, 2),
+    ("bwd_dv", "half", 64, False): (32, 64, 4, 2),
+    ("bwd_dv", "half", 128, False): (16, 32, 4, 2),
+}
+
+
+def max_features(dtype: torch.dtype) -> int:
+    """Largest D, Dv the kernels take for ``dtype``: ``MAX_D_FP32`` (64) for float32, whose 3xTF32
+    dq / dk tiles spill at BLOCK_D = 128 even at 16 x 16, else ``MAX_D`` (128)."""
+    return MAX_D_FP32 if dtype == torch.float32 else MAX_D
+
+
+def feature_block(d: int, dv: int, dtype: torch.dtype = torch.float16) -> int:
+    """BLOCK_D = max(16, next_pow2(max(d, dv))); ValueError above ``max_features(dtype)``."""
+    if max(d, dv) > max_features(dtype):
+        raise ValueError(f"top-1 kernels support D, Dv <= {max_features(dtype)} for {dtype}, got D={d}, Dv={dv}")
+    return max(16, triton.next_power_of_2(max(d, dv)))
+
+
+def launch_config(kernel: str, block_d: int, dtype: torch.dtype, gumbel: bool = False
+                  ) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` the launchers use for ``kernel`` (one of
+    ``KERNELS``) at feature block ``block_d`` and input ``dtype``; ``gumbel`` is ignored by bwd_dv."""
+    cls = "fp32" if dtype == torch.float32 else "half"
+    gumbel = bool(gumbel) and kernel != "bwd_dv"
+    return _TUNED[(kernel, cls, block_d, gumbel)]
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
@@ -335,17 +419,16 @@ def top1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gumbel: bool
     ``out`` / ``idx`` may be given (preallocated, any strides) and are then written in place.
     """
     b, n, d, dv = _check_inputs(q, k, v)
-    block, block_d = block_sizes(d, dv, q.dtype)
+    block_d = feature_block(d, dv, q.dtype)
+    bm, bn, warps, stages = launch_config("fwd", block_d, q.dtype, gumbel)
     if out is None:
         out = torch.empty((b, n, dv), dtype=v.dtype, device=v.device)
     if idx is None:
         idx = torch.empty((b, n), dtype=torch.int64, device=q.device)
-    grid = (triton.cdiv(n, block), b)
-    _top1_fwd_kernel[grid](
+    _top1_fwd_kernel[(triton.cdiv(n, bm), b)](
         q, k, v, out, idx, int(seed), n, d, dv,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *idx.stride(),
-        BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, GUMBEL=bool(gumbel),
-        num_warps=num_warps("fwd", gumbel), num_stages=_NUM_STAGES)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, GUMBEL=bool(gumbel), num_warps=warps, num_stages=stages)
     return out, idx
 
 
@@ -365,7 +448,7 @@ def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     dout = dout.to(v.dtype)
-    block, block_d = block_sizes(d, dvn, q.dtype)
+    block_d = feature_block(d, dvn, q.dtype)
     scale2 = _LOG2E / float(temperature)
     inv_t = 1.0 / float(temperature)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
@@ -373,24 +456,32 @@ def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
     lse = torch.empty((b, n), dtype=torch.float32, device=q.device)
     delta = torch.empty((b, n), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(n, block), b)
-    common = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, GUMBEL=bool(gumbel),
-                  num_warps=num_warps("bwd_dq", gumbel), num_stages=_NUM_STAGES)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    _top1_bwd_preprocess_kernel[grid](q, k, v, dout, lse, delta, int(seed), n, d, dvn, scale2, *strides, **common)
-    _top1_bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, int(seed), n, d, dvn, scale2, inv_t,
-                              *strides, *dq.stride(), **common)
-    _top1_bwd_dk_kernel[grid](q, k, v, dout, lse, delta, dk, int(seed), n, d, dvn, scale2, inv_t,
-                              *strides, *dk.stride(), **common)
+    seed, gumbel = int(seed), bool(gumbel)
+
+    def meta(kernel):
+        bm, bn, warps, stages = launch_config(kernel, block_d, q.dtype, gumbel)
+        return bm, bn, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, GUMBEL=gumbel,
+                            num_warps=warps, num_stages=stages)
+
+    bm, _, kw = meta("bwd_preprocess")
+    _top1_bwd_preprocess_kernel[(triton.cdiv(n, bm), b)](q, k, v, dout, lse, delta, seed, n, d, dvn, scale2,
+                                                         *strides, **kw)
+    bm, _, kw = meta("bwd_dq")
+    _top1_bwd_dq_kernel[(triton.cdiv(n, bm), b)](q, k, v, dout, lse, delta, dq, seed, n, d, dvn, scale2, inv_t,
+                                                 *strides, *dq.stride(), **kw)
+    _, bn, kw = meta("bwd_dk")
+    _top1_bwd_dk_kernel[(triton.cdiv(n, bn), b)](q, k, v, dout, lse, delta, dk, seed, n, d, dvn, scale2, inv_t,
+                                                 *strides, *dk.stride(), **kw)
     # hard dv: sort each row of the index map, then one program per key block gathers its run
+    bt, bn, warps, stages = launch_config("bwd_dv", block_d, q.dtype)
     sorted_idx, perm = torch.sort(idx, dim=1, stable=True)
-    n_blocks = triton.cdiv(n, block)
-    edges = (torch.arange(n_blocks + 1, device=idx.device, dtype=torch.int64) * block).clamp_(max=n)
+    n_blocks = triton.cdiv(n, bn)
+    edges = (torch.arange(n_blocks + 1, device=idx.device, dtype=torch.int64) * bn).clamp_(max=n)
     bounds = torch.searchsorted(sorted_idx.contiguous(), edges.expand(b, n_blocks + 1).contiguous())
-    _top1_bwd_dv_kernel[grid](dout, sorted_idx.contiguous(), perm.contiguous(), bounds.contiguous(), dv,
-                              n, dvn, n_blocks, *dout.stride(), *dv.stride(),
-                              BLOCK_N=block, BLOCK_T=block, BLOCK_D=block_d,
-                              num_warps=num_warps("bwd_dv", False), num_stages=_NUM_STAGES)
+    _top1_bwd_dv_kernel[(n_blocks, b)](dout, sorted_idx.contiguous(), perm.contiguous(), bounds.contiguous(), dv,
+                                       n, dvn, n_blocks, *dout.stride(), *dv.stride(),
+                                       BLOCK_N=bn, BLOCK_T=bt, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 
@@ -398,7 +489,6 @@ def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 # ahead-of-time compile configurations
 # ----------------------------------------------------------------------------------------------
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-_BLOCK_DS = (16, 32, 64, 128, 256)
 
 
 def _sig(names: str, ptr: str) -> dict[str, str]:
@@ -412,41 +502,46 @@ def _sig(names: str, ptr: str) -> dict[str, str]:
 
 _S3 = "stride_{0}b:i32 stride_{0}n:i32 stride_{0}d:i32"
 _IN_STRIDES = " ".join(_S3.format(x) for x in ("q", "k", "v"))
+_SPECS = {
+    "fwd": (_top1_fwd_kernel, f"Q:P K:P V:P Out:P Idx:*i64 seed:i64 N:i32 D:i32 DV:i32 {_IN_STRIDES} "
+            + _S3.format("o") + " stride_ib:i32 stride_in:i32"),
+    "bwd_preprocess": (_top1_bwd_preprocess_kernel,
+                       f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
+                       f"{_IN_STRIDES} " + _S3.format("do")),
+    "bwd_dq": (_top1_bwd_dq_kernel,
+               f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 DQ:P seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
+               f"inv_t:fp32 {_IN_STRIDES} " + _S3.format("do") + " " + _S3.format("dq")),
+    "bwd_dk": (_top1_bwd_dk_kernel,
+               f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 DK:P seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
+               f"inv_t:fp32 {_IN_STRIDES} " + _S3.format("do") + " " + _S3.format("dk")),
+    "bwd_dv": (_top1_bwd_dv_kernel, "DO:P SortedIdx:*i64 Perm:*i64 Bounds:*i64 DV_out:P N:i32 DV:i32 n_blocks:i32 "
+               + _S3.format("do") + " " + _S3.format("dv")),
+}
+
+
+def make_config(kernel: str, dtype: torch.dtype, block_d: int, gumbel: bool,
+                cfg: tuple[int, int, int, int]) -> dict:
+    """One compile configuration (``triton.compiler.ASTSource`` format of triton 3.6) of ``kernel``
+    with ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages)`` as from ``launch_config``."""
+    bm, bn, warps, stages = cfg
+    fn, spec = _SPECS[kernel]
+    if kernel == "bwd_dv":
+        consts, name = {"BLOCK_N": bn, "BLOCK_T": bm, "BLOCK_D": block_d}, f"top1_{kernel}_{_PTR[dtype][1:]}_d{block_d}"
+    else:
+        consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "GUMBEL": bool(gumbel)}
+        name = f"top1_{kernel}_{_PTR[dtype][1:]}_d{block_d}_{'g' if gumbel else 'n'}"
+    return {"name": name, "fn": fn, "signature": {**_sig(spec, _PTR[dtype]), **{c: "constexpr" for c in consts}},
+            "constexprs": consts, "num_warps": warps, "num_stages": stages}
 
 
 def compile_configs() -> list[dict]:
-    """Every (kernel, dtype, constexpr) configuration the launchers can launch, in the
-    ``triton.compiler.ASTSource`` format of triton 3.6 (signature includes constexprs)."""
+    """Exactly the (kernel, dtype, constexpr, num_warps, num_stages) configurations the launchers
+    can launch: every kernel of ``KERNELS`` for every dtype, every BLOCK_D of ``feature_block``
+    and both GUMBEL settings (bwd_dv has none), each with its ``launch_config``."""
     configs = []
-    for dtype, block_d in itertools.product(_PTR, _BLOCK_DS):
-        ptr, tag = _PTR[dtype], _PTR[dtype][1:]
-        block, _ = block_sizes(block_d, block_d, dtype)
-        for gumbel in (False, True):
-            consts = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "GUMBEL": gumbel}
-            cs = {c: "constexpr" for c in consts}
-            g = "g" if gumbel else "n"
-            specs = [
-                ("fwd", _top1_fwd_kernel,
-                 f"Q:P K:P V:P Out:P Idx:*i64 seed:i64 N:i32 D:i32 DV:i32 {_IN_STRIDES} "
-                 + _S3.format("o") + " stride_ib:i32 stride_in:i32"),
-                ("bwd_preprocess", _top1_bwd_preprocess_kernel,
-                 f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
-                 f"{_IN_STRIDES} " + _S3.format("do")),
-                ("bwd_dq", _top1_bwd_dq_kernel,
-                 f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 DQ:P seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
-                 f"inv_t:fp32 {_IN_STRIDES} " + _S3.format("do") + " " + _S3.format("dq")),
-                ("bwd_dk", _top1_bwd_dk_kernel,
-                 f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 DK:P seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
-                 f"inv_t:fp32 {_IN_STRIDES} " + _S3.format("do") + " " + _S3.format("dk")),
-            ]
-            for name, fn, spec in specs:
-                configs.append({"name": f"top1_{name}_{tag}_d{block_d}_{g}", "fn": fn,
-                                "signature": {**_sig(spec, ptr), **cs}, "constexprs": dict(consts),
-                                "num_warps": num_warps(name, gumbel), "num_stages": _NUM_STAGES})
-        consts = {"BLOCK_N": block, "BLOCK_T": block, "BLOCK_D": block_d}
-        spec = ("DO:P SortedIdx:*i64 Perm:*i64 Bounds:*i64 DV_out:P N:i32 DV:i32 n_blocks:i32 "
-                + _S3.format("do") + " " + _S3.format("dv"))
-        configs.append({"name": f"top1_bwd_dv_{tag}_d{block_d}", "fn": _top1_bwd_dv_kernel,
-                        "signature": {**_sig(spec, ptr), **{c: "constexpr" for c in consts}},
-                        "constexprs": dict(consts), "num_warps": num_warps("bwd_dv", False), "num_stages": _NUM_STAGES})
+    for dtype, block_d, kernel in itertools.product(_DTYPES, _BLOCK_DS, KERNELS):
+        if block_d > max_features(dtype):
+            continue
+        for gumbel in ((False,) if kernel == "bwd_dv" else (False, True)):
+            configs.append(make_config(kernel, dtype, block_d, gumbel, launch_config(kernel, block_d, dtype, gumbel)))
     return configs

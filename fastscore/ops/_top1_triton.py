@@ -3,8 +3,9 @@
 ``fastscore::top1_attention`` (forward) and ``fastscore::top1_attention_backward`` are custom
 ops with fake (meta) implementations, and the backward is attached with ``register_autograd``,
 so autograd sees one differentiable op and ``torch.compile`` traces it without graph breaks.
-Inputs the kernels do not cover (float64, or D / Dv above ``kernels.top1.MAX_D``) go to the
-torch reference instead.
+Inputs the kernels do not cover go to the torch reference (``_Top1Reference``, autograd included)
+instead: float64, and D or Dv above ``kernels.top1.max_features(dtype)`` (128 for float16/bfloat16, 64 for
+float32: wider tiles spill registers on sm_80 / sm_90a).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ torch.library.register_autograd("fastscore::top1_attention", _backward, setup_co
 def top1_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: float, gumbel: bool,
                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, idx)`` of top-1 attention on the Triton kernels (inputs validated by the caller)."""
-    if q.dtype not in _KERNEL_DTYPES or max(q.shape[2], v.shape[2]) > _k.MAX_D:
+    if q.dtype not in _KERNEL_DTYPES or max(q.shape[2], v.shape[2]) > _k.max_features(q.dtype):
         from .top1 import _Top1Reference
         return _Top1Reference.apply(q, k, v, temperature, gumbel, seed)
     return _top1_fwd_op(q, k, v, float(temperature), bool(gumbel), int(seed))
