@@ -34,7 +34,8 @@ from .schedule import make_schedule
 from .training import TrainConfig, train
 
 LABELS = {"none": "CNN", "top1": "CNN + top-1 attention", "identity": "CNN + identity attention",
-          "softmax": "CNN + softmax attention"}
+          "softmax": "CNN + softmax attention", "ideal": "ideal score (theory)", "els": "ELS machine (theory)"}
+ANALYTIC = ("ideal", "els")
 PAPER = {"random": 5.38, "none": 10.88, "top1": 21.64, "identity": 25.44, "softmax": 64.03}
 RATE_KEYS = ("valid", "consistent", "consistent_among_valid", "novel", "nearest_consistent")
 
@@ -48,6 +49,8 @@ class StudyConfig:
     n_train: int = 5000
     data_seed: int = 0
     networks: tuple[str, ...] = ("none", "top1", "identity", "softmax")
+    analytic: tuple[str, ...] = ANALYTIC
+    els_patch: int = 5
     width: int = 64
     temperature: float = 1.0
     coord_channels: bool = False
@@ -68,6 +71,11 @@ class StudyConfig:
     def __post_init__(self) -> None:
         for n in self.networks:
             _validate.choice("networks", n, ATTENTIONS)
+        for n in self.analytic:
+            _validate.choice("analytic", n, ANALYTIC)
+        object.__setattr__(self, "networks", tuple(self.networks))
+        object.__setattr__(self, "analytic", tuple(self.analytic))
+        object.__setattr__(self, "probe_t", tuple(self.probe_t))
         for name in ("n_seeds", "n_samples", "train_steps", "n_train", "probe_n", "n_random"):
             _validate.positive_int(name, getattr(self, name))
         self.data_config()  # validates the geometry
@@ -116,7 +124,7 @@ def _prepare_dir(out: Path, config: StudyConfig, force: bool) -> None:
                                       "replace it, or choose another --out")
         elif not force:
             raise FileExistsError(f"{out} exists and is not a fastscore study; pass --force or another --out")
-        for sub in ("rows", "checkpoints", "figures"):
+        for sub in ("rows", "checkpoints", "figures", "samples"):
             shutil.rmtree(out / sub, ignore_errors=True)
         for f in ("results.json", "results.md", "study.json"):
             (out / f).unlink(missing_ok=True)
@@ -213,6 +221,7 @@ def _run_row(config: StudyConfig, out: Path, net: str, seed: int, images, train_
                clip_x0=config.clip_x0, seed=10_000 + seed, device=device, backend=backend,
                callback=(lambda b: bar.update(b)) if bar is not None else None)
     sample_seconds = time.perf_counter() - t1
+    _save_samples(out, _row_name(net, seed), x)
     scores = score(cfg, x.cpu(), train_set)
     probe = coordination_probe(model, cfg, config.probe_t, n=config.probe_n, seed=20_000 + seed, device=device)
     if bar is not None:
@@ -221,6 +230,54 @@ def _run_row(config: StudyConfig, out: Path, net: str, seed: int, images, train_
             "train_seconds": train_seconds, "sample_seconds": sample_seconds,
             "seconds": train_seconds + (time.perf_counter() - t1), "losses": losses,
             "preview": x[:64].cpu().tolist() if x.shape[0] else []}
+
+
+def _save_samples(out: Path, name: str, x: torch.Tensor) -> None:
+    from .checkpoint import save_tensors
+    save_tensors(out / "samples" / f"{name}.safetensors", {"samples": x}, {"kind": "samples"}, overwrite=True)
+
+
+def _load_samples(out: Path, name: str) -> torch.Tensor | None:
+    from .checkpoint import load_tensors
+    path = out / "samples" / f"{name}.safetensors"
+    return load_tensors(path, "samples")[0]["samples"] if path.exists() else None
+
+
+def _run_analytic_row(config: StudyConfig, out: Path, kind: str, images, train_set, device, backend, bar) -> dict:
+    """Sample and score an analytic score model (``fastscore.theory``); seed 0's initial noise."""
+    from .theory import ELSScore, IdealScore
+    cfg = config.data_config()
+    sched = make_schedule("linear", 1000)
+    model = IdealScore(images, sched, backend=backend) if kind == "ideal" else \
+        ELSScore(images, sched, config.els_patch, padding="zeros", backend=backend)
+    t1 = time.perf_counter()
+    x = sample(model, config.n_samples, schedule=sched, sampler=config.sampler, steps=config.steps, eta=config.eta,
+               clip_x0=config.clip_x0, seed=10_000, device=device, backend=backend,
+               callback=(lambda b: bar.update(b)) if bar is not None else None)
+    sample_seconds = time.perf_counter() - t1
+    _save_samples(out, _row_name(kind, 0), x)
+    scores = score(cfg, x.cpu(), train_set)
+    probe = coordination_probe(model, cfg, config.probe_t, n=config.probe_n, seed=20_000, device=device)
+    if bar is not None:
+        bar.update(1)
+    return {"network": kind, "seed": 0, "rates": scores.to_dict(), "probe": _probe_json(probe), "train_seconds": 0.0,
+            "sample_seconds": sample_seconds, "seconds": time.perf_counter() - t1, "losses": [],
+            "preview": x[:64].cpu().tolist()}
+
+
+def correlations(out: Path, config: StudyConfig) -> dict:
+    """Per network: median and quartiles of the per-sample Pearson r between its seed-0 samples and the
+    ELS machine's, drawn from the same initial noise (Kamb & Ganguli's comparison)."""
+    from .theory import correlation_summary, sample_correlation
+    els = _load_samples(out, _row_name("els", 0))
+    if els is None:
+        return {}
+    res = {}
+    for net in config.networks + tuple(a for a in config.analytic if a != "els"):
+        x = _load_samples(out, _row_name(net, 0))
+        if x is not None:
+            res[net] = correlation_summary(sample_correlation(x.double(), els.double()))
+    return res
 
 
 def _pooled(rows: list[dict], key: str) -> dict:
@@ -246,7 +303,7 @@ def _fmt(d: dict) -> str:
 def summarise(config: StudyConfig, rows: list[dict], baseline: dict) -> dict:
     """Pool per-seed rows per network: rates with Wilson intervals, per-seed mean and spread."""
     nets = {}
-    for net in config.networks:
+    for net in tuple(config.analytic) + tuple(config.networks):
         rs = [r for r in rows if r["network"] == net]
         if not rs:
             continue
@@ -293,6 +350,14 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
         for p in s["probe"]:
             lines.append(f"| {s['label']} | {p['t']} | {_fmt(p['matched'])} | {_fmt(p['unmatched'])} | "
                          f"{100 * p['gap']:+.2f} pp |")
+    corr = summary.get("correlation_with_els") or {}
+    if corr:
+        lines += ["", "## Samples against the ELS machine", "",
+                  f"Per-sample Pearson r (mean-centred, flattened) between each model's samples and the ELS machine's "
+                  f"(patch {config.els_patch}, zero padding) from the same initial noise (seed 0).", "",
+                  "| model | median r | quartiles | n |", "|---|---|---|---|"]
+        for net, c in corr.items():
+            lines.append(f"| {LABELS[net]} | {c['median']:.3f} | [{c['q25']:.3f}, {c['q75']:.3f}] | {c['n']} |")
     lines += ["", "Paper (Finn et al. 2025, consistency): random 5.38%, CNN 10.88%, top-1 21.64%, identity 25.44%, "
               "softmax attention 64.03%.", ""]
     return "\n".join(lines)
@@ -308,7 +373,7 @@ def _figures(out: Path, config: StudyConfig, rows: list[dict], device, backend) 
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     written = []
-    nets = [n for n in config.networks if any(r["network"] == n for r in rows)]
+    nets = [n for n in tuple(config.analytic) + tuple(config.networks) if any(r["network"] == n for r in rows)]
     # sample grids
     fig, axes = plt.subplots(1, len(nets), figsize=(3.2 * len(nets), 3.4), squeeze=False)
     for ax, net in zip(axes[0], nets):
@@ -342,7 +407,7 @@ def _figures(out: Path, config: StudyConfig, rows: list[dict], device, backend) 
     plt.close(fig)
     # attention maps: where the value cell of pair 1 attends, on one training image at a few t
     cfg = config.data_config()
-    att_nets = [n for n in nets if n != "none"]
+    att_nets = [n for n in nets if n not in ("none",) + ANALYTIC]
     if att_nets:
         x0, _ = make_dataset(cfg, 1, seed=config.data_seed + 7)
         ts = [100, 300, 600]
@@ -394,12 +459,12 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
     an = analytic_random_consistency(cfg.n_pairs, cfg.n_colours)
     baseline = {"analytic_fraction": str(an), "analytic_consistent": float(an), "empirical": rnd,
                 "seconds": time.perf_counter() - t0}
-    jobs = [(net, s) for net in config.networks for s in range(config.n_seeds)]
-    per_job = config.train_steps + config.n_samples + 1
+    jobs = [(a, 0) for a in config.analytic] + [(net, s) for net in config.networks for s in range(config.n_seeds)]
+    per_job = {net: (0 if net in ANALYTIC else config.train_steps) + config.n_samples + 1 for net, _ in jobs}
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=per_job * len(jobs), desc="reproduce", dynamic_ncols=True, unit="unit")
+        bar = tqdm(total=sum(per_job[n] for n, _ in jobs), desc="reproduce", dynamic_ncols=True, unit="unit")
     rows = []
     for net, s in jobs:
         path = out / "rows" / f"{_row_name(net, s)}.json"
@@ -408,7 +473,10 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
         if path.exists():
             row = json.loads(path.read_text())
             if bar is not None:
-                bar.update(per_job)
+                bar.update(per_job[net])
+        elif net in ANALYTIC:
+            row = _run_analytic_row(config, out, net, images, train_set, device, backend, bar)
+            atomic_write_text(path, json.dumps(row), overwrite=True)
         else:
             row = _run_row(config, out, net, s, images, train_set, device, backend, bar)
             atomic_write_text(path, json.dumps(row), overwrite=True)
@@ -418,6 +486,7 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
     wall = time.perf_counter() - start
     versions = _versions(device)
     summary = summarise(config, rows, baseline)
+    summary["correlation_with_els"] = correlations(out, config)
     figures = _figures(out, config, rows, device, backend)
     doc = {"config": config.to_dict(), "data_config": cfg.to_dict(), "versions": versions, "wall_seconds": wall,
            "summary": summary, "rows": [{k: v for k, v in r.items() if k != "preview"} for r in rows],
