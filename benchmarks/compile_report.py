@@ -59,7 +59,7 @@ def _config_str(cfg: dict) -> str:
             parts.append(f"{k}={int(v)}")
         else:
             parts.append(f"{k}={v}")
-    parts.append(f"w{cfg['num_warps']}s{cfg['num_stages']}")
+    parts.append(f"w{cfg['num_warps']}s{cfg['num_stages']}" + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""))
     return " ".join(parts)
 
 
@@ -92,12 +92,14 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
 
     cfg = importlib.import_module(mod_name).compile_configs()[index]
     row = {"module": mod_name, "kernel": cfg["name"], "config": _config_str(cfg),
-           "target": TARGETS[arch], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+           "target": TARGETS[arch], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+           "maxnreg": cfg.get("maxnreg")}
     t0 = time.perf_counter()
     try:
         k = triton.compile(ASTSource(cfg["fn"], cfg["signature"], cfg["constexprs"], cfg.get("attrs")),
                            target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                                    **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})})
         with tempfile.TemporaryDirectory() as d:
             ptx = Path(d) / "k.ptx"
             ptx.write_text(k.asm["ptx"])
@@ -146,7 +148,7 @@ def run_report(match: str | None = None, archs=(80, 90), jobs: int | None = None
     if write:
         import triton
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"triton": triton.__version__, "match": match,
+        path.write_text(json.dumps({"triton": triton.__version__, "match": match, "selected": select is not None,
                                     "smem_limit": {TARGETS[a]: SMEM_LIMIT[a] for a in archs},
                                     "rows": rows}, indent=1))
     return rows
@@ -164,6 +166,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summarise(rows: list[dict]) -> str:
+    """Per (kernel, target): configurations compiled, max registers, max shared memory, spill bytes."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["target"]), []).append(r)
+    head = f"{'kernel':34s} {'target':7s} {'configs':>7s} {'max regs':>8s} {'max smem B':>10s} {'spill B':>7s} {'errors':>6s}"
+    lines = [head, "-" * len(head)]
+    for (kernel, target), rs in sorted(groups.items()):
+        ok = [r for r in rs if not r.get("error")]
+        spill = sum((r["spill_stores"] or 0) + (r["spill_loads"] or 0) for r in ok)
+        lines.append(f"{kernel:34s} {target:7s} {len(rs):7d} {max((r['registers'] for r in ok), default=0):8d} "
+                     f"{max((r['smem'] for r in ok), default=0):10d} {spill:7d} {len(rs) - len(ok):6d}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
@@ -174,6 +191,7 @@ def main(argv=None) -> int:
     archs = tuple(int(x) for x in a.targets.split(","))
     rows = run_report(a.match, archs, a.jobs, path=Path(a.out))
     print(format_table(rows))
+    print("\n" + summarise(rows))
     bad = [(r, p) for r in rows for p in problems(r)]
     print(f"\n{len(rows)} compiles, {len(bad)} problems; JSON: {a.out}")
     for r, p in bad:

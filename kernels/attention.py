@@ -14,11 +14,17 @@ The kernel bodies follow Triton's tutorial 06 and flash-attention's ``flash_attn
   "j as key" (dk, dv) and the "j as query" (dq) terms).
 
 Ragged shapes: ``BLOCK_D = max(next_pow2(max(D, Dv)), 16)`` with masked loads; ``EVEN_N`` and
-``EVEN_D`` constexprs drop the masks when the shape allows. Short sequences: when ``N * D`` is small
-one program handles several sequences (``seqs_per_prog``). Offsets: the batch offset is int64;
-in-sequence offsets are int32, and the launchers copy an input to contiguous memory when its
-in-sequence span would pass 2^31. Inputs may be float32, float16 or bfloat16; math is float32
-(float32 inputs use IEEE float32 ``tl.dot``, like torch's default matmul).
+``EVEN_D`` constexprs drop the masks when the shape allows. The kernels take batch / sequence strides
+and feature sizes in units of ``ALIGN = 8`` elements, so masked rows stay vectorised; the launchers
+pass a tensor as it is when it has unit feature stride, 8-aligned rows and 16-byte aligned data, and
+otherwise copy it, padding D with zeros to a multiple of 8 (zero features change no score).
+Integer arguments are not specialised by the JIT, so the compiled variants are exactly
+``compile_configs()``: per (kernel, BLOCK_D, dtype) one (BLOCK, num_warps, num_stages) from
+``launch_params`` (chosen from ``ptxas -v``: no spills on sm_80 / sm_90a), EVEN_N / EVEN_D as the
+only other axes. Short sequences: when ``N * D`` is small one program handles several sequences
+(``seqs_per_prog``, a runtime argument). Offsets: the batch offset is int64; in-sequence offsets are
+int32 (a copy is made when a sequence's span would pass 2^31). Inputs may be float32, float16 or
+bfloat16; math is float32 (float32 inputs use IEEE float32 ``tl.dot``, like torch's default matmul).
 
 This module imports nothing from ``fastscore``.
 """
@@ -39,6 +45,27 @@ _INT32_MAX = 2**31 - 1
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
+# Integer arguments are not specialised by the JIT (``do_not_specialize``): a value of 1 or a
+# multiple of 16 would otherwise compile a new variant, and the set of variants would depend on the
+# data. Alignment is passed explicitly instead: batch / sequence strides and the feature sizes arrive
+# in units of ALIGN = 8 elements (the launchers guarantee it, padding D when needed), and the kernels
+# multiply them back, so the compiler sees 8-element-aligned rows and a feature mask that is constant
+# over 8 columns: masked loads and stores along D stay vectorised (a plain ``cols < D`` mask with an
+# unknown D makes every element a scalar access with its own 64-bit address, which doubled the
+# register count of the first version of these kernels).
+_INT_ARGS = ("B", "NQ", "NK", "N", "D", "DV", "seqs_per_prog")
+
+
+def _no_spec(*strides: str) -> list[str]:
+    return [*_INT_ARGS, *(f"stride_{s}{a}" for s in strides for a in "bn")]
+
+
+@triton.jit
+def _ptrs(base, rows, stride_n, cols):
+    """Pointers ``base[rows, cols]`` of one sequence (unit feature stride)."""
+    return base + rows[:, None] * stride_n + cols[None, :]
+
+
 @triton.jit
 def _load_tile(ptrs, rows, n_rows, cols, n_cols, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
     """Load a (len(rows), len(cols)) tile, zero outside ``rows < n_rows`` / ``cols < n_cols``."""
@@ -76,13 +103,10 @@ def _load_row(ptrs, rows, n_rows, EVEN_N: tl.constexpr):
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_no_spec("q", "k", "v", "o"))
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
-    stride_qb, stride_qn, stride_qd,
-    stride_kb, stride_kn, stride_kd,
-    stride_vb, stride_vn, stride_vd,
-    stride_ob, stride_on, stride_od,
+    stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
     B, NQ, NK, D, DV, qk_scale, seqs_per_prog,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, IDENTITY: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -92,11 +116,16 @@ def _attn_fwd_kernel(
     Program (pid_m, pid_b) computes rows ``pid_m*BLOCK_M ...`` of ``out[b]`` and ``lse[b]`` for
     ``b`` in ``pid_b*seqs_per_prog ... (pid_b+1)*seqs_per_prog - 1`` (clipped to B), streaming the
     keys of each sequence in blocks of BLOCK_N with an online softmax in base 2.
-    Q: (B, NQ, D) queries; K: (B, NK, D) keys; V: (B, NK, DV) values; O: (B, NQ, DV) output;
-    ``stride_xb / stride_xn / stride_xd`` are each tensor's strides (elements) along batch,
-    sequence and feature. LSE: (B, NQ) contiguous float32, natural-log log-sum-exp of the
-    scaled scores. qk_scale = scale * log2(e). IDENTITY: K is V (one load serves both).
+    Q: (B, NQ, D) queries; K: (B, NK, D) keys; V: (B, NK, DV) values; O: (B, NQ, DV) output, all
+    with unit feature stride; ``stride_xb / stride_xn``: each tensor's batch / sequence strides and
+    D, DV: the feature sizes, all four in units of ALIGN = 8 elements. LSE: (B, NQ) contiguous
+    float32, natural-log log-sum-exp of the scaled scores. qk_scale = scale * log2(e).
+    IDENTITY: K is V (one load serves both).
     """
+    stride_qb, stride_qn, stride_kb, stride_kn = stride_qb * 8, stride_qn * 8, stride_kb * 8, stride_kn * 8
+    stride_vb, stride_vn, stride_ob, stride_on = stride_vb * 8, stride_vn * 8, stride_ob * 8, stride_on * 8
+    D = D * 8
+    DV = DV * 8
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,11 +133,10 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     b_first = pid_b * seqs_per_prog
     for s in range(0, seqs_per_prog):
-        # the launcher makes seqs_per_prog divide B; the clamp only guards a ragged last group
-        # (which then recomputes and rewrites the last sequence with identical values)
+        # the launcher makes seqs_per_prog divide B where it can; the clamp guards a ragged last
+        # group (which then recomputes and rewrites the last sequence with identical values)
         b = tl.minimum(b_first + s, B - 1).to(tl.int64)
-        q_ptrs = Q + b * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        q = _load_tile(q_ptrs, offs_m, NQ, offs_d, D, EVEN_N, EVEN_D)
+        q = _load_tile(_ptrs(Q + b * stride_qb, offs_m, stride_qn, offs_d), offs_m, NQ, offs_d, D, EVEN_N, EVEN_D)
         k_base = K + b * stride_kb
         v_base = V + b * stride_vb
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -116,13 +144,11 @@ def _attn_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, NK, BLOCK_N):
             offs_n = start_n + offs_n0
-            k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                           offs_n, NK, offs_d, D, EVEN_N, EVEN_D)
+            k = _load_tile(_ptrs(k_base, offs_n, stride_kn, offs_d), offs_n, NK, offs_d, D, EVEN_N, EVEN_D)
             if IDENTITY:
                 v = k
             else:
-                v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                               offs_n, NK, offs_d, DV, EVEN_N, EVEN_D)
+                v = _load_tile(_ptrs(v_base, offs_n, stride_vn, offs_d), offs_n, NK, offs_d, DV, EVEN_N, EVEN_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if not EVEN_N:
                 qk = tl.where(offs_n[None, :] < NK, qk, float("-inf"))
@@ -133,8 +159,8 @@ def _attn_fwd_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
         acc = acc / l_i[:, None]
-        o_ptrs = O + b * stride_ob + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-        _store_tile(o_ptrs, acc.to(O.dtype.element_ty), offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
+        _store_tile(_ptrs(O + b * stride_ob, offs_m, stride_on, offs_d), acc.to(O.dtype.element_ty),
+                    offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         lse_ptrs = LSE + b * NQ + offs_m
         if EVEN_N:
@@ -143,49 +169,40 @@ def _attn_fwd_kernel(
             tl.store(lse_ptrs, lse, mask=offs_m < NQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_no_spec("o", "do"))
 def _attn_bwd_preprocess_kernel(
     O, DO, DELTA,
-    stride_ob, stride_on, stride_od,
-    stride_dob, stride_don, stride_dod,
+    stride_ob, stride_on, stride_dob, stride_don,
     B, NQ, DV, seqs_per_prog,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Delta[b, i] = sum_d O[b, i, d] * DO[b, i, d] (float32) for one block of BLOCK_M rows.
 
     Program (pid_m, pid_b) handles rows ``pid_m*BLOCK_M ...`` of sequences
-    ``pid_b*seqs_per_prog ...``. O, DO: (B, NQ, DV) output and its gradient, with strides along
-    batch / sequence / feature; DELTA: (B, NQ) contiguous float32.
+    ``pid_b*seqs_per_prog ...``. O, DO: (B, NQ, DV) output and its gradient, unit feature stride,
+    batch / sequence strides and DV in units of 8 elements; DELTA: (B, NQ) contiguous float32.
+    Memory-bound and cheap, so it is compiled once per feature block: rows and columns always masked.
     """
+    stride_ob, stride_on, stride_dob, stride_don = stride_ob * 8, stride_on * 8, stride_dob * 8, stride_don * 8
+    DV = DV * 8
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     b_first = pid_b * seqs_per_prog
     for s in range(0, seqs_per_prog):
-        # the launcher makes seqs_per_prog divide B; the clamp only guards a ragged last group
-        # (which then recomputes and rewrites the last sequence with identical values)
         b = tl.minimum(b_first + s, B - 1).to(tl.int64)
-        o = _load_tile(O + b * stride_ob + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                       offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
-        do = _load_tile(DO + b * stride_dob + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                        offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
+        o = _load_tile(_ptrs(O + b * stride_ob, offs_m, stride_on, offs_d), offs_m, NQ, offs_d, DV, False, False)
+        do = _load_tile(_ptrs(DO + b * stride_dob, offs_m, stride_don, offs_d), offs_m, NQ, offs_d, DV, False, False)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        if EVEN_N:
-            tl.store(DELTA + b * NQ + offs_m, delta)
-        else:
-            tl.store(DELTA + b * NQ + offs_m, delta, mask=offs_m < NQ)
+        tl.store(DELTA + b * NQ + offs_m, delta, mask=offs_m < NQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_no_spec("q", "k", "v", "do", "dk", "dv"))
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_,
-    stride_qb, stride_qn, stride_qd,
-    stride_kb, stride_kn, stride_kd,
-    stride_vb, stride_vn, stride_vd,
-    stride_dob, stride_don, stride_dod,
-    stride_dkb, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvn, stride_dvd,
+    stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn,
+    stride_dob, stride_don, stride_dkb, stride_dkn, stride_dvb, stride_dvn,
     B, NQ, NK, D, DV, sm_scale, qk_scale, seqs_per_prog,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -197,8 +214,13 @@ def _attn_bwd_dkdv_kernel(
     ``dV += P^T dO``, ``dS^T = P^T * (V dO^T - Delta)``, ``dK += dS^T Q``, finally ``dK *= sm_scale``.
     Q: (B, NQ, D); K: (B, NK, D); V: (B, NK, DV); DO: (B, NQ, DV) output gradient; LSE, DELTA:
     (B, NQ) contiguous float32 from the forward and the preprocess; DK: (B, NK, D) and DV_:
-    (B, NK, DV) outputs. ``stride_xb / xn / xd``: strides along batch / sequence / feature.
+    (B, NK, DV) outputs. Unit feature strides; batch / sequence strides and D, DV in units of 8.
     """
+    stride_qb, stride_qn, stride_kb, stride_kn = stride_qb * 8, stride_qn * 8, stride_kb * 8, stride_kn * 8
+    stride_vb, stride_vn, stride_dob, stride_don = stride_vb * 8, stride_vn * 8, stride_dob * 8, stride_don * 8
+    stride_dkb, stride_dkn, stride_dvb, stride_dvn = stride_dkb * 8, stride_dkn * 8, stride_dvb * 8, stride_dvn * 8
+    D = D * 8
+    DV = DV * 8
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -206,23 +228,17 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     b_first = pid_b * seqs_per_prog
     for s in range(0, seqs_per_prog):
-        # the launcher makes seqs_per_prog divide B; the clamp only guards a ragged last group
-        # (which then recomputes and rewrites the last sequence with identical values)
         b = tl.minimum(b_first + s, B - 1).to(tl.int64)
-        k = _load_tile(K + b * stride_kb + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       offs_n, NK, offs_d, D, EVEN_N, EVEN_D)
-        v = _load_tile(V + b * stride_vb + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                       offs_n, NK, offs_d, DV, EVEN_N, EVEN_D)
+        k = _load_tile(_ptrs(K + b * stride_kb, offs_n, stride_kn, offs_d), offs_n, NK, offs_d, D, EVEN_N, EVEN_D)
+        v = _load_tile(_ptrs(V + b * stride_vb, offs_n, stride_vn, offs_d), offs_n, NK, offs_d, DV, EVEN_N, EVEN_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         q_base = Q + b * stride_qb
         do_base = DO + b * stride_dob
         for start_m in range(0, NQ, BLOCK_M):
             offs_m = start_m + offs_m0
-            q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                           offs_m, NQ, offs_d, D, EVEN_N, EVEN_D)
-            do = _load_tile(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                            offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
+            q = _load_tile(_ptrs(q_base, offs_m, stride_qn, offs_d), offs_m, NQ, offs_d, D, EVEN_N, EVEN_D)
+            do = _load_tile(_ptrs(do_base, offs_m, stride_don, offs_d), offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
             lse2 = _load_row(LSE + b * NQ + offs_m, offs_m, NQ, EVEN_N) * 1.4426950408889634
             delta = _load_row(DELTA + b * NQ + offs_m, offs_m, NQ, EVEN_N)
             qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
@@ -234,20 +250,17 @@ def _attn_bwd_dkdv_kernel(
             dsT = pT * (dpT - delta[None, :])
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
         dk = dk * sm_scale
-        _store_tile(DK + b * stride_dkb + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-                    dk.to(DK.dtype.element_ty), offs_n, NK, offs_d, D, EVEN_N, EVEN_D)
-        _store_tile(DV_ + b * stride_dvb + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-                    dv.to(DV_.dtype.element_ty), offs_n, NK, offs_d, DV, EVEN_N, EVEN_D)
+        _store_tile(_ptrs(DK + b * stride_dkb, offs_n, stride_dkn, offs_d), dk.to(DK.dtype.element_ty),
+                    offs_n, NK, offs_d, D, EVEN_N, EVEN_D)
+        _store_tile(_ptrs(DV_ + b * stride_dvb, offs_n, stride_dvn, offs_d), dv.to(DV_.dtype.element_ty),
+                    offs_n, NK, offs_d, DV, EVEN_N, EVEN_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_no_spec("q", "k", "v", "do", "dq"))
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qn, stride_qd,
-    stride_kb, stride_kn, stride_kd,
-    stride_vb, stride_vn, stride_vd,
-    stride_dob, stride_don, stride_dod,
-    stride_dqb, stride_dqn, stride_dqd,
+    stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn,
+    stride_dob, stride_don, stride_dqb, stride_dqn,
     B, NQ, NK, D, DV, sm_scale, qk_scale, seqs_per_prog,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -258,6 +271,11 @@ def _attn_bwd_dq_kernel(
     ``dS = P * (dO V^T - Delta)``, ``dQ += dS K``, finally ``dQ *= sm_scale``.
     Pointers as in ``_attn_bwd_dkdv_kernel``; DQ: (B, NQ, D) output with its strides.
     """
+    stride_qb, stride_qn, stride_kb, stride_kn = stride_qb * 8, stride_qn * 8, stride_kb * 8, stride_kn * 8
+    stride_vb, stride_vn, stride_dob, stride_don = stride_vb * 8, stride_vn * 8, stride_dob * 8, stride_don * 8
+    stride_dqb, stride_dqn = stride_dqb * 8, stride_dqn * 8
+    D = D * 8
+    DV = DV * 8
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -265,13 +283,9 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     b_first = pid_b * seqs_per_prog
     for s in range(0, seqs_per_prog):
-        # the launcher makes seqs_per_prog divide B; the clamp only guards a ragged last group
-        # (which then recomputes and rewrites the last sequence with identical values)
         b = tl.minimum(b_first + s, B - 1).to(tl.int64)
-        q = _load_tile(Q + b * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                       offs_m, NQ, offs_d, D, EVEN_N, EVEN_D)
-        do = _load_tile(DO + b * stride_dob + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                        offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
+        q = _load_tile(_ptrs(Q + b * stride_qb, offs_m, stride_qn, offs_d), offs_m, NQ, offs_d, D, EVEN_N, EVEN_D)
+        do = _load_tile(_ptrs(DO + b * stride_dob, offs_m, stride_don, offs_d), offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
         lse2 = _load_row(LSE + b * NQ + offs_m, offs_m, NQ, EVEN_N) * 1.4426950408889634
         delta = _load_row(DELTA + b * NQ + offs_m, offs_m, NQ, EVEN_N)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -279,10 +293,8 @@ def _attn_bwd_dq_kernel(
         v_base = V + b * stride_vb
         for start_n in range(0, NK, BLOCK_N):
             offs_n = start_n + offs_n0
-            k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                           offs_n, NK, offs_d, D, EVEN_N, EVEN_D)
-            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                           offs_n, NK, offs_d, DV, EVEN_N, EVEN_D)
+            k = _load_tile(_ptrs(k_base, offs_n, stride_kn, offs_d), offs_n, NK, offs_d, D, EVEN_N, EVEN_D)
+            v = _load_tile(_ptrs(v_base, offs_n, stride_vn, offs_d), offs_n, NK, offs_d, DV, EVEN_N, EVEN_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             p = tl.math.exp2(qk - lse2[:, None])
             if not EVEN_N:
@@ -291,16 +303,14 @@ def _attn_bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         dq = dq * sm_scale
-        _store_tile(DQ + b * stride_dqb + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-                    dq.to(DQ.dtype.element_ty), offs_m, NQ, offs_d, D, EVEN_N, EVEN_D)
+        _store_tile(_ptrs(DQ + b * stride_dqb, offs_m, stride_dqn, offs_d), dq.to(DQ.dtype.element_ty),
+                    offs_m, NQ, offs_d, D, EVEN_N, EVEN_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_no_spec("z", "do", "dz"))
 def _identity_bwd_kernel(
     Z, DO, LSE, DELTA, DZ,
-    stride_zb, stride_zn, stride_zd,
-    stride_dob, stride_don, stride_dod,
-    stride_dzb, stride_dzn, stride_dzd,
+    stride_zb, stride_zn, stride_dob, stride_don, stride_dzb, stride_dzn,
     B, N, D, sm_scale, qk_scale, seqs_per_prog,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -314,9 +324,12 @@ def _identity_bwd_kernel(
     ``dK_j += dS_ij z_i``) and as query (``P_ji = exp(S_ij - lse_j)``,
     ``dS_ji = P_ji (dO_j . z_i - Delta_j)``, ``dQ_j += dS_ji z_i``), so
     ``dZ_j = sm_scale (dK_j + dQ_j) + dV_j`` with one product for dK + dQ.
-    Z, DO, DZ: (B, N, D) with strides along batch / sequence / feature; LSE, DELTA: (B, N)
-    contiguous float32.
+    Z, DO, DZ: (B, N, D), unit feature stride, batch / sequence strides and D in units of 8;
+    LSE, DELTA: (B, N) contiguous float32.
     """
+    stride_zb, stride_zn, stride_dob, stride_don = stride_zb * 8, stride_zn * 8, stride_dob * 8, stride_don * 8
+    stride_dzb, stride_dzn = stride_dzb * 8, stride_dzn * 8
+    D = D * 8
     pid_j = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_j = pid_j * BLOCK + tl.arange(0, BLOCK)
@@ -324,25 +337,19 @@ def _identity_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     b_first = pid_b * seqs_per_prog
     for s in range(0, seqs_per_prog):
-        # the launcher makes seqs_per_prog divide B; the clamp only guards a ragged last group
-        # (which then recomputes and rewrites the last sequence with identical values)
         b = tl.minimum(b_first + s, B - 1).to(tl.int64)
         z_base = Z + b * stride_zb
         do_base = DO + b * stride_dob
-        zj = _load_tile(z_base + offs_j[:, None] * stride_zn + offs_d[None, :] * stride_zd,
-                        offs_j, N, offs_d, D, EVEN_N, EVEN_D)
-        doj = _load_tile(do_base + offs_j[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                         offs_j, N, offs_d, D, EVEN_N, EVEN_D)
+        zj = _load_tile(_ptrs(z_base, offs_j, stride_zn, offs_d), offs_j, N, offs_d, D, EVEN_N, EVEN_D)
+        doj = _load_tile(_ptrs(do_base, offs_j, stride_don, offs_d), offs_j, N, offs_d, D, EVEN_N, EVEN_D)
         lse2_j = _load_row(LSE + b * N + offs_j, offs_j, N, EVEN_N) * 1.4426950408889634
         delta_j = _load_row(DELTA + b * N + offs_j, offs_j, N, EVEN_N)
         dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         dkq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         for start_i in range(0, N, BLOCK):
             offs_i = start_i + offs_i0
-            zi = _load_tile(z_base + offs_i[:, None] * stride_zn + offs_d[None, :] * stride_zd,
-                            offs_i, N, offs_d, D, EVEN_N, EVEN_D)
-            doi = _load_tile(do_base + offs_i[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                             offs_i, N, offs_d, D, EVEN_N, EVEN_D)
+            zi = _load_tile(_ptrs(z_base, offs_i, stride_zn, offs_d), offs_i, N, offs_d, D, EVEN_N, EVEN_D)
+            doi = _load_tile(_ptrs(do_base, offs_i, stride_don, offs_d), offs_i, N, offs_d, D, EVEN_N, EVEN_D)
             lse2_i = _load_row(LSE + b * N + offs_i, offs_i, N, EVEN_N) * 1.4426950408889634
             delta_i = _load_row(DELTA + b * N + offs_i, offs_i, N, EVEN_N)
             # rows i, columns j: S[i, j] = qk_scale * z_i . z_j
@@ -358,16 +365,52 @@ def _identity_bwd_kernel(
             ds = p_ij * (dp_ij - delta_i[:, None]) + p_ji * (dp_ji - delta_j[None, :])
             dkq += tl.dot(tl.trans(ds.to(zi.dtype)), zi, input_precision=DOT_PRECISION)
         dz = dkq * sm_scale + dv
-        _store_tile(DZ + b * stride_dzb + offs_j[:, None] * stride_dzn + offs_d[None, :] * stride_dzd,
-                    dz.to(DZ.dtype.element_ty), offs_j, N, offs_d, D, EVEN_N, EVEN_D)
+        _store_tile(_ptrs(DZ + b * stride_dzb, offs_j, stride_dzn, offs_d), dz.to(DZ.dtype.element_ty),
+                    offs_j, N, offs_d, D, EVEN_N, EVEN_D)
 
 
 # ----------------------------------------------------------------------------------------------
-# heuristics
+# heuristics: one launch configuration per (kernel, feature block, dtype)
 # ----------------------------------------------------------------------------------------------
-_BLOCKS = (16, 32, 64)
+ALIGN = 8  # elements: the kernels take batch / sequence strides and feature sizes in these units
 _BLOCK_DS = (16, 32, 64, 128, 256)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "identity_bwd")
+
+#: (BLOCK, num_warps, num_stages) per (kernel, BLOCK_D, 16-bit inputs), chosen from ``ptxas -v``
+#: (benchmarks/compile_report.py): no spills on sm_80 / sm_90a; most configurations use 64-210
+#: registers, a few 16-bit BLOCK_D=64/128 ones reach 247-255 on sm_80 (without spilling).
+#: float32 inputs use IEEE float32 products, which run on the FMA units with the operands held in
+#: registers, so their tiles are smaller than the tensor-core 16-bit ones at the same feature block.
+_LAUNCH: dict[tuple[str, int, bool], tuple[int, int, int] | None] = {}
+
+
+#: ``.maxnreg`` for every attention kernel. Without it ptxas trades a few bytes of spill (4-64 B)
+#: for one more resident program per SM whenever a kernel sits just above an occupancy step (80,
+#: 96, 128, 168 registers); with an explicit cap of 255 it allocates what the kernel needs instead.
+MAXNREG = 255
+
+
+def _set_launch(kernel: str, sixteen: bool, table: dict[int, tuple[int, int, int] | None]) -> None:
+    for bd, cfg in table.items():
+        _LAUNCH[(kernel, bd, sixteen)] = cfg
+
+
+# BLOCK_D:                            16            32            64            128           256
+_set_launch("fwd", False,            {16: (32, 4, 1), 32: (32, 4, 1), 64: (32, 8, 1), 128: (16, 8, 1), 256: (16, 8, 1)})
+_set_launch("fwd", True,             {16: (64, 4, 2), 32: (64, 4, 2), 64: (64, 4, 2), 128: (64, 8, 2), 256: (32, 8, 1)})
+_set_launch("bwd_preprocess", False, {16: (64, 4, 1), 32: (64, 4, 1), 64: (64, 4, 1), 128: (32, 4, 1), 256: (16, 4, 1)})
+_set_launch("bwd_preprocess", True,  {16: (64, 4, 1), 32: (64, 4, 1), 64: (64, 4, 1), 128: (32, 4, 1), 256: (16, 4, 1)})
+_set_launch("bwd_dkdv", False,       {16: (32, 4, 1), 32: (32, 4, 1), 64: (32, 8, 1), 128: (16, 4, 1), 256: (16, 8, 1)})
+_set_launch("bwd_dkdv", True,        {16: (64, 4, 1), 32: (64, 4, 1), 64: (32, 4, 1), 128: (32, 4, 1), 256: (16, 8, 1)})
+_set_launch("bwd_dq", False,         {16: (16, 4, 1), 32: (32, 4, 1), 64: (16, 4, 1), 128: (16, 8, 1), 256: (16, 4, 1)})
+_set_launch("bwd_dq", True,          {16: (64, 4, 1), 32: (64, 4, 1), 64: (64, 8, 1), 128: (32, 8, 1), 256: (16, 8, 1)})
+# The fused identity backward holds four tiles and three score-sized products per step. In float32
+# (FMA products keep each thread's operand rows and columns of length BLOCK_D in registers) it spills
+# from BLOCK_D = 128 on at any tile, so there ``identity_backward`` runs the general backward instead
+# (None: not launched) and sums dq + dk + dv.
+_set_launch("identity_bwd", False,   {16: (16, 4, 1), 32: (16, 8, 1), 64: (16, 8, 1), 128: None, 256: None})
+_set_launch("identity_bwd", True,    {16: (32, 4, 1), 32: (16, 4, 1), 64: (32, 4, 1), 128: (32, 8, 1), 256: (16, 8, 1)})
 
 
 def block_d(d: int) -> int:
@@ -375,33 +418,16 @@ def block_d(d: int) -> int:
     return max(triton.next_power_of_2(int(d)), 16)
 
 
-def _block_cap(kernel: str, bd: int) -> int:
-    """Largest sequence block for ``kernel`` at feature block ``bd`` (keeps tiles in registers)."""
-    if kernel in ("fwd", "bwd_preprocess"):
-        return 32 if bd >= 256 else 64
-    return 16 if bd >= 256 else (32 if bd >= 128 else 64)
-
-
-def _block(n: int, bd: int, kernel: str = "fwd") -> int:
-    """Sequence block for sequences of length ``n``: ``next_pow2(n)`` within [16, cap]."""
-    return min(_block_cap(kernel, bd), max(16, triton.next_power_of_2(int(n))))
-
-
-def _num_warps(kernel: str, block: int, bd: int) -> int:
-    """Warps per program: one per 1024 tile elements (block x bd) in the forward, twice that in
-    the backward kernels (which hold two float32 accumulators), between 1 and 8."""
-    per = 1024 if kernel in ("fwd", "bwd_preprocess") else 512
-    return max(1, min(8, block * bd // per))
-
-
-def _num_stages(kernel: str) -> int:
-    return 1 if kernel == "bwd_preprocess" else 2
+def launch_params(kernel: str, bd: int, dtype: torch.dtype) -> tuple[int, int, int] | None:
+    """(BLOCK, num_warps, num_stages) the launchers use for ``kernel`` at feature block ``bd``
+    (None: ``kernel`` is not launched there)."""
+    return _LAUNCH[(kernel, bd, dtype != torch.float32)]
 
 
 def _seqs_per_program(b: int, n_blocks: int, n: int, bd: int) -> int:
-    """Sequences per program: several when one sequence is a small amount of work (``N * D`` small)
-    and the batch is large, keeping at least ~2048 programs; at least enough to keep the second
-    grid axis under CUDA's 65535 limit."""
+    """Sequences per program (a runtime argument: no extra compile): several when one sequence is a
+    small amount of work (a single block with ``N * D`` small) and the batch is large, keeping at
+    least ~2048 programs; at least enough to keep the second grid axis under CUDA's 65535 limit."""
     need = triton.cdiv(b, 65535)
     want = max(1, min(8, b // 2048)) if (n_blocks == 1 and n * bd <= 64 * 32) else 1
     want = max(need, want)
@@ -423,20 +449,11 @@ def _check_dtype(*xs: torch.Tensor) -> None:
             raise TypeError(f"q, k, v: the Triton attention kernels take float32/float16/bfloat16, got {x.dtype}")
 
 
-def _span_ok(x: torch.Tensor) -> bool:
-    """True when the in-sequence offsets (dims 1 and 2) of ``x`` fit in int32."""
-    return (x.shape[1] - 1) * x.stride(1) + (x.shape[2] - 1) * x.stride(2) <= _INT32_MAX
-
-
-def _prep(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when its feature stride is 1 (the kernels are compiled for unit feature stride;
-    batch and sequence strides are free) and its in-sequence offsets fit in int32; else a copy."""
-    if (x.stride(2) == 1 or x.shape[2] == 1) and _span_ok(x):
-        return x
-    x = x.contiguous()
-    if not _span_ok(x):
-        raise ValueError(f"one sequence of shape {tuple(x.shape[1:])} exceeds 2^31 elements")
-    return x
+def _check_d(d: int) -> int:
+    bd = block_d(d)
+    if bd > MAX_BLOCK_D:
+        raise ValueError(f"D: the Triton attention kernels support feature sizes up to {MAX_BLOCK_D}, got {d}")
+    return bd
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -446,16 +463,80 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     _check_d(max(q.shape[2], v.shape[2]))
 
 
-def _st(x: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, sequence, feature) strides; the feature stride is 1 after ``_prep``."""
-    return x.stride(0), x.stride(1), 1
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
 
 
-def _check_d(d: int) -> int:
-    bd = block_d(d)
-    if bd > MAX_BLOCK_D:
-        raise ValueError(f"D: the Triton attention kernels support feature sizes up to {MAX_BLOCK_D}, got {d}")
-    return bd
+def _span_ok(x: torch.Tensor) -> bool:
+    """True when the in-sequence offsets (dims 1 and 2) of ``x`` fit in int32."""
+    return (x.shape[1] - 1) * x.stride(1) + (x.shape[2] - 1) * x.stride(2) <= _INT32_MAX
+
+
+def _fits(x: torch.Tensor) -> bool:
+    """True when the kernels can take ``x`` as it is: unit feature stride, a feature size and batch /
+    sequence strides that are multiples of ALIGN (dimensions of size 1 excepted), data aligned to
+    16 bytes (what the compiled kernels assume), strides and in-sequence offsets within int32."""
+    if x.shape[2] % ALIGN or x.stride(2) != 1 or x.data_ptr() % 16:
+        return False
+    for dim in (0, 1):
+        if x.shape[dim] > 1 and (x.stride(dim) % ALIGN or x.stride(dim) > _INT32_MAX):
+            return False
+    return _span_ok(x)
+
+
+def _prep(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when ``_fits(x)``; else a contiguous copy whose feature dimension is padded with
+    zeros to a multiple of ALIGN (zero features change no score, and give zero output columns)."""
+    if _fits(x):
+        return x
+    B, N, D = x.shape
+    dp = _round_up(D, ALIGN)
+    y = torch.empty((B, N, dp), device=x.device, dtype=x.dtype)
+    if dp != D:
+        y[..., D:] = 0
+    y[..., :D] = x
+    if not _span_ok(y):
+        raise ValueError(f"one sequence of shape {tuple(x.shape[1:])} exceeds 2^31 elements")
+    return y
+
+
+def _buffer(given: torch.Tensor | None, B: int, N: int, d: int, like: torch.Tensor) -> torch.Tensor:
+    """Where a kernel writes a (B, N, d) result: ``given`` if the kernels can take it as it is, else
+    a fresh (B, N, round_up(d, ALIGN)) buffer (``_finish`` copies or slices it)."""
+    if given is not None and _fits(given):
+        return given
+    return torch.empty((B, N, _round_up(d, ALIGN)), device=like.device, dtype=like.dtype)
+
+
+def _finish(buf: torch.Tensor, d: int, given: torch.Tensor | None) -> torch.Tensor:
+    """The (B, N, d) result held in ``buf``: copied into ``given`` when one was given."""
+    res = buf if buf.shape[2] == d else buf[..., :d]
+    if given is None:
+        return res if res is buf else res.contiguous()
+    if given is not buf:
+        given.copy_(res)
+    return given
+
+
+def _rows(given: torch.Tensor | None, B: int, N: int, device) -> torch.Tensor:
+    """A (B, N) contiguous, 16-byte aligned float32 buffer (``given`` when it is one)."""
+    if given is not None and given.is_contiguous() and given.dtype == torch.float32 and given.data_ptr() % 16 == 0:
+        return given
+    return torch.empty((B, N), device=device, dtype=torch.float32)
+
+
+def _rows_in(x: torch.Tensor) -> torch.Tensor:
+    """LSE as a kernel input: contiguous float32, 16-byte aligned."""
+    if x.is_contiguous() and x.dtype == torch.float32 and x.data_ptr() % 16 == 0:
+        return x
+    y = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    y.copy_(x)
+    return y
+
+
+def _st(x: torch.Tensor) -> tuple[int, int]:
+    """(batch, sequence) strides in units of ALIGN; 0 for a dimension of size 1."""
+    return tuple(x.stride(i) // ALIGN if x.shape[i] > 1 else 0 for i in (0, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,47 +551,40 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """
     _check_dtype(q, k, v)
     identity = q is k and k is v
-    q, k, v = _prep(q), _prep(k), _prep(v)
-    if identity:
-        k = v = q
     B, NQ, D = q.shape
     NK, DV = k.shape[1], v.shape[2]
     bd = _check_d(max(D, DV))
-    blk = _block(max(NQ, NK), bd)
-    if out is None:
-        out = torch.empty((B, NQ, DV), device=q.device, dtype=q.dtype)
-    if lse is None:
-        lse = torch.empty((B, NQ), device=q.device, dtype=torch.float32)
-    out = _prep(out)
+    q = _prep(q)
+    k, v = (q, q) if identity else (_prep(k), _prep(v))
+    Dp, DVp = q.shape[2], v.shape[2]
+    blk, nw, ns = launch_params("fwd", bd, q.dtype)
+    o = _buffer(out, B, NQ, DV, q)
+    lse_buf = _rows(lse, B, NQ, q.device)
     n_blocks = triton.cdiv(NQ, blk)
     spp = _seqs_per_program(B, n_blocks, max(NQ, NK), bd)
-    grid = (n_blocks, triton.cdiv(B, spp))
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *_st(q),
-        *_st(k),
-        *_st(v),
-        *_st(out),
-        B, NQ, NK, D, DV, float(scale) * LOG2E, spp,
+    _attn_fwd_kernel[(n_blocks, triton.cdiv(B, spp))](
+        q, k, v, o, lse_buf, *_st(q), *_st(k), *_st(v), *_st(o),
+        B, NQ, NK, Dp // ALIGN, DVp // ALIGN, float(scale) * LOG2E, spp,
         BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd,
-        EVEN_N=(NQ % blk == 0 and NK % blk == 0), EVEN_D=(D == bd and DV == bd),
-        IDENTITY=identity, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=_num_warps("fwd", blk, bd), num_stages=_num_stages("fwd"),
+        EVEN_N=(NQ % blk == 0 and NK % blk == 0), EVEN_D=(Dp == bd and DVp == bd),
+        IDENTITY=identity, DOT_PRECISION=_dot_precision(q.dtype), num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
-    return out, lse
+    if lse is not None and lse is not lse_buf:
+        lse.copy_(lse_buf)
+        lse_buf = lse
+    return _finish(o, DV, out), lse_buf
 
 
-def _delta(o: torch.Tensor, do: torch.Tensor, blk: int, bd: int, spp: int) -> torch.Tensor:
-    B, NQ, DV = o.shape
+def _delta(o: torch.Tensor, do: torch.Tensor, bd: int) -> torch.Tensor:
+    """Delta = rowsum(o * do) (B, NQ) float32; ``o`` and ``do`` already prepared."""
+    B, NQ, DVp = o.shape
+    blk, nw, ns = launch_params("bwd_preprocess", bd, o.dtype)
     delta = torch.empty((B, NQ), device=o.device, dtype=torch.float32)
-    grid = (triton.cdiv(NQ, blk), triton.cdiv(B, spp))
-    _attn_bwd_preprocess_kernel[grid](
-        o, do, delta,
-        *_st(o),
-        *_st(do),
-        B, NQ, DV, spp,
-        BLOCK_M=blk, BLOCK_D=bd, EVEN_N=(NQ % blk == 0), EVEN_D=(DV == bd),
-        num_warps=_num_warps("bwd_preprocess", blk, bd), num_stages=_num_stages("bwd_preprocess"),
+    n_blocks = triton.cdiv(NQ, blk)
+    spp = _seqs_per_program(B, n_blocks, NQ, bd)
+    _attn_bwd_preprocess_kernel[(n_blocks, triton.cdiv(B, spp))](
+        o, do, delta, *_st(o), *_st(do), B, NQ, DVp // ALIGN, spp,
+        BLOCK_M=blk, BLOCK_D=bd, num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
     return delta
 
@@ -521,42 +595,37 @@ def attention_backward(q, k, v, out, lse, do, scale: float, dq=None, dk=None, dv
     Returns (dq, dk, dv) in the input dtype; ``dq``/``dk``/``dv`` may be given and are overwritten.
     """
     _check_dtype(q, k, v, out, do)
-    q, k, v, out, do = (_prep(x) for x in (q, k, v, out, do))
     B, NQ, D = q.shape
     NK, DV = k.shape[1], v.shape[2]
     bd = _check_d(max(D, DV))
-    blk = _block(max(NQ, NK), bd, "bwd")
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else _prep(dq)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else _prep(dk)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else _prep(dv)
-    spp = _seqs_per_program(B, max(triton.cdiv(NQ, blk), triton.cdiv(NK, blk)), max(NQ, NK), bd)
-    delta = _delta(out, do, blk, bd, spp)
-    even_n = NQ % blk == 0 and NK % blk == 0
-    even_d = D == bd and DV == bd
+    q, k, v, out, do = (_prep(x) for x in (q, k, v, out, do))
+    lse = _rows_in(lse)
+    Dp, DVp = q.shape[2], v.shape[2]
+    dq_buf, dk_buf, dv_buf = _buffer(dq, B, NQ, D, q), _buffer(dk, B, NK, D, q), _buffer(dv, B, NK, DV, q)
+    delta = _delta(out, do, bd)
     prec = _dot_precision(q.dtype)
-    common = dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d, DOT_PRECISION=prec)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(NK, blk), triton.cdiv(B, spp))](
-        q, k, v, do, lse, delta, dk, dv,
-        *_st(q),
-        *_st(k),
-        *_st(v),
-        *_st(do),
-        *_st(dk),
-        *_st(dv),
-        B, NQ, NK, D, DV, float(scale), float(scale) * LOG2E, spp,
-        num_warps=_num_warps("bwd_dkdv", blk, bd), num_stages=_num_stages("bwd_dkdv"), **common,
+    even_d = Dp == bd and DVp == bd
+    sizes = (B, NQ, NK, Dp // ALIGN, DVp // ALIGN, float(scale), float(scale) * LOG2E)
+
+    blk, nw, ns = launch_params("bwd_dkdv", bd, q.dtype)
+    n_blocks = triton.cdiv(NK, blk)
+    spp = _seqs_per_program(B, n_blocks, max(NQ, NK), bd)
+    _attn_bwd_dkdv_kernel[(n_blocks, triton.cdiv(B, spp))](
+        q, k, v, do, lse, delta, dk_buf, dv_buf,
+        *_st(q), *_st(k), *_st(v), *_st(do), *_st(dk_buf), *_st(dv_buf), *sizes, spp,
+        BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=(NQ % blk == 0 and NK % blk == 0), EVEN_D=even_d,
+        DOT_PRECISION=prec, num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
-    _attn_bwd_dq_kernel[(triton.cdiv(NQ, blk), triton.cdiv(B, spp))](
-        q, k, v, do, lse, delta, dq,
-        *_st(q),
-        *_st(k),
-        *_st(v),
-        *_st(do),
-        *_st(dq),
-        B, NQ, NK, D, DV, float(scale), float(scale) * LOG2E, spp,
-        num_warps=_num_warps("bwd_dq", blk, bd), num_stages=_num_stages("bwd_dq"), **common,
+    blk, nw, ns = launch_params("bwd_dq", bd, q.dtype)
+    n_blocks = triton.cdiv(NQ, blk)
+    spp = _seqs_per_program(B, n_blocks, max(NQ, NK), bd)
+    _attn_bwd_dq_kernel[(n_blocks, triton.cdiv(B, spp))](
+        q, k, v, do, lse, delta, dq_buf,
+        *_st(q), *_st(k), *_st(v), *_st(do), *_st(dq_buf), *sizes, spp,
+        BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=(NQ % blk == 0 and NK % blk == 0), EVEN_D=even_d,
+        DOT_PRECISION=prec, num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
-    return dq, dk, dv
+    return _finish(dq_buf, D, dq), _finish(dk_buf, D, dk), _finish(dv_buf, DV, dv)
 
 
 def identity_forward(z: torch.Tensor, scale: float, out=None, lse=None):
@@ -567,109 +636,97 @@ def identity_forward(z: torch.Tensor, scale: float, out=None, lse=None):
 def identity_backward(z, out, lse, do, scale: float, dz=None):
     """Backward of the identity case: Delta preprocess, then one fused kernel returning dz (B, N, D)."""
     _check_dtype(z, out, do)
-    z, out, do = _prep(z), _prep(out), _prep(do)
     B, N, D = z.shape
     bd = _check_d(D)
-    blk = _block(N, bd, "bwd")
-    dz = torch.empty_like(z, memory_format=torch.contiguous_format) if dz is None else _prep(dz)
+    if launch_params("identity_bwd", bd, z.dtype) is None:  # unfused: dz = dq + dk + dv
+        dq, dk, dv = attention_backward(z, z, z, out, lse, do, scale)
+        res = dq.add_(dk).add_(dv)
+        return res if dz is None else dz.copy_(res)
+    z, out, do = _prep(z), _prep(out), _prep(do)
+    lse = _rows_in(lse)
+    dz_buf = _buffer(dz, B, N, D, z)
+    delta = _delta(out, do, bd)
+    blk, nw, ns = launch_params("identity_bwd", bd, z.dtype)
     n_blocks = triton.cdiv(N, blk)
     spp = _seqs_per_program(B, n_blocks, N, bd)
-    delta = _delta(out, do, blk, bd, spp)
     _identity_bwd_kernel[(n_blocks, triton.cdiv(B, spp))](
-        z, do, lse, delta, dz,
-        *_st(z),
-        *_st(do),
-        *_st(dz),
-        B, N, D, float(scale), float(scale) * LOG2E, spp,
-        BLOCK=blk, BLOCK_D=bd, EVEN_N=(N % blk == 0), EVEN_D=(D == bd),
-        DOT_PRECISION=_dot_precision(z.dtype),
-        num_warps=_num_warps("identity_bwd", blk, bd), num_stages=_num_stages("identity_bwd"),
+        z, do, lse, delta, dz_buf, *_st(z), *_st(do), *_st(dz_buf),
+        B, N, z.shape[2] // ALIGN, float(scale), float(scale) * LOG2E, spp,
+        BLOCK=blk, BLOCK_D=bd, EVEN_N=(N % blk == 0), EVEN_D=(z.shape[2] == bd),
+        DOT_PRECISION=_dot_precision(z.dtype), num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
-    return dz
+    return _finish(dz_buf, D, dz)
 
 
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time compile configurations
 # ----------------------------------------------------------------------------------------------
-def _signature(fn, ptr_types: dict[str, str], floats: tuple[str, ...], constexprs: dict) -> dict:
-    """ASTSource signature of ``fn``; adds the unit feature strides (``stride_*d``, which Triton's
-    JIT specialises to the constant 1) to ``constexprs`` in place."""
-    sig = {}
-    for name in fn.arg_names:
-        if name.startswith("stride_") and name.endswith("d"):
-            constexprs[name] = 1
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ptr_types:
-            sig[name] = ptr_types[name]
-        elif name in floats:
-            sig[name] = "fp32"
+_KERNEL_FNS = {"fwd": _attn_fwd_kernel, "identity_fwd": _attn_fwd_kernel,
+               "bwd_preprocess": _attn_bwd_preprocess_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel,
+               "bwd_dq": _attn_bwd_dq_kernel, "identity_bwd": _identity_bwd_kernel}
+_FLOAT_ARGS = ("qk_scale", "sm_scale")
+_FP32_PTRS = ("LSE", "DELTA")
+_TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_config(name: str, dt: str, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """One ``triton.compiler.ASTSource`` configuration of kernel ``name`` (a key of ``_KERNEL_FNS``)
+    for pointer dtype ``dt``: every pointer is 16-byte aligned (``attrs``, as the launchers
+    guarantee); integers are plain i32 (not specialised by the JIT); floats fp32."""
+    fn = _KERNEL_FNS[name]
+    sig, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in constexprs:
+            sig[arg] = "constexpr"
+        elif arg.isupper() or arg == "DV_":
+            if arg in ("B", "NQ", "NK", "N", "D", "DV"):
+                sig[arg] = "i32"
+                continue
+            sig[arg] = "*fp32" if arg in _FP32_PTRS else f"*{dt}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg in _FLOAT_ARGS:
+            sig[arg] = "fp32"
         else:
-            sig[name] = "i32"
-    return sig
+            sig[arg] = "i32"
+    return {"name": f"attention.{name}", "fn": fn, "signature": sig, "constexprs": dict(constexprs),
+            "num_warps": num_warps, "num_stages": num_stages, "maxnreg": MAXNREG, "attrs": attrs}
 
 
 def compile_configs(dtypes=("fp32", "fp16", "bf16")) -> list[dict]:
-    """Every (kernel, constexprs, num_warps, num_stages) the launchers can launch, for ``dtypes``.
+    """Exactly the (kernel, constexprs, num_warps, num_stages) the launchers can launch, for ``dtypes``:
+    per (kernel, BLOCK_D, dtype) the one ``launch_params`` choice, with EVEN_N / EVEN_D (and IDENTITY
+    for the forward) as the only other axes; the preprocess has none.
 
-    Each entry: ``{"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "attrs"}`` in
-    the ``triton.compiler.ASTSource`` format of triton 3.6 (``attrs``: the divisibility hints the JIT
-    would derive for contiguous tensors; optional for consumers).
+    Each entry: ``{"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "maxnreg",
+    "attrs"}`` in the ``triton.compiler.ASTSource`` format of triton 3.6 (``maxnreg`` is a compile
+    option, like num_warps).
     """
     out = []
-    for dt in dtypes:
-        p = f"*{dt}"
-        precs = ("ieee",)
-        for prec, bd, even_n, even_d in itertools.product(precs, _BLOCK_DS, (True, False), (True, False)):
-            for blk in _BLOCKS:
-                for identity in (False, True):
-                    if blk > _block_cap("fwd", bd):
-                        continue
-                    c = dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d,
-                             IDENTITY=identity, DOT_PRECISION=prec)
-                    out.append(dict(
-                        name="identity_fwd" if identity else "fwd", fn=_attn_fwd_kernel,
-                        signature=_signature(_attn_fwd_kernel, {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32"},
-                                             ("qk_scale",), c),
-                        constexprs=c, num_warps=_num_warps("fwd", blk, bd), num_stages=_num_stages("fwd")))
-                for name, fn in (("bwd_dkdv", _attn_bwd_dkdv_kernel), ("bwd_dq", _attn_bwd_dq_kernel)):
-                    if blk > _block_cap(name, bd):
-                        continue
-                    c = dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d,
-                             DOT_PRECISION=prec)
-                    ptrs = {a: p for a in ("Q", "K", "V", "DO", "DK", "DV_", "DQ")}
-                    ptrs.update(LSE="*fp32", DELTA="*fp32")
-                    out.append(dict(name=name, fn=fn,
-                                    signature=_signature(fn, ptrs, ("sm_scale", "qk_scale"), c),
-                                    constexprs=c, num_warps=_num_warps(name, blk, bd),
-                                    num_stages=_num_stages(name)))
-                c = dict(BLOCK=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d, DOT_PRECISION=prec)
-                if blk <= _block_cap("identity_bwd", bd):
-                    out.append(dict(name="identity_bwd", fn=_identity_bwd_kernel,
-                                signature=_signature(_identity_bwd_kernel,
-                                                     {"Z": p, "DO": p, "DZ": p, "LSE": "*fp32", "DELTA": "*fp32"},
-                                                     ("sm_scale", "qk_scale"), c),
-                                constexprs=c, num_warps=_num_warps("identity_bwd", blk, bd),
-                                num_stages=_num_stages("identity_bwd")))
-                if blk <= _block_cap("bwd", bd):
-                    c = dict(BLOCK_M=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d)
-                    out.append(dict(name="bwd_preprocess", fn=_attn_bwd_preprocess_kernel,
-                                    signature=_signature(_attn_bwd_preprocess_kernel,
-                                                         {"O": p, "DO": p, "DELTA": "*fp32"}, (), c),
-                                    constexprs=c, num_warps=_num_warps("bwd_preprocess", blk, bd),
-                                    num_stages=_num_stages("bwd_preprocess")))
-    for c in out:
-        c["name"] = f"attention.{c['name']}"
-        c["attrs"] = _attrs(c)
+    flags = list(itertools.product((True, False), (True, False)))
+    for dt, bd in itertools.product(dtypes, _BLOCK_DS):
+        tdt = _TORCH_DTYPE[dt]
+        prec = _dot_precision(tdt)
+        blk, nw, ns = launch_params("fwd", bd, tdt)
+        for identity, (even_n, even_d) in itertools.product((False, True), flags):
+            c = dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d, IDENTITY=identity,
+                     DOT_PRECISION=prec)
+            out.append(make_config("identity_fwd" if identity else "fwd", dt, c, nw, ns))
+        blk, nw, ns = launch_params("bwd_preprocess", bd, tdt)
+        out.append(make_config("bwd_preprocess", dt, dict(BLOCK_M=blk, BLOCK_D=bd), nw, ns))
+        for name in ("bwd_dkdv", "bwd_dq", "identity_bwd"):
+            if launch_params(name, bd, tdt) is None:
+                continue
+            blk, nw, ns = launch_params(name, bd, tdt)
+            for even_n, even_d in flags:
+                blocks = dict(BLOCK=blk) if name == "identity_bwd" else dict(BLOCK_M=blk, BLOCK_N=blk)
+                c = dict(**blocks, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d, DOT_PRECISION=prec)
+                out.append(make_config(name, dt, c, nw, ns))
     return out
 
 
-def _attrs(cfg: dict) -> dict:
-    """``tt.divisibility`` 16 where Triton's JIT would find it for contiguous torch tensors:
-    every pointer, and the batch / sequence strides when D is a multiple of 16 (EVEN_D)."""
-    even_d = cfg["constexprs"].get("EVEN_D", False)
-    attrs = {}
-    for i, (name, ty) in enumerate(cfg["signature"].items()):
-        if ty.startswith("*") or (even_d and name.startswith("stride_") and name[-1] in "bn"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return attrs
+def config_key(cfg: dict) -> tuple:
+    """Hashable identity of a configuration: kernel function, pointer dtype, constexprs, warps, stages,
+    register cap."""
+    dt = next((t for a, t in cfg["signature"].items() if t.startswith("*") and a not in _FP32_PTRS), "*fp32")
+    return (cfg["fn"].__name__, dt, tuple(sorted(cfg["constexprs"].items())), cfg["num_warps"], cfg["num_stages"],
+            cfg.get("maxnreg"))

@@ -89,7 +89,7 @@ def test_different_query_and_key_lengths(seed):
 
 
 @interpret
-@pytest.mark.parametrize("B,N,D", [(1, 1, 3), (3, 7, 8), (1, 64, 16), (3, 100, 24), (1, 256, 64)])
+@pytest.mark.parametrize("B,N,D", [(1, 1, 3), (3, 7, 8), (1, 64, 16), (3, 100, 24), (1, 256, 64), (2, 20, 100)])
 def test_identity_vs_fp64(seed, B, N, D):
     z = torch.randn(B, N, D, device=DEV)
     do = torch.randn(B, N, D, device=DEV)
@@ -276,7 +276,7 @@ def test_lse_and_no_quadratic_buffer(seed, monkeypatch):
     out, lse = K.attention_forward(q, k, v, 0.5)
     K.attention_backward(q, k, v, out, lse, do, 0.5)
     K.identity_backward(q, *K.identity_forward(q, 0.5), do, 0.5)
-    assert sizes and max(sizes) <= B * N * D
+    assert sizes and max(sizes) <= B * N * K._round_up(D, K.ALIGN)  # ragged D is padded to ALIGN
 
 
 try:
@@ -314,6 +314,80 @@ if given is not None:
         for name, a, r64, r32 in (("out", out, o64, o32), ("lse", lse, lse64, lse32), ("dq", dq, dq64, dq32),
                                   ("dk", dk, dk64, dk32), ("dv", dv, dv64, dv32)):
             _check(name, a, r64, r32)
+
+
+# ------------------------------------------------------------------------------------------------
+# launch configurations: the launchers only pick what compile_configs() lists (and the report compiles)
+# ------------------------------------------------------------------------------------------------
+_KERNEL_ATTRS = ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
+                 "_attn_bwd_dq_kernel", "_identity_bwd_kernel")
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kw)`` records the launch instead of running."""
+
+    def __init__(self, fn, log):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.log.append((self.fn, grid, args, kw))
+        return launch
+
+
+def _launch_key(fn, args, kw) -> tuple:
+    dt = next(f"*{K._DTYPES[a.dtype]}" for a in args if isinstance(a, torch.Tensor) and a.dtype != torch.float32
+              or isinstance(a, torch.Tensor) and a.dim() == 3)
+    consts = tuple(sorted((k_, v_) for k_, v_ in kw.items() if k_ not in ("num_warps", "num_stages", "maxnreg")))
+    return (fn.__name__, dt, consts, kw["num_warps"], kw["num_stages"], kw.get("maxnreg"))
+
+
+def test_launchers_only_launch_listed_configs(monkeypatch):
+    """Every launch over a sweep of shapes, dtypes and layouts is one of ``compile_configs()``, with
+    16-byte aligned pointers, int32 integer arguments and 8-aligned rows (what the configs assume)."""
+    listed = {K.config_key(c) for c in K.compile_configs()}
+    assert len(listed) == len(K.compile_configs())
+    log: list = []
+    for name in _KERNEL_ATTRS:
+        monkeypatch.setattr(K, name, _Recorder(getattr(K, name), log))
+    shapes = [(B, N, NK, D, DV) for B in (1, 3) for N, NK in ((7, 7), (64, 64), (100, 37))
+              for D, DV in ((3, 3), (8, 5), (16, 16), (24, 24), (40, 64), (64, 64), (100, 128), (128, 128),
+                            (200, 256), (256, 256))]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for i, (B, N, NK, D, DV) in enumerate(shapes):
+            q, k, v, do = (torch.zeros(B, n, d, dtype=dtype) for n, d in ((N, D), (NK, D), (NK, DV), (N, DV)))
+            if i % 3 == 1:  # strided views: a slice of a wider buffer, and a misaligned one
+                q = torch.zeros(B, N, D + 5, dtype=dtype)[..., 1:D + 1]
+                k = torch.zeros(B, NK, 2 * D, dtype=dtype)[..., D:]
+            out, lse = K.attention_forward(q, k, v, 0.5)
+            K.attention_backward(q, k, v, out, lse, do, 0.5)
+            if D == DV and N == NK:
+                out, lse = K.identity_forward(q, 0.5)
+                K.identity_backward(q, out, lse, do, 0.5)
+    kernels = set()
+    for fn, grid, args, kw in log:
+        key = _launch_key(fn, args, kw)
+        assert key in listed, f"launch not in compile_configs(): {key}"
+        kernels.add(key[0])
+        assert all(g <= 2**31 - 1 for g in grid[:1]) and grid[1] <= 65535
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                assert a.data_ptr() % 16 == 0, f"{fn.__name__}: unaligned pointer"
+                if a.dim() == 3:
+                    assert K._fits(a), f"{fn.__name__}: tensor {tuple(a.shape)} {a.stride()} not 8-aligned"
+            elif isinstance(a, int) and not isinstance(a, bool):
+                assert 0 <= a <= 2**31 - 1, f"{fn.__name__}: integer argument {a} is not int32"
+    assert kernels == {getattr(K, n).fn.__name__ for n in _KERNEL_ATTRS}, kernels
+
+
+def test_compile_configs_count():
+    """One (BLOCK, num_warps, num_stages) per (kernel, BLOCK_D, dtype); EVEN_N / EVEN_D (and IDENTITY
+    in the forward) are the only other axes: per feature block and dtype 8 forward + 1 preprocess +
+    4 dk/dv + 4 dq + 4 fused identity backward (where it is launched) configurations."""
+    fused = sum(K.launch_params("identity_bwd", bd, dt) is not None
+                for bd in K._BLOCK_DS for dt in (torch.float32, torch.float16, torch.bfloat16))
+    assert fused == 5 * 3 - 2  # float32 at BLOCK_D 128 and 256 takes the unfused backward
+    assert len(K.compile_configs()) == 5 * 3 * (8 + 1 + 2 * 4) + 4 * fused
 
 
 def test_print_largest_errors():
