@@ -27,7 +27,7 @@ import torch
 from . import __version__, _validate
 from .checkpoint import atomic_write_text, load_model, save_model
 from .data import KVConfig, generate, make_dataset, palette_of_size, render
-from .metrics import Rate, analytic_random_consistency, random_images, score
+from .metrics import Z95, Rate, analytic_random_consistency, random_images, score
 from .models import ATTENTIONS, ScoreNet
 from .sampling import sample
 from .schedule import make_schedule
@@ -137,8 +137,13 @@ def coordination_probe(model, config: KVConfig, t_values: Sequence[int], *, n: i
                        device: str | torch.device = "cpu", batch_size: int = 1000) -> list[dict]:
     """Per t: accuracy of pair 1's denoised value when pair 0 shares its key vs when it does not.
 
-    Returns rows ``{"t", "matched": Rate, "unmatched": Rate, "gap"}`` over ``n`` images per case.
-    Needs ``config.n_pairs >= 2``.
+    Paired design: each of ``n`` images appears twice, identical but for pair 0 (its key set equal to
+    pair 1's, or to another colour; its value ``f(key)``), with the same noise. A network that does
+    not look at pair 0 (any local network: pair 0 is outside pair 1's receptive field) gives exactly
+    the same prediction in both copies, so its gap is exactly 0; a positive gap means the network
+    uses pair 0 to denoise pair 1. Returns rows ``{"t", "matched": Rate, "unmatched": Rate, "gap",
+    "gap_ci95": (lo, hi), "changed": fraction of images whose prediction differs}``; the interval
+    is the normal interval of a paired difference. Needs ``config.n_pairs >= 2``.
     """
     if config.n_pairs < 2:
         raise ValueError("the coordination probe needs n_pairs >= 2")
@@ -146,50 +151,57 @@ def coordination_probe(model, config: KVConfig, t_values: Sequence[int], *, n: i
     sched = make_schedule("linear", getattr(getattr(model, "config", None), "T", 1000))
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
-    b = generate(config, 2 * n, seed)
-    keys, f = b.keys.clone(), b.functions
+    b = generate(config, n, seed)
     P = config.n_colours
-    keys[:n, 0] = keys[:n, 1]                                          # matched: pair 0 shares pair 1's key
-    shift = torch.randint(1, P, (n,), generator=g)
-    keys[n:, 0] = (keys[n:, 1] + shift) % P                            # unmatched: a different key
-    values = f.gather(1, keys)
+    km, ku = b.keys.clone(), b.keys.clone()
+    km[:, 0] = km[:, 1]                                                    # matched: pair 0 shares pair 1's key
+    ku[:, 0] = (ku[:, 1] + torch.randint(1, P, (n,), generator=g)) % P     # unmatched: another key
+    keys = torch.cat([km, ku])
+    values = b.functions.repeat(2, 1).gather(1, keys)
     x0 = render(config, keys, values)
+    target = values[:n, 1]                                                 # pair 1 is the same in both copies
     (vr, vc) = config.positions[1][1]
     s = config.cell_size
+    pal = torch.tensor(config.palette)
     rows = []
     for t in t_values:
         t = _validate.positive_int("t", int(t), minimum=0)
         if t >= sched.T:
             raise ValueError(f"t must be < T={sched.T}, got {t}")
         ab = float(sched.alpha_bar[t])
-        correct = []
+        eps = torch.randn((n, *x0.shape[1:]), generator=g).repeat(2, 1, 1, 1)
+        pred = []
         for start in range(0, 2 * n, batch_size):
             xb = x0[start:start + batch_size].to(device)
-            eps = torch.randn(xb.shape, generator=g).to(device)
-            xt = math.sqrt(ab) * xb + math.sqrt(1 - ab) * eps
+            xt = math.sqrt(ab) * xb + math.sqrt(1 - ab) * eps[start:start + batch_size].to(device)
             tt = torch.full((xb.shape[0],), t, dtype=torch.int64, device=device)
             x0_hat = (xt - math.sqrt(1 - ab) * model(xt, tt)) / math.sqrt(ab)
-            cell = x0_hat[:, :, vr * s:(vr + 1) * s, vc * s:(vc + 1) * s].mean((2, 3)).cpu()
-            pal = torch.tensor(config.palette)
-            nearest = ((cell[:, None, :] - pal[None]) ** 2).sum(-1).argmin(1)
-            correct.append(nearest == values[start:start + batch_size, 1])
-        c = torch.cat(correct)
-        m, u = Rate(int(c[:n].sum()), n), Rate(int(c[n:].sum()), n)
-        rows.append({"t": t, "matched": m, "unmatched": u, "gap": m.value - u.value})
+            cell = x0_hat[:, :, vr * s:(vr + 1) * s, vc * s:(vc + 1) * s].mean((2, 3)).float().cpu()
+            pred.append(((cell[:, None, :] - pal[None]) ** 2).sum(-1).argmin(1))
+        p = torch.cat(pred)
+        cm, cu = p[:n] == target, p[n:] == target
+        d = cm.double() - cu.double()
+        gap = float(d.mean())
+        half = Z95 * float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("inf")
+        rows.append({"t": t, "matched": Rate(int(cm.sum()), n), "unmatched": Rate(int(cu.sum()), n), "gap": gap,
+                     "gap_ci95": (gap - half, gap + half), "changed": float((p[:n] != p[n:]).double().mean())})
     return rows
 
 
 def format_probe(rows: list[dict]) -> str:
     """A markdown table of ``coordination_probe`` rows."""
-    lines = ["| t | accuracy, key shared | accuracy, key not shared | gap |", "|---|---|---|---|"]
+    lines = ["| t | accuracy, key shared | accuracy, key not shared | gap [95% CI] | predictions changed |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['t']} | {r['matched']} | {r['unmatched']} | {100 * r['gap']:+.2f} pp |")
+        lo, hi = r["gap_ci95"]
+        lines.append(f"| {r['t']} | {r['matched']} | {r['unmatched']} | {100 * r['gap']:+.2f} pp "
+                     f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {100 * r['changed']:.1f}% |")
     return "\n".join(lines)
 
 
 def _probe_json(rows: list[dict]) -> list[dict]:
-    return [{"t": r["t"], "matched": r["matched"].to_dict(), "unmatched": r["unmatched"].to_dict(), "gap": r["gap"]}
-            for r in rows]
+    return [{"t": r["t"], "matched": r["matched"].to_dict(), "unmatched": r["unmatched"].to_dict(), "gap": r["gap"],
+             "gap_ci95": list(r["gap_ci95"]), "changed": r["changed"]} for r in rows]
 
 
 def _row_name(net: str, seed: int) -> str:
@@ -312,7 +324,13 @@ def summarise(config: StudyConfig, rows: list[dict], baseline: dict) -> dict:
             m = Rate(sum(r["probe"][i]["matched"]["k"] for r in rs), sum(r["probe"][i]["matched"]["n"] for r in rs))
             u = Rate(sum(r["probe"][i]["unmatched"]["k"] for r in rs),
                      sum(r["probe"][i]["unmatched"]["n"] for r in rs))
-            probe.append({"t": t, "matched": m.to_dict(), "unmatched": u.to_dict(), "gap": m.value - u.value})
+            gaps = [r["probe"][i]["gap"] for r in rs]
+            halves = [(r["probe"][i]["gap_ci95"][1] - r["probe"][i]["gap_ci95"][0]) / 2 for r in rs]
+            gap = sum(gaps) / len(gaps)
+            half = math.sqrt(sum(h * h for h in halves)) / len(halves)   # independent seeds
+            probe.append({"t": t, "matched": m.to_dict(), "unmatched": u.to_dict(), "gap": gap,
+                          "gap_ci95": [gap - half, gap + half], "per_seed_gap": gaps,
+                          "changed": sum(r["probe"][i]["changed"] for r in rs) / len(rs)})
         nets[net] = {"label": LABELS[net], "rates": {k: _pooled(rs, k) for k in RATE_KEYS}, "probe": probe,
                      "seconds": sum(r["seconds"] for r in rs), "train_seconds": sum(r["train_seconds"] for r in rs),
                      "sample_seconds": sum(r["sample_seconds"] for r in rs), "seeds": [r["seed"] for r in rs]}
@@ -343,13 +361,16 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
                      f"{_fmt(r['consistent_among_valid'])} | {_fmt(r['novel'])} | {_fmt(r['nearest_consistent'])} | "
                      f"{s['seconds']:.0f} |")
     lines += ["", "## Coordination probe", "",
-              "Accuracy of pair 1's denoised value (nearest colour of x0_hat) when pair 0 shares its key vs not; "
-              "a network that uses the other pair shows a positive gap.", "",
-              "| model | t | key shared | key not shared | gap |", "|---|---|---|---|---|"]
+              "Accuracy of pair 1's denoised value (nearest colour of x0_hat) when pair 0 shares its key vs not, "
+              "on the same images and noise (only pair 0 differs). A local network scores a gap of exactly 0; "
+              "a network that uses the other pair to denoise shows a positive gap.", "",
+              "| model | t | key shared | key not shared | gap [95% CI] | predictions changed |",
+              "|---|---|---|---|---|---|"]
     for net, s in summary["networks"].items():
         for p in s["probe"]:
+            lo, hi = p["gap_ci95"]
             lines.append(f"| {s['label']} | {p['t']} | {_fmt(p['matched'])} | {_fmt(p['unmatched'])} | "
-                         f"{100 * p['gap']:+.2f} pp |")
+                         f"{100 * p['gap']:+.2f} pp [{100 * lo:+.2f}, {100 * hi:+.2f}] | {100 * p['changed']:.1f}% |")
     corr = summary.get("correlation_with_els") or {}
     if corr:
         lines += ["", "## Samples against the ELS machine", "",
