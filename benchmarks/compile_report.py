@@ -10,8 +10,9 @@ ptxas's static shared memory.
     python benchmarks/compile_report.py [--jobs N] [--match SUBSTRING] [--targets 80,90]
 
 prints a table and writes ``benchmarks/results/compile_report.json``. The compile runs with
-``TRITON_INTERPRET`` unset (worker processes are spawned after it is removed), so the result does
-not depend on the caller's environment.
+``TRITON_INTERPRET`` unset: every compile runs in a freshly spawned worker process that removes it
+before importing Triton, so the result does not depend on the caller's environment, and the
+caller's environment (a pytest run under the interpreter, say) is left untouched.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported anywhere in this process
 
 MODULES = ("fastscore.kernels.attention", "fastscore.kernels.top1", "fastscore.kernels.reverse_step")
 TARGETS = {80: "sm_80", 90: "sm_90a"}
@@ -139,12 +139,9 @@ def run_report(match: str | None = None, archs=(80, 90), jobs: int | None = None
     configs = load_configs(modules, match, select)
     work = [(m, i, a) for (m, i, _) in configs for a in archs]
     jobs = jobs or max(1, min(len(work), os.cpu_count() or 1))
-    if jobs == 1:
-        rows = [_compile_one(w) for w in work]
-    else:
-        import multiprocessing as mp
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            rows = list(ex.map(_compile_one, work, chunksize=4))
+    import multiprocessing as mp
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:  # never in-process: see docstring
+        rows = list(ex.map(_compile_one, work, chunksize=4))
     if write:
         import triton
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,9 @@ def atomic_write(path: str | os.PathLike, write, *, overwrite: bool = False) -> 
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -67,6 +70,8 @@ def load_tensors(path: str | os.PathLike, kind: str | None = None) -> tuple[dict
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} has corrupt fastscore metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} has corrupt fastscore metadata (not a JSON object)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} has format {meta.get('format')!r}; this fastscore reads format {FORMAT}")
     if kind is not None and meta.get("kind") != kind:

@@ -66,6 +66,8 @@ def cmd_train(a) -> int:
 def cmd_sample(a) -> int:
     from .checkpoint import load_model, save_tensors
     from .sampling import sample
+    if Path(a.out).exists() and not a.force:
+        raise FileExistsError(f"{a.out} exists; pass --force to replace it")
     model, meta = load_model(a.checkpoint, backend=a.backend, device=a.device)
     x = sample(model, a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, clip_x0=not a.no_clip, seed=a.seed,
                batch_size=a.batch_size, device=a.device, backend=a.backend, progress=not a.quiet)

@@ -112,6 +112,14 @@ class KVConfig:
             raise ValueError(f"positions must lie inside the {grid}x{grid} cell grid")
         if len(set(cells)) != len(cells):
             raise ValueError("positions overlap: each cell may hold one key or value")
+        if self.positions is None and self.n_pairs > 1:
+            # default geometry: different pairs further apart than the CNN's 5x5 receptive field
+            s = self.cell_size
+            gap = min(max(abs(a[0] - b[0]), abs(a[1] - b[1])) * s - (s - 1)
+                      for i, p in enumerate(pos) for j, q in enumerate(pos) if i < j for a in p for b in q)
+            if gap < 3:
+                raise ValueError(f"image_size={self.image_size} is too small for {self.n_pairs} pairs in the default "
+                                 f"layout: pairs {gap} px apart would share a receptive field (need >= 3)")
         object.__setattr__(self, "positions", pos)
 
     @property
@@ -170,6 +178,8 @@ def render(config: KVConfig, keys: torch.Tensor, values: torch.Tensor) -> torch.
     """Images (N, 3, H, W) float32 in [-1, 1] for colour indices ``keys``, ``values`` (N, n_pairs)."""
     for name, x in (("keys", keys), ("values", values)):
         _validate.tensor(name, x, ndim=2, floating=False)
+        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"{name} must be an integer tensor of colour indices, got dtype {x.dtype}")
         if x.shape[1] != config.n_pairs:
             raise ValueError(f"{name} must have n_pairs={config.n_pairs} columns, got {x.shape[1]}")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= config.n_colours):
@@ -216,6 +226,9 @@ def decode(config: KVConfig, images: torch.Tensor, *, tolerance: float | None = 
     H = config.image_size
     if tuple(images.shape[1:]) != (3, H, H):
         raise ValueError(f"images must have shape (N, 3, {H}, {H}), got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images must hold at least one image")
+    _validate.positive_int("chunk", chunk)
     tol = config.tolerance if tolerance is None else _validate.finite_float("tolerance", tolerance, minimum=0.0,
                                                                                strict=True)
     n = config.n_pairs

@@ -28,7 +28,7 @@ from . import __version__, _validate
 from .checkpoint import atomic_write_text, load_model, save_model
 from .data import KVConfig, generate, make_dataset, palette_of_size, render
 from .metrics import Z95, Rate, analytic_random_consistency, random_images, score
-from .models import ATTENTIONS, ScoreNet
+from .models import ATTENTIONS, ModelConfig, ScoreNet
 from .sampling import sample
 from .schedule import make_schedule
 from .training import TrainConfig, train
@@ -73,6 +73,25 @@ class StudyConfig:
             _validate.choice("networks", n, ATTENTIONS)
         for n in self.analytic:
             _validate.choice("analytic", n, ANALYTIC)
+        if len(set(self.networks)) != len(self.networks) or len(set(self.analytic)) != len(self.analytic):
+            raise ValueError("networks and analytic must not repeat an entry")
+        if self.n_pairs < 2:
+            raise ValueError(f"n_pairs must be >= 2 for the study (consistency needs two pairs), got {self.n_pairs}")
+        _validate.choice("sampler", self.sampler, ("ddim", "ddpm"))
+        _validate.finite_float("eta", self.eta, minimum=0.0)
+        _validate.positive_int("els_patch", self.els_patch)
+        if self.els_patch % 2 == 0:
+            raise ValueError(f"els_patch must be odd, got {self.els_patch}")
+        from .sampling import timesteps
+        timesteps(1000, self.steps)
+        for t in self.probe_t:
+            _validate.positive_int("probe_t", t, minimum=0)
+            if t >= 1000:
+                raise ValueError(f"probe_t must lie in [0, 1000), got {t}")
+        self.train_config(0)
+        for net in self.networks:
+            ModelConfig(net, self.width, self.width, 3, self.image_size, 1000, float(self.temperature), True,
+                        self.coord_channels)
         object.__setattr__(self, "networks", tuple(self.networks))
         object.__setattr__(self, "analytic", tuple(self.analytic))
         object.__setattr__(self, "probe_t", tuple(self.probe_t))
@@ -122,8 +141,8 @@ def _prepare_dir(out: Path, config: StudyConfig, force: bool) -> None:
             if not force:
                 raise FileExistsError(f"{out} holds a study with another config; pass --force (force=True) to "
                                       "replace it, or choose another --out")
-        elif not force:
-            raise FileExistsError(f"{out} exists and is not a fastscore study; pass --force or another --out")
+        else:  # never delete anything in a directory the study did not make, --force or not
+            raise FileExistsError(f"{out} exists, is not empty and is not a fastscore study; choose another --out")
         for sub in ("rows", "checkpoints", "figures", "samples"):
             shutil.rmtree(out / sub, ignore_errors=True)
         for f in ("results.json", "results.md", "study.json"):
@@ -208,7 +227,8 @@ def _row_name(net: str, seed: int) -> str:
     return f"{net}-seed{seed}"
 
 
-def _run_row(config: StudyConfig, out: Path, net: str, seed: int, images, train_set, device, backend, bar) -> dict:
+def _run_row(config: StudyConfig, out: Path, net: str, seed: int, images, train_set, device, backend, bar,
+             weights: dict) -> dict:
     cfg = config.data_config()
     ckpt = out / "checkpoints" / f"{_row_name(net, seed)}.safetensors"
     losses: list[float] = []
@@ -217,13 +237,13 @@ def _run_row(config: StudyConfig, out: Path, net: str, seed: int, images, train_
         losses = meta["extra"].get("losses", [])
         train_seconds = meta["extra"].get("seconds", 0.0)
         if bar is not None:
-            bar.update(config.train_steps)
+            bar.update(weights["train"] * config.train_steps)
     else:
         torch.manual_seed(1000 + seed)
         model = ScoreNet(net, config.width, image_size=cfg.image_size, temperature=config.temperature,
                          coord_channels=config.coord_channels, backend=backend)
         res = train(model, images, config.train_config(seed), device=device, progress=False,
-                    callback=(lambda s, l: bar.update(1)) if bar is not None else None)
+                    callback=(lambda s, l: bar.update(weights["train"])) if bar is not None else None)
         model, losses, train_seconds = res.model, res.losses[::10], res.seconds
         save_model(ckpt, model, data_config=cfg, train_config=config.train_config(seed),
                    extra={"n_train": config.n_train, "data_seed": config.data_seed, "losses": losses,
@@ -231,22 +251,25 @@ def _run_row(config: StudyConfig, out: Path, net: str, seed: int, images, train_
     t1 = time.perf_counter()
     x = sample(model, config.n_samples, sampler=config.sampler, steps=config.steps, eta=config.eta,
                clip_x0=config.clip_x0, seed=10_000 + seed, device=device, backend=backend,
-               callback=(lambda b: bar.update(b)) if bar is not None else None)
+               callback=(lambda b: bar.update(weights["sample"] * b)) if bar is not None else None)
     sample_seconds = time.perf_counter() - t1
-    _save_samples(out, _row_name(net, seed), x)
+    _save_samples(out, _row_name(net, seed), x, config)
     scores = score(cfg, x.cpu(), train_set)
     probe = coordination_probe(model, cfg, config.probe_t, n=config.probe_n, seed=20_000 + seed, device=device)
     if bar is not None:
-        bar.update(1)
+        bar.update(weights["probe"])
     return {"network": net, "seed": seed, "rates": scores.to_dict(), "probe": _probe_json(probe),
             "train_seconds": train_seconds, "sample_seconds": sample_seconds,
             "seconds": train_seconds + (time.perf_counter() - t1), "losses": losses,
             "preview": x[:64].cpu().tolist() if x.shape[0] else []}
 
 
-def _save_samples(out: Path, name: str, x: torch.Tensor) -> None:
+def _save_samples(out: Path, name: str, x: torch.Tensor, config: StudyConfig) -> None:
+    """Samples as a file ``fastscore score`` can read (it records the dataset and training set)."""
     from .checkpoint import save_tensors
-    save_tensors(out / "samples" / f"{name}.safetensors", {"samples": x}, {"kind": "samples"}, overwrite=True)
+    save_tensors(out / "samples" / f"{name}.safetensors", {"samples": x},
+                 {"kind": "samples", "data": config.data_config().to_dict(),
+                  "extra": {"n_train": config.n_train, "data_seed": config.data_seed}}, overwrite=True)
 
 
 def _load_samples(out: Path, name: str) -> torch.Tensor | None:
@@ -255,7 +278,8 @@ def _load_samples(out: Path, name: str) -> torch.Tensor | None:
     return load_tensors(path, "samples")[0]["samples"] if path.exists() else None
 
 
-def _run_analytic_row(config: StudyConfig, out: Path, kind: str, images, train_set, device, backend, bar) -> dict:
+def _run_analytic_row(config: StudyConfig, out: Path, kind: str, images, train_set, device, backend, bar,
+                      weights: dict) -> dict:
     """Sample and score an analytic score model (``fastscore.theory``); seed 0's initial noise."""
     from .theory import ELSScore, IdealScore
     cfg = config.data_config()
@@ -265,13 +289,13 @@ def _run_analytic_row(config: StudyConfig, out: Path, kind: str, images, train_s
     t1 = time.perf_counter()
     x = sample(model, config.n_samples, schedule=sched, sampler=config.sampler, steps=config.steps, eta=config.eta,
                clip_x0=config.clip_x0, seed=10_000, device=device, backend=backend,
-               callback=(lambda b: bar.update(b)) if bar is not None else None)
+               callback=(lambda b: bar.update(weights["sample"] * b)) if bar is not None else None)
     sample_seconds = time.perf_counter() - t1
-    _save_samples(out, _row_name(kind, 0), x)
+    _save_samples(out, _row_name(kind, 0), x, config)
     scores = score(cfg, x.cpu(), train_set)
     probe = coordination_probe(model, cfg, config.probe_t, n=config.probe_n, seed=20_000, device=device)
     if bar is not None:
-        bar.update(1)
+        bar.update(weights["probe"])
     return {"network": kind, "seed": 0, "rates": scores.to_dict(), "probe": _probe_json(probe), "train_seconds": 0.0,
             "sample_seconds": sample_seconds, "seconds": time.perf_counter() - t1, "losses": [],
             "preview": x[:64].cpu().tolist()}
@@ -481,11 +505,17 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
     baseline = {"analytic_fraction": str(an), "analytic_consistent": float(an), "empirical": rnd,
                 "seconds": time.perf_counter() - t0}
     jobs = [(a, 0) for a in config.analytic] + [(net, s) for net in config.networks for s in range(config.n_seeds)]
-    per_job = {net: (0 if net in ANALYTIC else config.train_steps) + config.n_samples + 1 for net, _ in jobs}
+    # progress in image-forward equivalents: a training step is ~3 passes over a batch, a sample is one
+    # pass per sampler step; scoring and the probe count as a few thousand
+    w_train, w_sample = 3 * config.batch_size, (1000 if config.sampler == "ddpm" else config.steps)
+    per_job = {net: (0 if net in ANALYTIC else w_train * config.train_steps) + w_sample * config.n_samples
+               + 2 * config.probe_n * len(config.probe_t) for net, _ in jobs}
+    weights = {"train": w_train, "sample": w_sample, "probe": 2 * config.probe_n * len(config.probe_t)}
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=sum(per_job[n] for n, _ in jobs), desc="reproduce", dynamic_ncols=True, unit="unit")
+        bar = tqdm(total=sum(per_job[n] for n, _ in jobs), desc="reproduce", dynamic_ncols=True, unit="img",
+                   unit_scale=True)
     rows = []
     for net, s in jobs:
         path = out / "rows" / f"{_row_name(net, s)}.json"
@@ -496,10 +526,10 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
             if bar is not None:
                 bar.update(per_job[net])
         elif net in ANALYTIC:
-            row = _run_analytic_row(config, out, net, images, train_set, device, backend, bar)
+            row = _run_analytic_row(config, out, net, images, train_set, device, backend, bar, weights)
             atomic_write_text(path, json.dumps(row), overwrite=True)
         else:
-            row = _run_row(config, out, net, s, images, train_set, device, backend, bar)
+            row = _run_row(config, out, net, s, images, train_set, device, backend, bar, weights)
             atomic_write_text(path, json.dumps(row), overwrite=True)
         rows.append(row)
     if bar is not None:
@@ -520,8 +550,13 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
 
 
 def pairs_sweep(config: StudyConfig, out: Path, pairs: Sequence[int], **kw) -> dict:
-    """One study per number of pairs (images grown and coordinate channels on where > 4 pairs need them);
-    writes ``out/pairs-K/`` per K and ``out/sweep.md`` comparing CNN and attention."""
+    """One study per number of pairs; writes ``out/pairs-K/`` per K and ``out/sweep.md``.
+
+    Images grow where K pairs do not fit; if any K > 4 (beyond the four corners the zero padding
+    marks), every study of the sweep gets coordinate channels, so all rows share one architecture."""
+    sweep_md = Path(out) / "sweep.md"
+    if sweep_md.exists() and not kw.get("force"):
+        raise FileExistsError(f"{sweep_md} exists; pass --force to replace it")
     docs = {}
     need_coords = any(p > 4 for p in pairs)
     for p in pairs:

@@ -103,12 +103,18 @@ class Scores:
 def score(config: KVConfig, images: torch.Tensor, train: KVBatch | None = None, *,
           tolerance: float | None = None) -> Scores:
     """Score images (N, 3, H, W) against the training contents ``train`` (novelty needs it)."""
+    if train is not None:
+        if not isinstance(train, KVBatch):
+            raise TypeError(f"train must be a KVBatch, got {type(train).__name__}")
+        if train.keys.dim() != 2 or train.keys.shape[1] != config.n_pairs:
+            raise ValueError(f"train must hold {config.n_pairs} pairs per image (the config's n_pairs), "
+                             f"got keys of shape {tuple(train.keys.shape)}")
+        if train.keys.numel() and (int(train.keys.max()) >= config.n_colours or int(train.values.max()) >= config.n_colours):
+            raise ValueError(f"train holds colour indices beyond the config's {config.n_colours} colours")
     d = decode(config, images, tolerance=tolerance)
     valid = d.valid
     consistent = valid & is_consistent(d.keys, d.values)
     if train is not None:
-        if not isinstance(train, KVBatch):
-            raise TypeError(f"train must be a KVBatch, got {type(train).__name__}")
         codes = content_codes(d.keys.clamp(min=0), d.values.clamp(min=0), config.n_colours)
         seen = torch.isin(codes, content_codes(train.keys, train.values, config.n_colours))
         novel = consistent & ~seen

@@ -10,7 +10,8 @@ Architecture (all variants share it, so all non-locality comes from the attentio
 with ``A`` = 0 (``"none"``), ``identity_attention(z)`` (``"identity"``: q = k = v = z, scale
 width**-0.5), ``W_o softmax_attention(W_q z, W_k z, W_v z)`` (``"softmax"``), or
 ``W_o top1_attention(W_q z, W_k z, W_v z)`` (``"top1"``: hard argmax; trained straight-through
-with a softmax surrogate at ``temperature`` and Gumbel noise in training mode).
+with the surrogate ``softmax(q.k / (temperature * sqrt(attn_dim)))``, i.e. the softmax model's
+scaling at temperature 1, and Gumbel noise in training mode).
 No layer pools over positions. ``coord_channels=True`` appends two fixed coordinate channels
 (row, col in [-1, 1]) to the input, a positional source that keeps the CNN local.
 """
@@ -118,7 +119,7 @@ class ScoreNet(nn.Module):
             if kind == "softmax":
                 a = ops.softmax_attention(q, k, v, self.config.attn_dim ** -0.5, backend=self.backend)
             else:
-                a, idx = ops.top1_attention(q, k, v, temperature=self.config.temperature,
+                a, idx = ops.top1_attention(q, k, v, temperature=self.config.temperature * self.config.attn_dim ** 0.5,
                                             gumbel=self.config.gumbel and self.training, seed=seed,
                                             backend=self.backend)
                 self.last_index = idx.detach()
@@ -129,20 +130,33 @@ class ScoreNet(nn.Module):
         """eps_hat (B, C, H, W) for x (B, C, H, W) and integer timesteps t (B,) (or a scalar)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must have shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor(t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
+        t = self._check_t(t, x)
         h = self.attend(self.embed(x, t), seed=seed)
         return self.head2(F.silu(self.head1(h)))
 
-    def attention_weights(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _check_t(self, t, x: torch.Tensor) -> torch.Tensor:
+        """Integer timesteps (B,) in [0, T) on x's device (a scalar is broadcast)."""
+        if not isinstance(t, torch.Tensor):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
+            t = torch.tensor(t, device=x.device)
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape ({x.shape[0]},) or be a scalar, got {tuple(t.shape)}")
+        if not torch.compiler.is_compiling() and not t.is_cuda and t.numel() and \
+                (int(t.min()) < 0 or int(t.max()) >= self.config.T):
+            raise ValueError(f"t must lie in [0, T={self.config.T})")
+        return t
+
+    def attention_weights(self, x: torch.Tensor, t) -> torch.Tensor:
         """(B, N, N) float32 attention probabilities of the layer (for figures; materialises N x N).
         ``"top1"`` gives the one-hot argmax; ``"none"`` the identity."""
         kind = self.config.attention
         with torch.no_grad():
-            if t.dim() == 0:
-                t = t.expand(x.shape[0])
+            t = self._check_t(t, x)
             z = self.embed(x, t)
             B, w, H, W = z.shape
             tok = z.flatten(2).transpose(1, 2).float()

@@ -27,7 +27,7 @@ def timesteps(T: int, steps: int) -> list[int]:
     _validate.positive_int("steps", steps)
     if steps > T:
         raise ValueError(f"steps must be <= T={T}, got {steps}")
-    ts = sorted({round(x) for x in torch.linspace(0, T - 1, steps).tolist()}, reverse=True)
+    ts = sorted({round(x) for x in torch.linspace(T - 1, 0, steps).tolist()}, reverse=True)
     return ts
 
 

@@ -41,7 +41,10 @@ class Schedule:
 
 def make_schedule(kind: str = "linear", T: int = 1000, beta_start: float = 1e-4,
                   beta_end: float = 0.02) -> Schedule:
-    """Linear betas (DDPM, ``beta_start..beta_end``) or the cosine schedule (Nichol & Dhariwal)."""
+    """Linear betas or the cosine schedule (Nichol & Dhariwal).
+
+    Linear: ``beta_start..beta_end`` (DDPM's 1e-4..0.02) for T = 1000, scaled by 1000 / T for other
+    T (Nichol & Dhariwal), so that alpha_bar[T-1] is near 0 (x_T pure noise) for any T."""
     _validate.choice("kind", kind, SCHEDULES)
     _validate.positive_int("T", T, minimum=2)
     _validate.finite_float("beta_start", beta_start, minimum=0.0, strict=True)
@@ -49,7 +52,10 @@ def make_schedule(kind: str = "linear", T: int = 1000, beta_start: float = 1e-4,
     if not beta_start <= beta_end < 1:
         raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
     if kind == "linear":
-        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        scale = 1000.0 / T
+        if beta_end * scale >= 1:
+            raise ValueError(f"T={T} is too small for beta_end={beta_end} (scaled beta would reach 1)")
+        betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64)
         alpha_bar = torch.cumprod(1 - betas, 0)
     else:
         s = 0.008

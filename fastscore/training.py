@@ -1,7 +1,8 @@
 """Denoising score matching with eps-prediction: loss = E_{x0, t, eps} |eps_hat(x_t, t) - eps|^2.
 
 t is uniform on [0, T); AdamW; a learning-rate schedule (OneCycle by default); optional EMA of the
-weights (the EMA copy is what sampling should use). Seeded: the same config, data and seed give
+weights with decay ``min(ema, (1 + step) / (10 + step))`` (the usual warm-up, so short runs do not
+average in the random initial weights); the EMA copy is what sampling should use. Seeded: the same config, data and seed give
 the same weights on the same device and backend.
 """
 from __future__ import annotations
@@ -122,7 +123,7 @@ def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfi
         eps = torch.randn((config.batch_size, *data.shape[1:]), generator=gen).to(device)
         a = ab[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * data[i] + (1 - a).sqrt() * eps
-        kwargs = {"seed": step} if _accepts_seed(model) else {}
+        kwargs = {"seed": (config.seed * 1_000_003 + step) % 2**63} if _accepts_seed(model) else {}
         loss = torch.mean((model(x_t, t, **kwargs) - eps) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -131,8 +132,8 @@ def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfi
         opt.step()
         if sched is not None:
             sched.step()
-        if ema is not None:
-            _ema_update(ema, model, config.ema)
+        if ema is not None:  # warm-up: early on the average must not keep the random initial weights
+            _ema_update(ema, model, min(config.ema, (1 + step) / (10 + step)))
         losses.append(float(loss.detach()))
         if callback is not None:
             callback(step, losses[-1])

@@ -59,3 +59,13 @@ def test_loading_never_unpickles(tmp_path):
     evil.write_bytes(pickle.dumps({"x": 1}))
     with pytest.raises(ValueError):
         load_model(evil)
+
+
+def test_saved_files_get_the_usual_mode(tmp_path):
+    import os
+    umask = os.umask(0o022)
+    try:
+        p = save_model(tmp_path / "m.safetensors", ScoreNet("none", 4))
+    finally:
+        os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o644

@@ -96,3 +96,14 @@ def test_bad_inputs():
 def test_config_round_trip():
     cfg = KVConfig(n_pairs=3, palette=palette_of_size(5), image_size=10)
     assert KVConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_more_bad_inputs():
+    cfg = KVConfig()
+    with pytest.raises(TypeError, match="keys"):
+        render(cfg, torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="at least one"):
+        decode(cfg, torch.zeros(0, 3, 8, 8))
+    for kw in (dict(image_size=4), dict(image_size=8, cell_size=2), dict(image_size=5)):
+        with pytest.raises(ValueError, match="receptive field|too small"):
+            KVConfig(**kw)

@@ -89,3 +89,21 @@ def test_study_config_validation():
         StudyConfig(n_pairs=6)
     with pytest.raises(ValueError, match="mode"):
         StudyConfig.preset("huge")
+
+
+def test_force_never_deletes_a_directory_that_is_not_a_study(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "mine.safetensors").write_bytes(b"user data")
+    cfg = StudyConfig.preset("tiny", networks=("none",), analytic=())
+    with pytest.raises(FileExistsError):
+        reproduce(cfg, tmp_path, progress=False, force=True)
+    assert (tmp_path / "checkpoints" / "mine.safetensors").read_bytes() == b"user data"
+
+
+@pytest.mark.parametrize("kw", [dict(steps=0), dict(steps=5000), dict(eta=-1.0), dict(sampler="euler"),
+                                dict(probe_t=(1000,)), dict(batch_size=0), dict(lr=-1.0), dict(ema=1.5),
+                                dict(width=0), dict(temperature=0.0), dict(els_patch=4), dict(n_pairs=1),
+                                dict(networks=("none", "none"))])
+def test_study_config_rejects_bad_options_up_front(kw):
+    with pytest.raises((ValueError, TypeError)):
+        StudyConfig.preset("tiny", **kw)

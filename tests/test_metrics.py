@@ -63,3 +63,13 @@ def test_novelty_against_training_set():
     assert s2.novel.sum() > 0 and (s2.novel <= s2.consistent).all()
     assert s2.rates["novel"].k <= s2.rates["consistent"].k
     assert len(set(d_codes.tolist())) <= 300
+
+
+def test_score_rejects_a_training_set_of_another_config():
+    cfg = KVConfig()
+    x, _ = make_dataset(cfg, 10, 0)
+    _, other = make_dataset(KVConfig(n_pairs=2), 10, 0)
+    with pytest.raises(ValueError, match="pairs"):
+        score(cfg, x, other)
+    with pytest.raises(TypeError, match="KVBatch"):
+        score(cfg, x, "train")

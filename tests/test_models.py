@@ -89,3 +89,15 @@ def test_bad_model_args(kwargs, err):
 def test_bad_forward_shape():
     with pytest.raises(ValueError, match="x must have shape"):
         ScoreNet("none", 8)(torch.randn(2, 3, 9, 9), torch.tensor([1, 2]))
+
+
+def test_bad_timesteps():
+    m = ScoreNet("none", 4)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="t must lie"):
+        m(x, torch.tensor([0, 1000]))
+    with pytest.raises(TypeError, match="integer"):
+        m(x, torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="shape"):
+        m(x, torch.tensor([1, 2, 3]))
+    assert m(x, 5).shape == x.shape

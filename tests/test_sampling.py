@@ -99,3 +99,9 @@ def test_cuda_graph_replay_matches_eager():
     a = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=False)
     b = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=True)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_one_step_starts_from_pure_noise_and_small_T_schedules_end_in_noise():
+    assert timesteps(1000, 1) == [999]
+    for T in (50, 100, 1000):
+        assert make_schedule("linear", T).alpha_bar[-1] < 1e-3

@@ -42,3 +42,15 @@ def test_bad_train_args():
         train(ScoreNet("none", 4), torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="data"):
         train(ScoreNet("none", 4), torch.zeros(0, 3, 8, 8))
+
+
+def test_ema_warms_up_instead_of_keeping_the_initial_weights():
+    x, _ = make_dataset(KVConfig(), 200, 0)
+    torch.manual_seed(0)
+    m = ScoreNet("none", 8)
+    init = [p.detach().clone() for p in m.parameters()]
+    r = train(m, x, TrainConfig(steps=30, batch_size=16, ema=0.999), progress=False)
+    ema, raw = list(r.model.parameters()), list(r.raw_model.parameters())
+    d_ema = sum((a - b).norm() for a, b in zip(ema, raw))
+    d_init = sum((a - b).norm() for a, b in zip(init, raw))
+    assert d_ema < 0.5 * d_init  # a plain 0.999 EMA would still sit ~97% of the way back at the start
