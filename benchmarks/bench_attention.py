@@ -97,26 +97,38 @@ def main() -> None:  # pragma: no cover - needs a GPU
     print("wrote", write_rows("attention_" + env()["device"].replace(" ", "_"), rows))
 
 
-# ----- CPU: pytest-benchmark (reference path vs SDPA, small sizes) -----
-CPU_SIZES = [(64, 64, 16), (16, 256, 32)]
+# ----- pytest-benchmark: reference path vs SDPA on CPU (small sizes); with CUDA, the fused kernels
+# join and the sizes grow to the workload's -----
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+BENCH_SIZES = QUICK if CUDA else [(64, 64, 16), (16, 256, 32)]
+SOFTMAX_PROVIDERS = ["fused", "eager", "sdpa"] if CUDA else ["eager", "sdpa"]
+TOP1_PROVIDERS = ["fused", "eager"] if CUDA else ["eager"]
 
 
-@pytest.mark.parametrize("size", CPU_SIZES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("provider", ["eager", "sdpa"])
-def test_bench_softmax_forward_cpu(benchmark, size, provider):
-    q, k, v = _inputs(*size, torch.float32, "cpu", False)
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("size", BENCH_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("provider", SOFTMAX_PROVIDERS)
+def test_bench_softmax_forward(benchmark, size, provider):
+    q, k, v = _inputs(*size, torch.float32, DEV, False)
     fn = dict(providers("softmax_attention_fwd"))[provider]
-    benchmark.group = f"softmax fwd {size}"
+    benchmark.group = f"softmax fwd {size} {DEV}"
     with torch.no_grad():
-        benchmark(fn, q, k, v)
+        benchmark(lambda: (fn(q, k, v), _sync()))
 
 
-@pytest.mark.parametrize("size", CPU_SIZES[:1], ids=lambda s: "x".join(map(str, s)))
-def test_bench_top1_forward_cpu(benchmark, size):
-    q, k, v = _inputs(*size, torch.float32, "cpu", False)
-    benchmark.group = f"top1 fwd {size}"
+@pytest.mark.parametrize("size", BENCH_SIZES[:1], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("provider", TOP1_PROVIDERS)
+def test_bench_top1_forward(benchmark, size, provider):
+    q, k, v = _inputs(*size, torch.float32, DEV, False)
+    fn = dict(providers("top1_fwd"))[provider]
+    benchmark.group = f"top1 fwd {size} {DEV}"
     with torch.no_grad():
-        benchmark(lambda: ops.top1_attention(q, k, v, backend="torch"))
+        benchmark(lambda: (fn(q, k, v), _sync()))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def rebuild_table(rows: list[dict]) -> str:
              "in percentage points with the 95% interval's half-width; a local network scores exactly 0. "
              "A Bayes-optimal denoiser gains about +5 pp at t = 200 and +8 pp at t = 400 (DESIGN.md). "
              "Sampling columns (when run): DDIM 50 steps, eta 1. Rows from before the paired probe (no "
-             "interval) compared independent image sets and are only indicative.", "",
+             "interval) compared independent image sets and are only indicative; the first four rows also predate "
+             "the EMA warm-up (their EMA still weighted the initial weights by 0.999^steps = 5% at 3000 steps).", "",
              "| name | net | recipe | steps | s | probe gap t=100/200/300/400 (pp) | valid | consistent among valid "
              "(chance) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -68,6 +69,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--coord-channels", action="store_true")
+    p.add_argument("--attn-patch", action="store_true")
     p.add_argument("--samples", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -78,7 +80,7 @@ def main() -> None:
                      t_focus_prob=a.t_focus_prob)
     torch.manual_seed(a.seed)
     model = ScoreNet(a.attention, a.width, attn_dim=a.attn_dim, image_size=a.image_size,
-                     coord_channels=a.coord_channels)
+                     coord_channels=a.coord_channels, attn_patch=a.attn_patch)
     t0 = time.perf_counter()
     res = train(model, images, tc, progress=False)
     from fastscore.checkpoint import save_model
@@ -87,7 +89,8 @@ def main() -> None:
     probe = coordination_probe(res.model, cfg, PROBE_T, n=2000, seed=123)
     recipe = {k: v for k, v in dict(colours=a.colours, pairs=a.pairs, size=a.image_size, width=a.width,
                                      attn_dim=a.attn_dim, batch=a.batch, lr=a.lr, t_focus=a.t_focus,
-                                     t_focus_prob=a.t_focus_prob, coords=a.coord_channels, seed=a.seed).items()
+                                     t_focus_prob=a.t_focus_prob, coords=a.coord_channels, attn_patch=a.attn_patch,
+                                     seed=a.seed).items()
               if v not in (None, False, 0.0) or k == "seed"}
     row = {"name": a.name, "attention": a.attention, "recipe": recipe, "steps": a.steps,
            "final_loss": sum(res.losses[-200:]) / len(res.losses[-200:]),

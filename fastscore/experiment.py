@@ -103,7 +103,7 @@ class StudyConfig:
     def preset(cls, mode: str, **overrides) -> "StudyConfig":
         """``"full"`` (the defaults), ``"quick"`` (minutes on a CPU) or ``"tiny"`` (seconds; CI)."""
         _validate.choice("mode", mode, ("full", "quick", "tiny"))
-        base = {"full": {}, "quick": dict(train_steps=1500, n_samples=1000, n_seeds=1, probe_n=1000, n_random=2000),
+        base = {"full": {}, "quick": dict(train_steps=3000, n_samples=1000, n_seeds=1, probe_n=1000, n_random=2000),
                 "tiny": dict(train_steps=20, n_samples=48, n_seeds=1, n_train=300, probe_n=48, n_random=200,
                              steps=8, width=16, probe_t=(200,))}[mode]
         base.update({k: v for k, v in overrides.items() if v is not None})

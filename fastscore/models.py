@@ -14,6 +14,10 @@ with the surrogate ``softmax(q.k / (temperature * sqrt(attn_dim)))``, i.e. the s
 scaling at temperature 1, and Gumbel noise in training mode).
 No layer pools over positions. ``coord_channels=True`` appends two fixed coordinate channels
 (row, col in [-1, 1]) to the input, a positional source that keeps the CNN local.
+``attn_patch=True`` (softmax and top-1) computes q, k, v from ``[z, the raw 3x3 neighbourhood of x_t]``
+instead of z alone: attention then sees a pixel's neighbouring key colour linearly from the start,
+which the local denoising loss gives z no reason to encode (a value is independent of its own key).
+Still all non-locality is in the attention layer.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class ModelConfig:
     temperature: float = 1.0
     gumbel: bool = True
     coord_channels: bool = False
+    attn_patch: bool = False
 
     def __post_init__(self) -> None:
         _validate.choice("attention", self.attention, ATTENTIONS)
@@ -50,8 +55,10 @@ class ModelConfig:
         _validate.positive_int("image_size", self.image_size)
         _validate.positive_int("T", self.T, minimum=2)
         _validate.finite_float("temperature", self.temperature, minimum=0.0, strict=True)
-        if not isinstance(self.gumbel, bool) or not isinstance(self.coord_channels, bool):
-            raise TypeError("gumbel and coord_channels must be bools")
+        if not all(isinstance(b, bool) for b in (self.gumbel, self.coord_channels, self.attn_patch)):
+            raise TypeError("gumbel, coord_channels and attn_patch must be bools")
+        if self.attn_patch and self.attention not in ("softmax", "top1"):
+            raise ValueError("attn_patch needs attention 'softmax' or 'top1' (learned projections)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,10 +78,11 @@ class ScoreNet(nn.Module):
 
     def __init__(self, attention: str = "none", width: int = 64, *, attn_dim: int | None = None,
                  image_channels: int = 3, image_size: int = 8, T: int = 1000, temperature: float = 1.0,
-                 gumbel: bool = True, coord_channels: bool = False, backend: str = "auto") -> None:
+                 gumbel: bool = True, coord_channels: bool = False, attn_patch: bool = False,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.config = ModelConfig(attention, width, attn_dim or width, image_channels, image_size, T,
-                                  float(temperature), gumbel, coord_channels)
+                                  float(temperature), gumbel, coord_channels, attn_patch)
         self.backend = _validate.choice("backend", backend, ops._dispatch.BACKENDS)
         c, w = image_channels, width
         cin = c + (2 if coord_channels else 0)
@@ -83,7 +91,7 @@ class ScoreNet(nn.Module):
         self.conv2 = nn.Conv2d(w, w, 3, padding=1)
         d = self.config.attn_dim
         if attention in ("softmax", "top1"):
-            self.qkv = nn.Linear(w, 3 * d)
+            self.qkv = nn.Linear(w + (9 * c if attn_patch else 0), 3 * d)
             self.proj = nn.Linear(d, w)
         self.head1 = nn.Conv2d(w, w, 1)
         self.head2 = nn.Conv2d(w, c, 1)
@@ -105,8 +113,15 @@ class ScoreNet(nn.Module):
         h = F.silu(self.conv1(x) + e1[:, :, None, None])
         return F.silu(self.conv2(h) + e2[:, :, None, None])
 
-    def attend(self, z: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
-        """Residual attention over the H*W tokens of z (B, width, H, W); returns the same shape."""
+    def _qkv_input(self, tok: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        if not self.config.attn_patch:
+            return tok
+        patches = F.unfold(x, 3, padding=1).transpose(1, 2)           # (B, N, 9C) raw 3x3 neighbourhoods
+        return torch.cat([tok, patches.to(tok.dtype)], dim=-1)
+
+    def attend(self, z: torch.Tensor, *, seed: int = 0, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual attention over the H*W tokens of z (B, width, H, W); returns the same shape.
+        ``x`` (the network input) is needed with ``attn_patch``."""
         kind = self.config.attention
         if kind == "none":
             return z
@@ -115,7 +130,7 @@ class ScoreNet(nn.Module):
         if kind == "identity":
             a = ops.identity_attention(tok.contiguous(), w ** -0.5, backend=self.backend)
         else:
-            q, k, v = self.qkv(tok).chunk(3, dim=-1)
+            q, k, v = self.qkv(self._qkv_input(tok, x)).chunk(3, dim=-1)
             if kind == "softmax":
                 a = ops.softmax_attention(q, k, v, self.config.attn_dim ** -0.5, backend=self.backend)
             else:
@@ -131,7 +146,7 @@ class ScoreNet(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must have shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
         t = self._check_t(t, x)
-        h = self.attend(self.embed(x, t), seed=seed)
+        h = self.attend(self.embed(x, t), seed=seed, x=x)
         return self.head2(F.silu(self.head1(h)))
 
     def _check_t(self, t, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +181,7 @@ class ScoreNet(nn.Module):
                 q = k = tok
                 scale = w ** -0.5
             else:
-                q, k, _ = self.qkv(tok).chunk(3, dim=-1)
+                q, k, _ = self.qkv(self._qkv_input(tok, x.float())).chunk(3, dim=-1)
                 scale = self.config.attn_dim ** -0.5
             s = q @ k.transpose(1, 2)
             if kind == "top1":
@@ -179,4 +194,4 @@ def build_model(config: ModelConfig, backend: str = "auto") -> ScoreNet:
     c = config
     return ScoreNet(c.attention, c.width, attn_dim=c.attn_dim, image_channels=c.image_channels,
                     image_size=c.image_size, T=c.T, temperature=c.temperature, gumbel=c.gumbel,
-                    coord_channels=c.coord_channels, backend=backend)
+                    coord_channels=c.coord_channels, attn_patch=c.attn_patch, backend=backend)
