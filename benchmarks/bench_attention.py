@@ -111,22 +111,15 @@ def _sync():
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("size", BENCH_SIZES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("provider", SOFTMAX_PROVIDERS)
-def test_bench_softmax_forward(benchmark, size, provider):
-    q, k, v = _inputs(*size, torch.float32, DEV, False)
-    fn = dict(providers("softmax_attention_fwd"))[provider]
-    benchmark.group = f"softmax fwd {size} {DEV}"
-    with torch.no_grad():
-        benchmark(lambda: (fn(q, k, v), _sync()))
+CASES = [("softmax_attention_fwd", size, p) for size in BENCH_SIZES for p in SOFTMAX_PROVIDERS] + \
+    [("top1_fwd", BENCH_SIZES[0], p) for p in TOP1_PROVIDERS]
 
 
-@pytest.mark.parametrize("size", BENCH_SIZES[:1], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("provider", TOP1_PROVIDERS)
-def test_bench_top1_forward(benchmark, size, provider):
+@pytest.mark.parametrize("op, size, provider", CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else c)
+def test_bench_forward(benchmark, op, size, provider):
     q, k, v = _inputs(*size, torch.float32, DEV, False)
-    fn = dict(providers("top1_fwd"))[provider]
-    benchmark.group = f"top1 fwd {size} {DEV}"
+    fn = dict(providers(op))[provider]
+    benchmark.group = f"{op} {size} {DEV}"
     with torch.no_grad():
         benchmark(lambda: (fn(q, k, v), _sync()))
 
