@@ -66,11 +66,12 @@ def run_gpu(sizes, dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:  # pra
                         continue
                     q, k, v = _inputs(B, N, D, dtype, "cuda", bwd)
                     do = torch.randn(B, N, D, device="cuda", dtype=dtype)
+                    identity = op.startswith("identity")
                     if bwd:
-                        def step(fn=fn, q=q, k=k, v=v, do=do):
+                        def step(fn=fn, q=q, k=k, v=v, do=do, identity=identity):
                             out = fn(q, k, v)
                             out = out[0] if isinstance(out, tuple) else out
-                            torch.autograd.grad(out, (q, k, v) if not op.startswith("identity") else (q,), do)
+                            torch.autograd.grad(out, (q,) if identity else (q, k, v), do)
                     else:
                         def step(fn=fn, q=q, k=k, v=v):
                             with torch.no_grad():

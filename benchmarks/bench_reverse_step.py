@@ -62,8 +62,8 @@ def main() -> None:  # pragma: no cover - needs a GPU
         out = torch.empty_like(x)
         nbytes = 12 * x.numel()
         for provider, fn in [
-            ("fused", lambda: reverse_step(x, e, COEF, seed=1, step=3, out=out, backend="triton")),
-            ("eager", lambda: eager_step(x, e, COEF)),
+            ("fused", lambda x=x, e=e, out=out: reverse_step(x, e, COEF, seed=1, step=3, out=out, backend="triton")),
+            ("eager", lambda x=x, e=e: eager_step(x, e, COEF)),
         ]:
             ms, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
             row = {"op": "reverse_step", "provider": provider, "shape": list(shape), "dtype": "float32",

@@ -379,7 +379,7 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
     lines.append(f"| random, empirical | {_fmt(e['valid'])} | {_fmt(e['consistent'])} | "
                  f"{_fmt(e['consistent_among_valid'])} | {_fmt(e['novel'])} | {_fmt(e['nearest_consistent'])} | "
                  f"{b['seconds']:.1f} |")
-    for net, s in summary["networks"].items():
+    for s in summary["networks"].values():
         r = s["rates"]
         lines.append(f"| {s['label']} | {_fmt(r['valid'])} | {_fmt(r['consistent'])} | "
                      f"{_fmt(r['consistent_among_valid'])} | {_fmt(r['novel'])} | {_fmt(r['nearest_consistent'])} | "
@@ -390,7 +390,7 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
               "a network that uses the other pair to denoise shows a positive gap.", "",
               "| model | t | key shared | key not shared | gap [95% CI] | predictions changed |",
               "|---|---|---|---|---|---|"]
-    for net, s in summary["networks"].items():
+    for s in summary["networks"].values():
         for p in s["probe"]:
             lo, hi = p["gap_ci95"]
             lines.append(f"| {s['label']} | {p['t']} | {_fmt(p['matched'])} | {_fmt(p['unmatched'])} | "

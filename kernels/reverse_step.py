@@ -178,7 +178,7 @@ def compile_configs() -> list[dict]:
     names = list(_reverse_step_kernel.arg_names)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ("x_ptr", "eps_ptr", "out_ptr", "n_elements")}
     configs = []
-    for dtype, ty in _TL_DTYPES.items():
+    for ty in _TL_DTYPES.values():
         for has_noise in (False, True):
             for clip in (False, True):
                 modes = [(s, o, al) for s in (False, True) for o in (False, True) for al in (True, False)] \

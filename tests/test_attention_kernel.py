@@ -408,7 +408,7 @@ def test_16bit_on_gpu(seed, dtype, B, N, D):
     scale = D ** -0.5
     ref64 = _reference(q, k, v, do, scale)[0]
     ref = {}
-    for dt_name, dt in (("low", dtype),):
+    for dt_name, _ in (("low", dtype),):
         qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
         o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, scale=scale)
         ref[dt_name] = (o.detach(), *torch.autograd.grad(o, (qq, kk, vv), do))

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import compile_report
+import compile_report  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastscore.kernels import top1 as K
-from fastscore.ops import top1 as top1_ops
 from fastscore.ops.top1 import _Top1Reference, gumbel_noise, top1_attention
 
 from conftest import HAS_CUDA, requires_cuda

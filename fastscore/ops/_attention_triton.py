@@ -16,7 +16,6 @@ import torch
 
 from fastscore.kernels import attention as _k
 
-from . import _dispatch
 
 
 
