@@ -248,20 +248,29 @@ def _run_row(config: StudyConfig, out: Path, net: str, seed: int, images, train_
         save_model(ckpt, model, data_config=cfg, train_config=config.train_config(seed),
                    extra={"n_train": config.n_train, "data_seed": config.data_seed, "losses": losses,
                           "seconds": train_seconds}, overwrite=True)
+    return _evaluate(config, out, model, net, seed, train_set, device, backend, bar, weights,
+                     train_seconds=train_seconds, losses=losses)
+
+
+def _evaluate(config: StudyConfig, out: Path, model, name: str, seed: int, train_set, device, backend, bar,
+              weights: dict, *, train_seconds: float = 0.0, losses: list | None = None, schedule=None) -> dict:
+    """Sample ``model`` (initial noise of seed ``10_000 + seed``), save and score the samples, run the
+    probe (seed ``20_000 + seed``): the study's row for it."""
+    cfg = config.data_config()
     t1 = time.perf_counter()
-    x = sample(model, config.n_samples, sampler=config.sampler, steps=config.steps, eta=config.eta,
-               clip_x0=config.clip_x0, seed=10_000 + seed, device=device, backend=backend,
+    x = sample(model, config.n_samples, schedule=schedule, sampler=config.sampler, steps=config.steps,
+               eta=config.eta, clip_x0=config.clip_x0, seed=10_000 + seed, device=device, backend=backend,
                callback=(lambda b: bar.update(weights["sample"] * b)) if bar is not None else None)
     sample_seconds = time.perf_counter() - t1
-    _save_samples(out, _row_name(net, seed), x, config)
+    _save_samples(out, _row_name(name, seed), x, config)
     scores = score(cfg, x.cpu(), train_set)
     probe = coordination_probe(model, cfg, config.probe_t, n=config.probe_n, seed=20_000 + seed, device=device)
     if bar is not None:
         bar.update(weights["probe"])
-    return {"network": net, "seed": seed, "rates": scores.to_dict(), "probe": _probe_json(probe),
+    return {"network": name, "seed": seed, "rates": scores.to_dict(), "probe": _probe_json(probe),
             "train_seconds": train_seconds, "sample_seconds": sample_seconds,
-            "seconds": train_seconds + (time.perf_counter() - t1), "losses": losses,
-            "preview": x[:64].cpu().tolist() if x.shape[0] else []}
+            "seconds": train_seconds + (time.perf_counter() - t1), "losses": losses or [],
+            "preview": x[:64].cpu().tolist()}
 
 
 def _save_samples(out: Path, name: str, x: torch.Tensor, config: StudyConfig) -> None:
@@ -282,23 +291,10 @@ def _run_analytic_row(config: StudyConfig, out: Path, kind: str, images, train_s
                       weights: dict) -> dict:
     """Sample and score an analytic score model (``fastscore.theory``); seed 0's initial noise."""
     from .theory import ELSScore, IdealScore
-    cfg = config.data_config()
     sched = make_schedule("linear", 1000)
     model = IdealScore(images, sched, backend=backend) if kind == "ideal" else \
         ELSScore(images, sched, config.els_patch, padding="zeros", backend=backend)
-    t1 = time.perf_counter()
-    x = sample(model, config.n_samples, schedule=sched, sampler=config.sampler, steps=config.steps, eta=config.eta,
-               clip_x0=config.clip_x0, seed=10_000, device=device, backend=backend,
-               callback=(lambda b: bar.update(weights["sample"] * b)) if bar is not None else None)
-    sample_seconds = time.perf_counter() - t1
-    _save_samples(out, _row_name(kind, 0), x, config)
-    scores = score(cfg, x.cpu(), train_set)
-    probe = coordination_probe(model, cfg, config.probe_t, n=config.probe_n, seed=20_000, device=device)
-    if bar is not None:
-        bar.update(weights["probe"])
-    return {"network": kind, "seed": 0, "rates": scores.to_dict(), "probe": _probe_json(probe), "train_seconds": 0.0,
-            "sample_seconds": sample_seconds, "seconds": time.perf_counter() - t1, "losses": [],
-            "preview": x[:64].cpu().tolist()}
+    return _evaluate(config, out, model, kind, 0, train_set, device, backend, bar, weights, schedule=sched)
 
 
 def correlations(out: Path, config: StudyConfig) -> dict:
