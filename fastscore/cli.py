@@ -12,17 +12,51 @@ from . import __version__
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("dataset")
-    g.add_argument("--pairs", type=int, default=4, help="key-value pairs per image (default 4)")
-    g.add_argument("--colours", type=int, default=4, help="palette size, 2..8 (default 4: R, G, B, Y)")
-    g.add_argument("--image-size", type=int, default=8, help="image side in pixels (default 8)")
-    g.add_argument("--n-train", type=int, default=5000, help="training images (default 5000)")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the training set (default 0)")
+    g = p.add_argument_group("dataset (defaults: the study's)")
+    g.add_argument("--pairs", type=int, default=None, help="key-value pairs per image (default 4)")
+    g.add_argument("--colours", type=int, default=None, help="palette size, 2..8 (default 2: R, G)")
+    g.add_argument("--image-size", type=int, default=None, help="image side in pixels (default 8)")
+    g.add_argument("--n-train", type=int, default=None, help="training images (default 5000)")
+    g.add_argument("--data-seed", type=int, default=None, help="seed of the training set (default 0)")
 
 
-def _data_config(a):
-    from .data import KVConfig, palette_of_size
-    return KVConfig(n_pairs=a.pairs, palette=palette_of_size(a.colours), image_size=a.image_size)
+def _t_focus(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two integers), got {text!r}") from None
+    return lo, hi
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    """Network and training options; ``None`` means the study's default (``StudyConfig``)."""
+    g = p.add_argument_group("network and training (defaults: the study's)")
+    g.add_argument("--width", type=int, default=None, help="CNN channels (default 64)")
+    g.add_argument("--attn-dim", type=int, default=None, help="query/key width (default 64)")
+    g.add_argument("--attn-patch", action=argparse.BooleanOptionalAction, default=None,
+                   help="queries, keys and values also see the raw 3x3 neighbourhood (softmax, top-1; default on)")
+    g.add_argument("--temperature", type=float, default=None, help="top-1 surrogate temperature (default 1)")
+    g.add_argument("--coord-channels", action=argparse.BooleanOptionalAction, default=None,
+                   help="two coordinate input channels (default off)")
+    g.add_argument("--train-steps", type=int, default=None)
+    g.add_argument("--train-batch", type=int, default=None, dest="batch_size", help="default 128")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
+    g.add_argument("--ema", type=float, default=None, help="EMA decay (default 0.999)")
+    g.add_argument("--t-focus", type=_t_focus, default=None, metavar="LO,HI",
+                   help="draw training timesteps from [LO, HI] with probability --t-focus-prob (default 50,400)")
+    g.add_argument("--t-focus-prob", type=float, default=None, help="default 0.5; 0 draws all t uniformly")
+
+
+_STUDY_KEYS = {"pairs": "n_pairs", "colours": "n_colours", "image_size": "image_size", "n_train": "n_train",
+               "data_seed": "data_seed", "width": "width", "attn_dim": "attn_dim", "attn_patch": "attn_patch",
+               "temperature": "temperature", "coord_channels": "coord_channels", "train_steps": "train_steps",
+               "batch_size": "batch_size", "lr": "lr", "ema": "ema", "t_focus": "t_focus",
+               "t_focus_prob": "t_focus_prob"}
+
+
+def _study_overrides(a) -> dict:
+    """The StudyConfig fields the user set on the command line."""
+    return {f: getattr(a, k) for k, f in _STUDY_KEYS.items() if getattr(a, k, None) is not None}
 
 
 def _sampler_args(p: argparse.ArgumentParser) -> None:
@@ -44,21 +78,22 @@ def _common(p: argparse.ArgumentParser) -> None:
 def cmd_train(a) -> int:
     from .checkpoint import save_model
     from .data import make_dataset
-    from .models import ScoreNet
-    from .training import TrainConfig, train
-    cfg = _data_config(a)
+    from .experiment import StudyConfig
+    from .models import build_model
+    from .training import train
+    study = StudyConfig.preset("full", networks=(a.attention,), **_study_overrides(a))
+    cfg = study.data_config()
     if Path(a.out).exists() and not a.force:
         raise FileExistsError(f"{a.out} exists; pass --force to replace it")
-    images, _ = make_dataset(cfg, a.n_train, a.data_seed)
+    images, _ = make_dataset(cfg, study.n_train, study.data_seed)
     torch.manual_seed(a.seed)
-    model = ScoreNet(a.attention, a.width, image_size=cfg.image_size, temperature=a.temperature,
-                     coord_channels=a.coord_channels, backend=a.backend)
-    tc = TrainConfig(steps=a.train_steps, batch_size=a.train_batch, lr=a.lr, ema=a.ema, seed=a.seed)
+    model = build_model(study.model_config(a.attention), backend=a.backend)
+    tc = study.train_config(a.seed)
     res = train(model, images, tc, device=a.device, progress=not a.quiet, desc=f"train {a.attention}")
     save_model(a.out, res.model, data_config=cfg, train_config=tc,
-               extra={"n_train": a.n_train, "data_seed": a.data_seed, "losses": res.losses[::10],
+               extra={"n_train": study.n_train, "data_seed": study.data_seed, "losses": res.losses[::10],
                       "seconds": res.seconds}, overwrite=a.force)
-    print(f"trained {a.attention} for {a.train_steps} steps in {res.seconds:.1f} s "
+    print(f"trained {a.attention} for {tc.steps} steps in {res.seconds:.1f} s "
           f"(final loss {sum(res.losses[-100:]) / len(res.losses[-100:]):.4f}) -> {a.out}")
     return 0
 
@@ -111,13 +146,11 @@ def cmd_probe(a) -> int:
 
 def cmd_reproduce(a) -> int:
     from .experiment import StudyConfig, reproduce
-    kw = {k: getattr(a, k) for k in ("train_steps", "n_samples", "n_seeds", "width", "temperature") if
-          getattr(a, k) is not None}
+    kw = _study_overrides(a)
+    kw.update({k: getattr(a, k) for k in ("n_samples", "n_seeds", "sampler", "steps", "eta")})
     if a.networks:
         kw["networks"] = tuple(a.networks.split(","))
-    cfg = StudyConfig.preset("quick" if a.quick else ("tiny" if a.tiny else "full"), n_pairs=a.pairs,
-                             n_colours=a.colours, image_size=a.image_size, sampler=a.sampler, steps=a.steps,
-                             eta=a.eta, coord_channels=a.coord_channels, **kw)
+    cfg = StudyConfig.preset("quick" if a.quick else ("tiny" if a.tiny else "full"), **kw)
     if a.pairs_sweep:
         from .experiment import pairs_sweep
         pairs_sweep(cfg, Path(a.out), [int(p) for p in a.pairs_sweep.split(",")], device=a.device,
@@ -135,16 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one score network and save a checkpoint")
     t.add_argument("--attention", choices=("none", "identity", "top1", "softmax"), default="softmax")
-    t.add_argument("--width", type=int, default=64)
-    t.add_argument("--temperature", type=float, default=1.0, help="top-1 surrogate temperature")
-    t.add_argument("--coord-channels", action="store_true", help="give the CNN two coordinate input channels")
-    t.add_argument("--train-steps", type=int, default=3000)
-    t.add_argument("--train-batch", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--ema", type=float, default=0.999)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="checkpoint file (.safetensors)")
     _data_args(t)
+    _recipe_args(t)
     _common(t)
     t.set_defaults(fn=cmd_train)
 
@@ -179,19 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
     r.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     r.add_argument("--networks", default=None, help="comma list of none,identity,top1,softmax")
-    r.add_argument("--train-steps", type=int, default=None)
-    r.add_argument("--n-samples", type=int, default=None)
-    r.add_argument("--n-seeds", type=int, default=None)
-    r.add_argument("--width", type=int, default=None)
-    r.add_argument("--temperature", type=float, default=None)
-    r.add_argument("--coord-channels", action="store_true")
-    r.add_argument("--pairs", type=int, default=4)
-    r.add_argument("--colours", type=int, default=4)
-    r.add_argument("--image-size", type=int, default=8)
+    r.add_argument("--n-samples", type=int, default=None, help="samples per network and seed")
+    r.add_argument("--n-seeds", type=int, default=None, help="training seeds per network")
     r.add_argument("--pairs-sweep", default=None, help="e.g. 2,4,6,8: one study per pair count, one table")
     r.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default ddim")
     r.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; tiny: 8)")
     r.add_argument("--eta", type=float, default=None, help="DDIM eta (default 1)")
+    _data_args(r)
+    _recipe_args(r)
     _common(r)
     r.set_defaults(fn=cmd_reproduce)
     return p

@@ -28,7 +28,7 @@ from . import __version__, _validate
 from .checkpoint import atomic_write_text, load_model, save_model
 from .data import KVConfig, generate, make_dataset, palette_of_size, render
 from .metrics import Z95, Rate, analytic_random_consistency, random_images, score
-from .models import ATTENTIONS, ModelConfig, ScoreNet
+from .models import ATTENTIONS, ModelConfig, build_model
 from .sampling import sample
 from .schedule import make_schedule
 from .training import TrainConfig, train
@@ -52,12 +52,16 @@ class StudyConfig:
     analytic: tuple[str, ...] = ANALYTIC
     els_patch: int = 5
     width: int = 64
+    attn_dim: int = 64
+    attn_patch: bool = True
     temperature: float = 1.0
     coord_channels: bool = False
     train_steps: int = 4000
     batch_size: int = 128
     lr: float = 2e-3
     ema: float = 0.999
+    t_focus: tuple[int, int] | None = (50, 400)
+    t_focus_prob: float = 0.5
     n_seeds: int = 3
     n_samples: int = 10000
     sampler: str = "ddim"
@@ -88,10 +92,11 @@ class StudyConfig:
             _validate.positive_int("probe_t", t, minimum=0)
             if t >= 1000:
                 raise ValueError(f"probe_t must lie in [0, 1000), got {t}")
+        if self.t_focus is not None:
+            object.__setattr__(self, "t_focus", tuple(self.t_focus))
         self.train_config(0)
         for net in self.networks:
-            ModelConfig(net, self.width, self.width, 3, self.image_size, 1000, float(self.temperature), True,
-                        self.coord_channels)
+            self.model_config(net)
         object.__setattr__(self, "networks", tuple(self.networks))
         object.__setattr__(self, "analytic", tuple(self.analytic))
         object.__setattr__(self, "probe_t", tuple(self.probe_t))
@@ -113,7 +118,13 @@ class StudyConfig:
         return KVConfig(n_pairs=self.n_pairs, palette=palette_of_size(self.n_colours), image_size=self.image_size)
 
     def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(steps=self.train_steps, batch_size=self.batch_size, lr=self.lr, ema=self.ema, seed=seed)
+        return TrainConfig(steps=self.train_steps, batch_size=self.batch_size, lr=self.lr, ema=self.ema, seed=seed,
+                           t_focus=self.t_focus, t_focus_prob=self.t_focus_prob)
+
+    def model_config(self, net: str) -> ModelConfig:
+        """The network ``net``; ``attn_patch`` applies to the attentions with learned projections."""
+        return ModelConfig(net, self.width, self.attn_dim, 3, self.image_size, 1000, float(self.temperature), True,
+                           self.coord_channels, self.attn_patch and net in ("softmax", "top1"))
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -240,8 +251,7 @@ def _run_row(config: StudyConfig, out: Path, net: str, seed: int, images, train_
             bar.update(weights["train"] * config.train_steps)
     else:
         torch.manual_seed(1000 + seed)
-        model = ScoreNet(net, config.width, image_size=cfg.image_size, temperature=config.temperature,
-                         coord_channels=config.coord_channels, backend=backend)
+        model = build_model(config.model_config(net), backend=backend)
         res = train(model, images, config.train_config(seed), device=device, progress=False,
                     callback=(lambda s, l: bar.update(weights["train"])) if bar is not None else None)
         model, losses, train_seconds = res.model, res.losses[::10], res.seconds

@@ -103,7 +103,19 @@ def test_force_never_deletes_a_directory_that_is_not_a_study(tmp_path):
 @pytest.mark.parametrize("kw", [dict(steps=0), dict(steps=5000), dict(eta=-1.0), dict(sampler="euler"),
                                 dict(probe_t=(1000,)), dict(batch_size=0), dict(lr=-1.0), dict(ema=1.5),
                                 dict(width=0), dict(temperature=0.0), dict(els_patch=4), dict(n_pairs=1),
-                                dict(networks=("none", "none"))])
+                                dict(networks=("none", "none")), dict(t_focus=(400, 50)), dict(t_focus_prob=1.5),
+                                dict(attn_dim=0)])
 def test_study_config_rejects_bad_options_up_front(kw):
     with pytest.raises((ValueError, TypeError)):
         StudyConfig.preset("tiny", **kw)
+
+
+def test_study_recipe_reaches_the_networks_and_training():
+    cfg = StudyConfig(t_focus=(10, 20), t_focus_prob=0.25, attn_dim=16, attn_patch=True)
+    tc = cfg.train_config(2)
+    assert (tc.t_focus, tc.t_focus_prob, tc.seed) == ((10, 20), 0.25, 2)
+    # attn_patch needs learned projections: on for softmax and top-1, off for the others
+    assert [cfg.model_config(n).attn_patch for n in ("none", "identity", "top1", "softmax")] == \
+        [False, False, True, True]
+    assert cfg.model_config("softmax").attn_dim == 16
+    assert not StudyConfig(attn_patch=False).model_config("softmax").attn_patch
