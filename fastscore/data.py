@@ -54,16 +54,18 @@ def corner_positions(grid: int, n_pairs: int) -> tuple[tuple[Cell, Cell], ...]:
 
 
 def border_positions(grid: int, n_pairs: int, gap: int = 3) -> tuple[tuple[Cell, Cell], ...]:
-    """Pairs along the top and bottom rows, ``gap`` empty cells between neighbours (for > 4 pairs)."""
-    per_row = (grid + gap) // (2 + gap)
-    if 2 * per_row < n_pairs:
-        raise ValueError(f"image too small for {n_pairs} pairs: a grid of {grid} cells holds {2 * per_row}")
-    out = []
-    for i in range(n_pairs):
-        row = 0 if i % 2 == 0 else grid - 1
-        c = (i // 2) * (2 + gap)
-        out.append(((row, c), (row, c + 1)))
-    return tuple(out)
+    """Pairs around the border (for > 4 pairs), ``gap`` empty cells between neighbours: horizontal pairs
+    along the top and bottom rows, vertical pairs down the left and right columns between them;
+    taken round-robin (top, bottom, left, right) so every side fills evenly."""
+    g = grid - 1
+    across = range(0, grid - 1, 2 + gap)
+    down = range(gap, g - gap, 2 + gap)
+    sides = ([((0, c), (0, c + 1)) for c in across], [((g, c), (g, c + 1)) for c in across],
+             [((r, 0), (r + 1, 0)) for r in down], [((r, g), (r + 1, g)) for r in down])
+    order = [side[i] for i in range(max(map(len, sides))) for side in sides if i < len(side)]
+    if len(order) < n_pairs:
+        raise ValueError(f"image too small for {n_pairs} pairs: a grid of {grid} cells holds {len(order)}")
+    return tuple(order[:n_pairs])
 
 
 @dataclass(frozen=True)

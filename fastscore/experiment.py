@@ -103,6 +103,9 @@ class StudyConfig:
         for name in ("n_seeds", "n_samples", "train_steps", "n_train", "probe_n", "n_random"):
             _validate.positive_int(name, getattr(self, name))
         self.data_config()  # validates the geometry
+        if self.n_pairs > 4 and not self.coord_channels:
+            raise ValueError(f"n_pairs={self.n_pairs} > 4 uses the border layout, where a translation-equivariant "
+                             "CNN cannot tell key from value cells: set coord_channels=True")
 
     @classmethod
     def preset(cls, mode: str, **overrides) -> "StudyConfig":

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastscore.data import KVConfig, decode, generate, make_dataset, palette_of_size, render
+from fastscore.data import KVConfig, border_positions, decode, generate, make_dataset, palette_of_size, render
 from fastscore.metrics import is_consistent
 
 
@@ -62,7 +62,7 @@ def test_decode_tolerance_and_invalid_cells():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(n_pairs=0), "n_pairs"),
-    (dict(n_pairs=5, image_size=8), "too small"),
+    (dict(n_pairs=7, image_size=8), "too small"),
     (dict(palette=((1, 1, 1), (1, 1, 1))), "duplicate"),
     (dict(palette=((1, 1, 1),)), "at least 2"),
     (dict(background=(1.0, -1.0, -1.0)), "background"),
@@ -75,6 +75,25 @@ def test_decode_tolerance_and_invalid_cells():
 def test_bad_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KVConfig(**kwargs)
+
+
+@pytest.mark.parametrize("grid", range(8, 21))
+def test_border_layout_keeps_pairs_out_of_each_others_receptive_field(grid):
+    pos, n = border_positions(grid, 1), 1
+    while True:
+        try:
+            pos = border_positions(grid, n + 1)
+        except ValueError:
+            break
+        n += 1
+    assert n >= 6 and {min(r, c, grid - 1 - r, grid - 1 - c) for p in pos for r, c in p} == {0}
+    assert {r for p in pos for r, _ in p} >= {0, grid - 1} and {c for p in pos for _, c in p} >= {0, grid - 1}
+    cells = [c for pair in pos for c in pair]
+    assert all(0 <= r < grid and 0 <= c < grid for r, c in cells) and len(set(cells)) == len(cells)
+    for i, p in enumerate(pos):
+        assert max(abs(p[0][0] - p[1][0]), abs(p[0][1] - p[1][1])) == 1  # value beside its key
+        for q in pos[i + 1:]:
+            assert min(max(abs(a[0] - b[0]), abs(a[1] - b[1])) for a in p for b in q) >= 3
 
 
 def test_bad_inputs():

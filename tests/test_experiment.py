@@ -86,6 +86,8 @@ def test_study_config_validation():
     with pytest.raises(ValueError, match="n_samples"):
         StudyConfig(n_samples=0)
     with pytest.raises(ValueError, match="too small"):
+        StudyConfig(n_pairs=7, coord_channels=True)
+    with pytest.raises(ValueError, match="coord_channels"):
         StudyConfig(n_pairs=6)
     with pytest.raises(ValueError, match="mode"):
         StudyConfig.preset("huge")
