@@ -578,13 +578,27 @@ def pairs_sweep(config: StudyConfig, out: Path, pairs: Sequence[int], **kw) -> d
                 size += 2
         c = replace(config, n_pairs=p, image_size=size, coord_channels=config.coord_channels or need_coords)
         docs[p] = reproduce(c, Path(out) / f"pairs-{p}", **kw)
-    lines = ["| pairs | chance | " + " | ".join(f"{LABELS[n]} (consistent among valid)" for n in config.networks) + " |",
-             "|---" * (2 + len(config.networks)) + "|"]
-    for p, d in docs.items():
-        s = d["summary"]
-        cells = [_fmt(s["networks"][n]["rates"]["consistent_among_valid"]) if n in s["networks"] else "-"
-                 for n in config.networks]
-        lines.append(f"| {p} | {100 * s['baseline']['analytic_consistent']:.2f}% | " + " | ".join(cells) + " |")
-    atomic_write_text(Path(out) / "sweep.md", "\n".join(lines) + "\n", overwrite=True)
-    print("\n".join(lines))
+    lines = sweep_table(config.networks, docs)
+    atomic_write_text(Path(out) / "sweep.md", lines, overwrite=True)
+    print(lines)
     return docs
+
+
+def sweep_table(networks: Sequence[str], docs: dict) -> str:
+    """Markdown: per pair count, the image size, chance, each network's consistency among valid samples
+    (its validity in brackets) and, with the CNN in the sweep, each attention network's gap over it."""
+    attn = [n for n in networks if n != "none"] if "none" in networks else []
+    head = ["pairs", "image", "chance"] + [LABELS[n] for n in networks] + [f"{LABELS[n]} - CNN (pp)" for n in attn]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for p, d in docs.items():
+        s, size = d["summary"], d["config"]["image_size"]
+        nets = s["networks"]
+        cells = [f"{_fmt(nets[n]['rates']['consistent_among_valid'])}, valid "
+                 f"{100 * nets[n]['rates']['valid']['rate']:.1f}%" if n in nets else "-" for n in networks]
+        gaps = []
+        for n in attn:
+            a, c = nets[n]["rates"]["consistent_among_valid"], nets["none"]["rates"]["consistent_among_valid"]
+            gaps.append(f"{100 * (a['rate'] - c['rate']):+.1f}" if a["n"] and c["n"] else "n/a")
+        lines.append(f"| {p} | {size}x{size} | {100 * s['baseline']['analytic_consistent']:.2f}% | "
+                     + " | ".join(cells + gaps) + " |")
+    return "\n".join(lines) + "\n"

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from fastscore.data import KVConfig
-from fastscore.experiment import StudyConfig, coordination_probe, reproduce
+from fastscore.experiment import StudyConfig, coordination_probe, pairs_sweep, reproduce
 from fastscore.models import ScoreNet
 from fastscore.schedule import make_schedule
 
@@ -121,3 +121,19 @@ def test_study_recipe_reaches_the_networks_and_training():
         [False, False, True, True]
     assert cfg.model_config("softmax").attn_dim == 16
     assert not StudyConfig(attn_patch=False).model_config("softmax").attn_patch
+
+
+@pytest.mark.slow
+def test_pairs_sweep_one_table_with_the_gap_over_the_cnn(tmp_path):
+    cfg = StudyConfig.preset("tiny", networks=("none", "softmax"), n_samples=8, probe_n=8, n_random=50,
+                             train_steps=2, analytic=())
+    docs = pairs_sweep(cfg, tmp_path, [2, 8], progress=False)
+    assert list(docs) == [2, 8]
+    # beyond 4 pairs the border layout needs positions: every study of the sweep gets coordinate channels
+    assert all(d["config"]["coord_channels"] for d in docs.values())
+    assert (docs[2]["config"]["image_size"], docs[8]["config"]["image_size"]) == (8, 12)
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert len(table) == 4 and "CNN + softmax attention - CNN (pp)" in table[0]
+    assert table[3].startswith("| 8 | 12x12 |")
+    with pytest.raises(FileExistsError):
+        pairs_sweep(cfg, tmp_path, [2], progress=False)
