@@ -154,9 +154,10 @@ def cmd_reproduce(a) -> int:
     if a.pairs_sweep:
         from .experiment import pairs_sweep
         pairs_sweep(cfg, Path(a.out), [int(p) for p in a.pairs_sweep.split(",")], device=a.device,
-                    backend=a.backend, force=a.force, progress=not a.quiet)
+                    backend=a.backend, force=a.force, progress=not a.quiet, workers=a.workers)
         return 0
-    reproduce(cfg, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet)
+    reproduce(cfg, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
+              workers=a.workers)
     return 0
 
 
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--networks", default=None, help="comma list of none,identity,top1,softmax")
     r.add_argument("--n-samples", type=int, default=None, help="samples per network and seed")
     r.add_argument("--n-seeds", type=int, default=None, help="training seeds per network")
+    r.add_argument("--workers", type=int, default=None,
+                   help="rows trained at once in separate processes (default 2 on a CPU with >= 2 cores, 1 on a GPU)")
     r.add_argument("--pairs-sweep", default=None, help="e.g. 2,4,6,8: one study per pair count, one table")
     r.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default ddim")
     r.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; tiny: 8)")
