@@ -542,9 +542,12 @@ def _worker_job(config: StudyConfig, out: Path, net: str, seed: int, device, bac
     torch.set_num_threads(threads)
     images, train_set = make_dataset(config.data_config(), config.n_train, config.data_seed)
     bar = _QueueBar(queue) if queue is not None else None
+    if queue is not None:
+        queue.put(("start", net, seed))
     row = _job(config, out, net, seed, images, train_set, device, backend, bar, weights)
     if bar is not None:
         bar.flush()
+        queue.put(("end", net, seed))
     return row
 
 
@@ -556,7 +559,17 @@ def _run_parallel(config: StudyConfig, out: Path, todo: list, device, backend, b
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
-    results = {}
+    results, running = {}, []
+
+    def drain(queue) -> None:
+        while not queue.empty():
+            msg = queue.get()
+            if isinstance(msg, tuple):
+                (running.append if msg[0] == "start" else running.remove)(msg[1:])
+            else:
+                bar.update(msg)
+        bar.set_description("reproduce [" + "; ".join(f"{LABELS[n]}, seed {s}" for n, s in running) + "]")
+
     with ctx.Manager() as manager, cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         queue = manager.Queue() if bar is not None else None
         futures = {pool.submit(_worker_job, config, out, net, s, device, backend, weights, threads, queue): (net, s)
@@ -566,11 +579,8 @@ def _run_parallel(config: StudyConfig, out: Path, todo: list, device, backend, b
             finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
             for f in finished:
                 results[futures[f]] = f.result()
-            if bar is not None:
-                while not queue.empty():
-                    bar.update(queue.get())
-                running = [futures[f] for f in pending if f.running()]
-                bar.set_description("reproduce [" + "; ".join(f"{LABELS[n]}, seed {s}" for n, s in running) + "]")
+            if queue is not None:
+                drain(queue)
     return results
 
 
