@@ -333,10 +333,10 @@ def correlations(out: Path, config: StudyConfig) -> dict:
 def _pooled(rows: list[dict], key: str) -> dict:
     k = sum(r["rates"][key]["k"] for r in rows)
     n = sum(r["rates"][key]["n"] for r in rows)
-    per_seed = [r["rates"][key]["rate"] for r in rows]
-    per_seed = [p for p in per_seed if p == p]
-    mean = sum(per_seed) / len(per_seed) if per_seed else float("nan")
-    std = (sum((p - mean) ** 2 for p in per_seed) / (len(per_seed) - 1)) ** 0.5 if len(per_seed) > 1 else 0.0
+    per_seed = [r["rates"][key]["rate"] if r["rates"][key]["n"] else None for r in rows]  # None: no samples
+    defined = [p for p in per_seed if p is not None]
+    mean = sum(defined) / len(defined) if defined else float("nan")
+    std = (sum((p - mean) ** 2 for p in defined) / (len(defined) - 1)) ** 0.5 if len(defined) > 1 else 0.0
     return {**Rate(k, n).to_dict(), "per_seed": per_seed, "mean": mean, "std": std}
 
 
@@ -375,7 +375,7 @@ def summarise(config: StudyConfig, rows: list[dict], baseline: dict) -> dict:
     return {"baseline": baseline, "networks": nets}
 
 
-def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: float) -> str:
+def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: float, invocations: int = 1) -> str:
     """The results tables as markdown."""
     b = summary["baseline"]
     head = ("| model | valid | consistent | consistent among valid | novel | nearest-colour consistent | wall s |\n"
@@ -385,7 +385,8 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
              f"{config.train_steps} training steps x {config.n_seeds} seed(s), {config.n_samples} samples per "
              f"network and seed ({config.sampler}, {config.steps} steps, eta {config.eta}); device "
              f"{versions['device_name']} ({versions['device']}), torch {versions['torch']}; total wall time "
-             f"{wall:.0f} s.", "", head]
+             f"{wall:.0f} s" + (f" over {invocations} invocations (resumed)" if invocations > 1 else "") + ".", "",
+             head]
     an = b["analytic_consistent"]
     lines.append(f"| random, analytic | 100% | {100 * an:.2f}% (exact: {b['analytic_fraction']}) | {100 * an:.2f}% | "
                  f"- | - | 0 |")
@@ -398,6 +399,21 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
         lines.append(f"| {s['label']} | {_fmt(r['valid'])} | {_fmt(r['consistent'])} | "
                      f"{_fmt(r['consistent_among_valid'])} | {_fmt(r['novel'])} | {_fmt(r['nearest_consistent'])} | "
                      f"{s['seconds']:.0f} |")
+    if config.n_seeds > 1:
+        lines += ["", "## Per seed", "", "| model | seed | valid | consistent | consistent among valid | novel |",
+                  "|---|---|---|---|---|---|"]
+        for s in summary["networks"].values():
+            r = s["rates"]
+            for i, seed in enumerate(s["seeds"]):
+                cells = [r[k]["per_seed"][i] for k in ("valid", "consistent", "consistent_among_valid", "novel")]
+                lines.append(f"| {s['label']} | {seed} | "
+                             + " | ".join("n/a" if c is None else f"{100 * c:.2f}%" for c in cells) + " |")
+    verdict = summary.get("coordination") or {}
+    if verdict:
+        lines += ["", "Coordination (consistency among valid samples, 95% interval above chance "
+                  f"{100 * summary['baseline']['analytic_consistent']:.2f}% / above the CNN's interval): "
+                  + "; ".join(f"{LABELS[n]}: {'yes' if v['above_chance'] else 'no'} / "
+                              f"{'yes' if v['above_cnn'] else 'no'}" for n, v in verdict.items()) + "."]
     lines += ["", "## Coordination probe", "",
               "Accuracy of pair 1's denoised value (nearest colour of x0_hat) when pair 0 shares its key vs not, "
               "on the same images and noise (only pair 0 differs). A local network scores a gap of exactly 0; "
@@ -636,20 +652,53 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
     rows = [done[j] for j in jobs]
     if bar is not None:
         bar.close()
-    wall = time.perf_counter() - start
     versions = _versions(device)
     summary = summarise(config, rows, baseline)
     summary["correlation_with_els"] = correlations(out, config)
+    summary["coordination"] = coordination_verdict(summary)
     figures = _figures(out, config, rows, device, backend)
+    runs = _record_invocation(out, time.perf_counter() - start, len(todo))
+    wall = sum(r["seconds"] for r in runs)
     doc = {"config": config.to_dict(), "data_config": cfg.to_dict(), "versions": versions, "wall_seconds": wall,
-           "workers": workers,
+           "invocations": runs, "workers": workers,
            "summary": summary, "rows": [{k: v for k, v in r.items() if k != "preview"} for r in rows],
            "figures": figures, "paper": PAPER}
-    md = results_markdown(config, summary, versions, wall)
+    md = results_markdown(config, summary, versions, wall, len(runs))
     atomic_write_text(out / "results.json", json.dumps(doc, indent=1), overwrite=True)
     atomic_write_text(out / "results.md", md, overwrite=True)
     print(md)
     return doc
+
+
+def _record_invocation(out: Path, seconds: float, rows_run: int) -> list[dict]:
+    """Append this invocation's wall time to ``out/invocations.json``; the study's wall time is their
+    sum. A results.json written before this file existed contributes its recorded wall time."""
+    path = out / "invocations.json"
+    if path.exists():
+        runs = json.loads(path.read_text())
+    elif (out / "results.json").exists():
+        runs = [{"seconds": json.loads((out / "results.json").read_text())["wall_seconds"], "rows_run": None}]
+    else:
+        runs = []
+    runs.append({"seconds": seconds, "rows_run": rows_run})
+    atomic_write_text(path, json.dumps(runs, indent=1), overwrite=True)
+    return runs
+
+
+def coordination_verdict(summary: dict) -> dict:
+    """Per attention network: is its consistency among valid samples above chance and above the CNN's,
+    with non-overlapping 95% intervals (the study's criterion for coordination)?"""
+    nets, chance = summary["networks"], summary["baseline"]["analytic_consistent"]
+    cnn = nets.get("none", {}).get("rates", {}).get("consistent_among_valid")
+    out = {}
+    for net in ("top1", "identity", "softmax"):
+        if net not in nets:
+            continue
+        r = nets[net]["rates"]["consistent_among_valid"]
+        lo = r["ci95"][0] if r["n"] else float("nan")
+        out[net] = {"above_chance": bool(lo > chance),
+                    "above_cnn": bool(cnn is not None and cnn["n"] > 0 and lo > cnn["ci95"][1])}
+    return out
 
 
 def pairs_sweep(config: StudyConfig, out: Path, pairs: Sequence[int], **kw) -> dict:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from fastscore.data import KVConfig
-from fastscore.experiment import StudyConfig, coordination_probe, pairs_sweep, reproduce
+from fastscore.experiment import StudyConfig, coordination_probe, coordination_verdict, pairs_sweep, reproduce
 from fastscore.models import ScoreNet
 from fastscore.schedule import make_schedule
 
@@ -142,15 +142,35 @@ def test_pairs_sweep_one_table_with_the_gap_over_the_cnn(tmp_path):
 @pytest.mark.slow
 def test_rows_in_worker_processes_match_and_resume(tmp_path):
     cfg = StudyConfig.preset("tiny", networks=("none", "identity"), n_samples=8, probe_n=8, n_random=50,
-                             train_steps=2, analytic=("els",))
+                             train_steps=2, analytic=("els",), n_seeds=2)
     doc = reproduce(cfg, tmp_path / "par", progress=True, workers=2)
+    md = (tmp_path / "par" / "results.md").read_text()
+    assert "## Per seed" in md and "| CNN | 1 |" in md and "invocations" not in md
+    assert set(doc["summary"]["coordination"]) == {"identity"}
     ref = reproduce(cfg, tmp_path / "seq", progress=False, workers=1)
     assert [(r["network"], r["seed"]) for r in doc["rows"]] == [(r["network"], r["seed"]) for r in ref["rows"]]
     for a, b in zip(doc["rows"], ref["rows"]):   # same config, same data and noise; threads may move last bits
         assert a["rates"]["valid"]["n"] == b["rates"]["valid"]["n"]
     assert doc["rows"][0]["rates"] == ref["rows"][0]["rates"]   # the ELS row trains nothing
     mtime = (tmp_path / "par" / "checkpoints" / "none-seed0.safetensors").stat().st_mtime
-    reproduce(cfg, tmp_path / "par", progress=False, workers=2)
+    doc2 = reproduce(cfg, tmp_path / "par", progress=False, workers=2)
     assert (tmp_path / "par" / "checkpoints" / "none-seed0.safetensors").stat().st_mtime == mtime
+    # the study's wall time sums its invocations
+    runs = json.loads((tmp_path / "par" / "invocations.json").read_text())
+    assert [r["rows_run"] for r in runs] == [5, 0]
+    assert doc2["wall_seconds"] == pytest.approx(sum(r["seconds"] for r in runs))
+    assert "over 2 invocations" in (tmp_path / "par" / "results.md").read_text()
     with pytest.raises(ValueError, match="workers"):
         reproduce(cfg, tmp_path / "par", progress=False, workers=0)
+
+
+def test_coordination_verdict_needs_intervals_clear_of_chance_and_the_cnn():
+    def rate(rate, lo, hi, n=1000):
+        return {"rates": {"consistent_among_valid": {"rate": rate, "ci95": [lo, hi], "n": n}}}
+    summary = {"baseline": {"analytic_consistent": 0.234},
+               "networks": {"none": rate(0.27, 0.24, 0.30), "softmax": rate(0.45, 0.42, 0.48),
+                            "top1": rate(0.29, 0.26, 0.32), "identity": rate(0.0, 0.0, 1.0, n=0)}}
+    v = coordination_verdict(summary)
+    assert v["softmax"] == {"above_chance": True, "above_cnn": True}
+    assert v["top1"] == {"above_chance": True, "above_cnn": False}     # overlaps the CNN's interval
+    assert v["identity"] == {"above_chance": False, "above_cnn": False}  # no valid samples
