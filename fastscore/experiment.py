@@ -27,8 +27,8 @@ import torch
 
 from . import __version__, _validate
 from .checkpoint import atomic_write_text, load_model, save_model
-from .data import KVConfig, generate, make_dataset, palette_of_size, render
-from .metrics import Z95, Rate, analytic_random_consistency, random_images, score
+from .data import KVConfig, decode, generate, make_dataset, palette_of_size, render
+from .metrics import Z95, Rate, analytic_random_consistency, random_images, score, shuffled_consistency
 from .models import ATTENTIONS, ModelConfig, build_model
 from .sampling import sample
 from .schedule import make_schedule
@@ -408,12 +408,24 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
                 cells = [r[k]["per_seed"][i] for k in ("valid", "consistent", "consistent_among_valid", "novel")]
                 lines.append(f"| {s['label']} | {seed} | "
                              + " | ".join("n/a" if c is None else f"{100 * c:.2f}%" for c in cells) + " |")
-    verdict = summary.get("coordination") or {}
-    if verdict:
-        lines += ["", "Coordination (consistency among valid samples, 95% interval above chance "
-                  f"{100 * summary['baseline']['analytic_consistent']:.2f}% / above the CNN's interval): "
-                  + "; ".join(f"{LABELS[n]}: {'yes' if v['above_chance'] else 'no'} / "
-                              f"{'yes' if v['above_cnn'] else 'no'}" for n, v in verdict.items()) + "."]
+    verdict, own = summary.get("coordination") or {}, summary.get("own_marginal_chance") or {}
+    if own:
+        lines += ["", "## Consistency among valid samples against chance", "",
+                  "Own-marginal chance: each model's valid samples with each pair's values shuffled across samples "
+                  "of the same seed (200 shuffles), which keeps every colour marginal and breaks the link between "
+                  "pairs. Coordination: the 95% interval lies above the analytic chance, above the CNN's interval, "
+                  "and above the own-marginal chance.", "",
+                  "| model | consistent among valid | analytic chance | own-marginal chance | coordination |",
+                  "|---|---|---|---|---|"]
+        for net, s in summary["networks"].items():
+            v = verdict.get(net)
+            word = "-" if v is None else ("yes" if all(v.values()) else
+                                          "no (" + ", ".join(k.replace("_", " ") for k, b in v.items() if not b)
+                                          + " fails)")
+            mean = own[net]["mean"] if net in own else float("nan")
+            lines.append(f"| {s['label']} | {_fmt(s['rates']['consistent_among_valid'])} | "
+                         f"{100 * summary['baseline']['analytic_consistent']:.2f}% | "
+                         + (f"{100 * mean:.2f}% (n = {own[net]['n']})" if mean == mean else "n/a") + f" | {word} |")
     lines += ["", "## Coordination probe", "",
               "Accuracy of pair 1's denoised value (nearest colour of x0_hat) when pair 0 shares its key vs not, "
               "on the same images and noise (only pair 0 differs). A local network scores a gap of exactly 0; "
@@ -655,6 +667,7 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
     versions = _versions(device)
     summary = summarise(config, rows, baseline)
     summary["correlation_with_els"] = correlations(out, config)
+    summary["own_marginal_chance"] = own_marginal_chance(out, config)
     summary["coordination"] = coordination_verdict(summary)
     figures = _figures(out, config, rows, device, backend)
     runs = _record_invocation(out, time.perf_counter() - start, len(todo))
@@ -685,10 +698,33 @@ def _record_invocation(out: Path, seconds: float, rows_run: int) -> list[dict]:
     return runs
 
 
+def own_marginal_chance(out: Path, config: StudyConfig) -> dict:
+    """Per model: the consistency its valid samples would have with their values shuffled across
+    samples of the same seed (``metrics.shuffled_consistency``), pooled over seeds weighted by the
+    number of valid samples: chance under the model's own colour marginals."""
+    res = {}
+    for net in tuple(config.analytic) + tuple(config.networks):
+        seeds = range(1) if net in ANALYTIC else range(config.n_seeds)
+        per = []
+        for s in seeds:
+            x = _load_samples(out, _row_name(net, s))
+            if x is None:
+                continue
+            d = decode(config.data_config(), x)
+            per.append(shuffled_consistency(d.keys[d.valid], d.values[d.valid], seed=s))
+        n = sum(p["n"] for p in per)
+        if per:
+            res[net] = {"mean": sum(p["mean"] * p["n"] for p in per if p["n"]) / n if n else float("nan"),
+                        "n": n, "per_seed": per}
+    return res
+
+
 def coordination_verdict(summary: dict) -> dict:
     """Per attention network: is its consistency among valid samples above chance and above the CNN's,
-    with non-overlapping 95% intervals (the study's criterion for coordination)?"""
+    with non-overlapping 95% intervals (the study's criterion for coordination)? With
+    ``summary["own_marginal_chance"]``, also: is it above the chance its own colour marginals give?"""
     nets, chance = summary["networks"], summary["baseline"]["analytic_consistent"]
+    own = summary.get("own_marginal_chance") or {}
     cnn = nets.get("none", {}).get("rates", {}).get("consistent_among_valid")
     out = {}
     for net in ("top1", "identity", "softmax"):
@@ -698,6 +734,8 @@ def coordination_verdict(summary: dict) -> dict:
         lo = r["ci95"][0] if r["n"] else float("nan")
         out[net] = {"above_chance": bool(lo > chance),
                     "above_cnn": bool(cnn is not None and cnn["n"] > 0 and lo > cnn["ci95"][1])}
+        if net in own:
+            out[net]["above_own_marginals"] = bool(lo > own[net]["mean"])
     return out
 
 

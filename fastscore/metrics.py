@@ -150,6 +150,30 @@ def analytic_random_consistency(n_pairs: int, n_colours: int) -> Fraction:
     return total
 
 
+def shuffled_consistency(keys: torch.Tensor, values: torch.Tensor, *, n_perm: int = 200, seed: int = 0) -> dict:
+    """Chance consistency under the samples' own colour marginals: shuffle each pair's values across
+    samples (every marginal kept, the within-sample link broken) and recompute consistency.
+
+    ``keys``, ``values``: (M, n_pairs) int colour indices of decoded *valid* samples. Returns the mean
+    over ``n_perm`` shuffles and its 2.5% / 97.5% quantiles (fractions; NaN when M = 0) and ``n`` = M."""
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError("keys and values must be tensors")
+    if keys.dim() != 2 or keys.shape != values.shape:
+        raise ValueError(f"keys and values must both be (M, n_pairs), got {tuple(keys.shape)} and "
+                         f"{tuple(values.shape)}")
+    _validate.positive_int("n_perm", n_perm)
+    m = keys.shape[0]
+    if m == 0:
+        return {"mean": float("nan"), "q025": float("nan"), "q975": float("nan"), "n": 0}
+    g = torch.Generator().manual_seed(_validate.seed("seed", seed))
+    rates = torch.empty(n_perm, dtype=torch.float64)
+    for i in range(n_perm):
+        shuffled = torch.stack([values[torch.randperm(m, generator=g), j] for j in range(values.shape[1])], 1)
+        rates[i] = is_consistent(keys, shuffled).double().mean()
+    return {"mean": rates.mean().item(), "q025": rates.quantile(0.025).item(),
+            "q975": rates.quantile(0.975).item(), "n": m}
+
+
 def random_images(config: KVConfig, n: int, seed: int = 0) -> torch.Tensor:
     """``n`` valid images whose keys and values are independent and uniform (the empirical baseline)."""
     _validate.positive_int("n", n)
@@ -160,4 +184,4 @@ def random_images(config: KVConfig, n: int, seed: int = 0) -> torch.Tensor:
 
 
 __all__ = ["wilson", "Rate", "Scores", "score", "is_consistent", "content_codes",
-           "analytic_random_consistency", "random_images", "generate"]
+           "analytic_random_consistency", "shuffled_consistency", "random_images", "generate"]

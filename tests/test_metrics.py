@@ -6,7 +6,7 @@ import torch
 
 from fastscore.data import KVConfig, make_dataset, palette_of_size
 from fastscore.metrics import (analytic_random_consistency, content_codes, is_consistent, random_images, score,
-                               wilson)
+                               shuffled_consistency, wilson)
 
 
 def test_analytic_baseline_default_is_1045_over_4096():
@@ -73,3 +73,22 @@ def test_score_rejects_a_training_set_of_another_config():
         score(cfg, x, other)
     with pytest.raises(TypeError, match="KVBatch"):
         score(cfg, x, "train")
+
+
+def test_shuffled_consistency_is_the_chance_of_the_samples_own_marginals(seed):
+    g = torch.Generator().manual_seed(seed % 2**31)
+    keys = torch.randint(0, 2, (4000, 4), generator=g)
+    # perfectly consistent samples (value = key) with uniform marginals: shuffling gives the analytic chance
+    c = shuffled_consistency(keys, keys.clone(), n_perm=50, seed=1)
+    assert c["n"] == 4000 and c["q025"] <= c["mean"] <= c["q975"]
+    assert abs(c["mean"] - float(analytic_random_consistency(4, 2))) < 0.02
+    # one value everywhere: every shuffle is consistent
+    assert shuffled_consistency(keys, torch.zeros_like(keys), n_perm=5)["mean"] == 1.0
+    # skewed value marginals raise chance above the uniform 15/64
+    skew = (torch.rand(4000, 4, generator=g) < 0.8).long()
+    assert shuffled_consistency(keys, skew, n_perm=20)["mean"] > float(analytic_random_consistency(4, 2)) + 0.1
+    assert shuffled_consistency(keys[:0], keys[:0])["n"] == 0
+    with pytest.raises(ValueError, match="keys and values"):
+        shuffled_consistency(keys, keys[:, :3])
+    with pytest.raises(ValueError, match="n_perm"):
+        shuffled_consistency(keys, keys, n_perm=0)
