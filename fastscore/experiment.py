@@ -450,7 +450,8 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
     return "\n".join(lines)
 
 
-def _figures(out: Path, config: StudyConfig, rows: list[dict], device, backend) -> list[str]:
+def _figures(out: Path, config: StudyConfig, rows: list[dict], device, backend, summary: dict | None = None
+             ) -> list[str]:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -477,6 +478,8 @@ def _figures(out: Path, config: StudyConfig, rows: list[dict], device, backend) 
         ax.axis("off")
     written.append(_savefig(fig, fig_dir / "samples.png"))
     plt.close(fig)
+    if summary is not None:
+        written.append(_consistency_figure(plt, fig_dir / "consistency.png", config, summary))
     # loss curves
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for net in nets:
@@ -523,6 +526,39 @@ def _figures(out: Path, config: StudyConfig, rows: list[dict], device, backend) 
         written.append(_savefig(fig, fig_dir / "attention.png"))
         plt.close(fig)
     return written
+
+
+def _consistency_figure(plt, path: Path, config: StudyConfig, summary: dict) -> str:
+    """Consistency among valid samples per model: pooled rate with its 95% interval, seeds as dots,
+    the analytic chance as a line and each model's own-marginal chance as a tick."""
+    nets = summary["networks"]
+    own = summary.get("own_marginal_chance") or {}
+    names = [n for n in nets if nets[n]["rates"]["consistent_among_valid"]["n"]]
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 1.5, 3.4))
+    for i, n in enumerate(names):
+        r = nets[n]["rates"]["consistent_among_valid"]
+        lo, hi = r["ci95"]
+        ax.bar(i, 100 * r["rate"], color="tab:orange" if n not in ("none",) + ANALYTIC else "tab:grey", alpha=0.8)
+        ax.errorbar(i, 100 * r["rate"], yerr=[[100 * (r["rate"] - lo)], [100 * (hi - r["rate"])]], color="k",
+                    capsize=4)
+        seeds = [p for p in r.get("per_seed", []) if p is not None]
+        if len(seeds) > 1:
+            ax.scatter([i] * len(seeds), [100 * p for p in seeds], color="k", s=10, zorder=3)
+        if n in own and own[n]["mean"] == own[n]["mean"]:
+            ax.hlines(100 * own[n]["mean"], i - 0.4, i + 0.4, colors="tab:blue", linestyles="dotted")
+    ax.axhline(100 * summary["baseline"]["analytic_consistent"], color="tab:red", ls="--", lw=1,
+               label="analytic chance")
+    ax.plot([], [], color="tab:blue", ls="dotted", label="own-marginal chance")
+    ax.set_xticks(range(len(names)), [LABELS[n].replace("CNN + ", "+ ").replace(" (theory)", "") for n in names],
+                  fontsize=7, rotation=20)
+    ax.set_ylabel("consistent among valid (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{config.n_pairs} pairs, {config.n_colours} colours, {config.n_seeds} seed(s) x "
+                 f"{config.n_samples} samples", fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
+    path = _savefig(fig, path)
+    plt.close(fig)
+    return path
 
 
 def _savefig(fig, path: Path) -> str:
@@ -669,7 +705,7 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
     summary["correlation_with_els"] = correlations(out, config)
     summary["own_marginal_chance"] = own_marginal_chance(out, config)
     summary["coordination"] = coordination_verdict(summary)
-    figures = _figures(out, config, rows, device, backend)
+    figures = _figures(out, config, rows, device, backend, summary)
     runs = _record_invocation(out, time.perf_counter() - start, len(todo))
     wall = sum(r["seconds"] for r in runs)
     doc = {"config": config.to_dict(), "data_config": cfg.to_dict(), "versions": versions, "wall_seconds": wall,

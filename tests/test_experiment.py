@@ -58,7 +58,8 @@ def test_tiny_study_resumes_and_protects_its_directory(tmp_path):
     out = tmp_path / "study"
     doc = reproduce(cfg, out, progress=False)
     assert set(doc["summary"]["networks"]) == {"els", "none", "softmax"}
-    for f in ("results.json", "results.md", "study.json", "figures/samples.png", "checkpoints/none-seed0.safetensors"):
+    for f in ("results.json", "results.md", "study.json", "figures/samples.png", "figures/consistency.png",
+              "checkpoints/none-seed0.safetensors"):
         assert (out / f).exists(), f
     assert doc["summary"]["baseline"]["analytic_fraction"] == "15/64"   # 4 pairs, 2 colours
     assert doc["summary"]["networks"]["none"]["probe"][0]["gap"] == 0.0
