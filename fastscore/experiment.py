@@ -796,9 +796,41 @@ def pairs_sweep(config: StudyConfig, out: Path, pairs: Sequence[int], **kw) -> d
         c = replace(config, n_pairs=p, image_size=size, coord_channels=config.coord_channels or need_coords)
         docs[p] = reproduce(c, Path(out) / f"pairs-{p}", **kw)
     lines = sweep_table(config.networks, docs)
+    _sweep_figure(Path(out) / "sweep.png", config.networks, docs)
     atomic_write_text(Path(out) / "sweep.md", lines, overwrite=True)
     print(lines)
     return docs
+
+
+def _sweep_figure(path: Path, networks: Sequence[str], docs: dict) -> str | None:
+    """Consistency among valid samples against the number of pairs, per network, with the analytic chance."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    pairs = list(docs)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(pairs, [100 * docs[p]["summary"]["baseline"]["analytic_consistent"] for p in pairs], "r--",
+            label="analytic chance")
+    for net in networks:
+        xs, ys, los, his = [], [], [], []
+        for p in pairs:
+            r = docs[p]["summary"]["networks"].get(net, {}).get("rates", {}).get("consistent_among_valid")
+            if r and r["n"]:
+                xs.append(p)
+                ys.append(100 * r["rate"])
+                los.append(100 * (r["rate"] - r["ci95"][0]))
+                his.append(100 * (r["ci95"][1] - r["rate"]))
+        ax.errorbar(xs, ys, yerr=[los, his], marker="o", capsize=3, label=LABELS[net])
+    ax.set_xlabel("pairs per image")
+    ax.set_ylabel("consistent among valid (%)")
+    ax.set_xticks(pairs)
+    ax.legend(fontsize=7)
+    out = _savefig(fig, path)
+    plt.close(fig)
+    return out
 
 
 def sweep_table(networks: Sequence[str], docs: dict) -> str:

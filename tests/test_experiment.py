@@ -136,6 +136,7 @@ def test_pairs_sweep_one_table_with_the_gap_over_the_cnn(tmp_path):
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert len(table) == 4 and "CNN + softmax attention - CNN (pp)" in table[0]
     assert table[3].startswith("| 8 | 12x12 |")
+    assert (tmp_path / "sweep.png").exists()
     with pytest.raises(FileExistsError):
         pairs_sweep(cfg, tmp_path, [2], progress=False)
 
