@@ -45,6 +45,9 @@ FINDINGS = """## What produced coordination
   valid samples consistency is 34-35%. A better sampler does not rescue an under-trained network (the
   5,000-step one, 500 samples: DDIM-50 eta 1 28.8% valid, eta 0 19.8%, DDIM-100 35.0%, DDPM-1000 34.8%).
 - **`attn_patch` matters**: without it, seed 0 reaches 39.0% [36.0, 42.1] instead of 56.1%.
+- **The full study under these defaults** (`fastscore reproduce`, 3 seeds x 10,000 samples, model seeds
+  1000 + s, so not the runs above; docs/results-full.md): softmax 40.8% [40.1, 41.4] among valid (seeds 46.0,
+  27.9, 54.0), top-1 29.4% [28.7, 30.2], identity 24.5% [23.6, 25.5], CNN 23.4% [22.7, 24.1]; chance 23.44%.
 
 The `s` column is wall time on the 2-core CPU, often shared with another run, so it compares only loosely.
 """

@@ -419,9 +419,9 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
                   "|---|---|---|---|---|"]
         for net, s in summary["networks"].items():
             v = verdict.get(net)
+            names = {"above_chance": "chance", "above_cnn": "the CNN", "above_own_marginals": "own marginals"}
             word = "-" if v is None else ("yes" if all(v.values()) else
-                                          "no (" + ", ".join(k.replace("_", " ") for k, b in v.items() if not b)
-                                          + " fails)")
+                                          "no: not above " + ", ".join(names[k] for k, b in v.items() if not b))
             mean = own[net]["mean"] if net in own else float("nan")
             lines.append(f"| {s['label']} | {_fmt(s['rates']['consistent_among_valid'])} | "
                          f"{100 * summary['baseline']['analytic_consistent']:.2f}% | "
