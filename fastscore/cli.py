@@ -11,13 +11,20 @@ import torch
 from . import __version__
 
 
+def _study_defaults():
+    from .experiment import StudyConfig
+    return StudyConfig()
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
+    d = _study_defaults()
     g = p.add_argument_group("dataset (defaults: the study's)")
-    g.add_argument("--pairs", type=int, default=None, help="key-value pairs per image (default 4)")
-    g.add_argument("--colours", type=int, default=None, help="palette size, 2..8 (default 2: R, G)")
-    g.add_argument("--image-size", type=int, default=None, help="image side in pixels (default 8)")
-    g.add_argument("--n-train", type=int, default=None, help="training images (default 5000)")
-    g.add_argument("--data-seed", type=int, default=None, help="seed of the training set (default 0)")
+    g.add_argument("--pairs", type=int, default=None, help=f"key-value pairs per image (default {d.n_pairs})")
+    g.add_argument("--colours", type=int, default=None,
+                   help=f"palette size, 2..8, in the order R, G, B, Y, C, M, W, K (default {d.n_colours})")
+    g.add_argument("--image-size", type=int, default=None, help=f"image side in pixels (default {d.image_size})")
+    g.add_argument("--n-train", type=int, default=None, help=f"training images (default {d.n_train})")
+    g.add_argument("--data-seed", type=int, default=None, help=f"seed of the training set (default {d.data_seed})")
 
 
 def _t_focus(text: str) -> tuple[int, int]:
@@ -30,21 +37,26 @@ def _t_focus(text: str) -> tuple[int, int]:
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     """Network and training options; ``None`` means the study's default (``StudyConfig``)."""
+    d = _study_defaults()
+    on = "on" if d.attn_patch else "off"
     g = p.add_argument_group("network and training (defaults: the study's)")
-    g.add_argument("--width", type=int, default=None, help="CNN channels (default 64)")
-    g.add_argument("--attn-dim", type=int, default=None, help="query/key width (default 64)")
+    g.add_argument("--width", type=int, default=None, help=f"CNN channels (default {d.width})")
+    g.add_argument("--attn-dim", type=int, default=None, help=f"query/key width (default {d.attn_dim})")
     g.add_argument("--attn-patch", action=argparse.BooleanOptionalAction, default=None,
-                   help="queries, keys and values also see the raw 3x3 neighbourhood (softmax, top-1; default on)")
-    g.add_argument("--temperature", type=float, default=None, help="top-1 surrogate temperature (default 1)")
+                   help=f"queries, keys and values also see the raw 3x3 neighbourhood (softmax, top-1; default {on})")
+    g.add_argument("--temperature", type=float, default=None,
+                   help=f"top-1 surrogate temperature (default {d.temperature:g})")
     g.add_argument("--coord-channels", action=argparse.BooleanOptionalAction, default=None,
-                   help="two coordinate input channels (default off)")
-    g.add_argument("--train-steps", type=int, default=None)
-    g.add_argument("--train-batch", type=int, default=None, dest="batch_size", help="default 128")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
-    g.add_argument("--ema", type=float, default=None, help="EMA decay (default 0.999)")
+                   help=f"two coordinate input channels (default {'on' if d.coord_channels else 'off'})")
+    g.add_argument("--train-steps", type=int, default=None, help=f"default {d.train_steps}")
+    g.add_argument("--train-batch", type=int, default=None, dest="batch_size", help=f"default {d.batch_size}")
+    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr:g})")
+    g.add_argument("--ema", type=float, default=None, help=f"EMA decay (default {d.ema:g})")
+    focus = ",".join(map(str, d.t_focus)) if d.t_focus else "none"
     g.add_argument("--t-focus", type=_t_focus, default=None, metavar="LO,HI",
-                   help="draw training timesteps from [LO, HI] with probability --t-focus-prob (default 50,400)")
-    g.add_argument("--t-focus-prob", type=float, default=None, help="default 0.5; 0 draws all t uniformly")
+                   help=f"draw training timesteps from [LO, HI] with probability --t-focus-prob (default {focus})")
+    g.add_argument("--t-focus-prob", type=float, default=None,
+                   help=f"default {d.t_focus_prob:g}; 0 draws all t uniformly")
 
 
 _STUDY_KEYS = {"pairs": "n_pairs", "colours": "n_colours", "image_size": "image_size", "n_train": "n_train",
@@ -203,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="the paper's experiment end to end (train, sample, score, probe)")
     mode = r.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="the few-minute version")
+    mode.add_argument("--quick", action="store_true",
+                      help="the few-minute version: 5,000 training steps, 1 seed, 1,000 samples per network")
     mode.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
     r.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     r.add_argument("--networks", default=None, help="comma list of none,identity,top1,softmax")

@@ -450,13 +450,21 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
     return "\n".join(lines)
 
 
-def _figures(out: Path, config: StudyConfig, rows: list[dict], device, backend, summary: dict | None = None
-             ) -> list[str]:
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None without matplotlib (figures are optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _figures(out: Path, config: StudyConfig, rows: list[dict], device, backend, summary: dict | None = None
+             ) -> list[str]:
+    plt = _pyplot()
+    if plt is None:
         return []
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
@@ -605,13 +613,13 @@ def _worker_job(config: StudyConfig, out: Path, net: str, seed: int, device, bac
                 queue) -> dict:
     torch.set_num_threads(threads)
     images, train_set = make_dataset(config.data_config(), config.n_train, config.data_seed)
-    bar = _QueueBar(queue) if queue is not None else None
-    if queue is not None:
-        queue.put(("start", net, seed))
+    if queue is None:
+        return _job(config, out, net, seed, images, train_set, device, backend, None, weights)
+    queue.put(("start", net, seed))
+    bar = _QueueBar(queue)
     row = _job(config, out, net, seed, images, train_set, device, backend, bar, weights)
-    if bar is not None:
-        bar.flush()
-        queue.put(("end", net, seed))
+    bar.flush()
+    queue.put(("end", net, seed))
     return row
 
 
@@ -770,9 +778,7 @@ def coordination_verdict(summary: dict) -> dict:
     own = summary.get("own_marginal_chance") or {}
     cnn = nets.get("none", {}).get("rates", {}).get("consistent_among_valid")
     out = {}
-    for net in ("top1", "identity", "softmax"):
-        if net not in nets:
-            continue
+    for net in (n for n in nets if n not in ("none",) + ANALYTIC):
         r = nets[net]["rates"]["consistent_among_valid"]
         lo = r["ci95"][0] if r["n"] else float("nan")
         out[net] = {"above_chance": bool(lo > chance),
@@ -811,11 +817,8 @@ def pairs_sweep(config: StudyConfig, out: Path, pairs: Sequence[int], **kw) -> d
 
 def _sweep_figure(path: Path, networks: Sequence[str], docs: dict) -> str | None:
     """Consistency among valid samples against the number of pairs, per network, with the analytic chance."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     pairs = list(docs)
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -842,7 +845,7 @@ def _sweep_figure(path: Path, networks: Sequence[str], docs: dict) -> str | None
 
 def sweep_table(networks: Sequence[str], docs: dict) -> str:
     """Markdown: per pair count, the image size, chance, each network's consistency among valid samples
-    (its validity in brackets) and, with the CNN in the sweep, each attention network's gap over it."""
+    with its validity, and, with the CNN in the sweep, each attention network's gap over it in pp."""
     attn = [n for n in networks if n != "none"] if "none" in networks else []
     head = ["pairs", "image", "chance"] + [LABELS[n] for n in networks] + [f"{LABELS[n]} - CNN (pp)" for n in attn]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]

@@ -116,6 +116,8 @@ class ScoreNet(nn.Module):
     def _qkv_input(self, tok: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
         if not self.config.attn_patch:
             return tok
+        if x is None:
+            raise ValueError("attend needs x (the network input, (B, C, H, W)) when attn_patch=True")
         patches = F.unfold(x, 3, padding=1).transpose(1, 2)           # (B, N, 9C) raw 3x3 neighbourhoods
         return torch.cat([tok, patches.to(tok.dtype)], dim=-1)
 

@@ -101,3 +101,20 @@ def test_bad_timesteps():
     with pytest.raises(ValueError, match="shape"):
         m(x, torch.tensor([1, 2, 3]))
     assert m(x, 5).shape == x.shape
+
+
+@pytest.mark.parametrize("attention", ["softmax", "top1"])
+def test_attn_patch_feeds_the_raw_neighbourhood_to_the_projections(attention, seed):
+    m = ScoreNet(attention, 16, attn_dim=8, image_size=8, attn_patch=True)
+    assert m.qkv.in_features == 16 + 9 * 3          # token + raw 3x3 x 3 channels
+    x, t = torch.randn(2, 3, 8, 8), torch.randint(0, 1000, (2,))
+    y = m(x, t)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert m.qkv.weight.grad[:, 16:].abs().sum() > 0   # the patch columns are used and trained
+    w = m.attention_weights(x, t)
+    assert w.shape == (2, 64, 64) and torch.allclose(w.sum(-1), torch.ones(2, 64), atol=1e-5)
+    with pytest.raises(ValueError, match="attn_patch"):
+        m.attend(torch.randn(2, 16, 8, 8))
+    with pytest.raises(ValueError, match="attn_patch"):
+        ModelConfig("identity", attn_patch=True)
