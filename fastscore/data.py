@@ -14,7 +14,8 @@ Decoding (``decode``): a cell is *clean* when every pixel of it is within ``tole
 (L-infinity, in [-1, 1] units; default 0.4, under half the distance 1 from the grey background
 to any palette colour) of one palette colour; the background is clean when every background pixel
 is within ``tolerance`` of the background colour. ``decode`` also returns the nearest palette colour
-of each cell's mean, for the lenient nearest-colour scores.
+of each cell's mean (-1 when the mean is non-finite or no nearer any colour than the background), for
+the lenient nearest-colour scores.
 """
 from __future__ import annotations
 
@@ -208,7 +209,8 @@ def make_dataset(config: KVConfig, n: int, seed: int = 0) -> tuple[torch.Tensor,
 class Decoded:
     """Decoding of N images. Strict: ``keys``/``values`` (N, n_pairs) int64, -1 where a cell is not
     clean; ``cell_clean`` (N, 2, n_pairs) bool (key cells, value cells); ``background_clean`` (N,)
-    bool. Lenient: ``nearest_keys``/``nearest_values``, the palette colour nearest each cell's mean."""
+    bool. Lenient: ``nearest_keys``/``nearest_values``, the palette colour nearest each cell's mean, -1
+    where the cell shows no colour (its mean is NaN/inf, or no nearer any palette colour than the background)."""
     keys: torch.Tensor
     values: torch.Tensor
     cell_clean: torch.Tensor
@@ -249,7 +251,10 @@ def decode(config: KVConfig, images: torch.Tensor, *, tolerance: float | None = 
         clean = best_d <= tol
         strict = torch.where(clean, best, torch.full_like(best, -1))
         mean = px.mean(-1)                                                           # (N, 2n, 3)
-        nearest = ((mean.unsqueeze(2) - pal.view(1, 1, -1, 3)) ** 2).sum(-1).argmin(2)
+        near_d, nearest = ((mean.unsqueeze(2) - pal.view(1, 1, -1, 3)) ** 2).sum(-1).min(2)
+        # a grey, NaN or inf cell has no nearest colour: otherwise all its cells would share colour 0
+        # and garbage would read as consistent (NaN and inf compare False here)
+        nearest = torch.where(near_d < ((mean - bg.view(1, 1, 3)) ** 2).sum(-1), nearest, -1)
         if bg_mask.any():
             bclean = ((x - bg).abs().amax(1)[:, bg_mask] <= tol).all(1)
         else:

@@ -4,12 +4,19 @@
 - *consistent*: valid, and equal keys carry equal values;
 - *novel*: consistent, and the decoded (keys, values) match no training image;
 - *consistent among valid*: consistent / valid (the headline rate can rise by validity alone);
-- *nearest-colour consistent*: equal nearest-colour keys carry equal nearest-colour values,
-  on every sample, valid or not (a lenient lens beside the strict one).
+- *nearest-colour consistent*: every cell shows a colour (its mean is nearer a palette colour than
+  the background) and equal nearest-colour keys carry equal nearest-colour values, on every sample,
+  valid or not (a lenient lens beside the strict one).
+
+Garbage is never scored as content: an image holding NaN or inf (*non-finite*), or a pixel beyond
+[-1 - tolerance, 1 + tolerance] (*out of range*; colours lie in [-1, 1], so no valid image has one:
+e.g. images scaled to [0, 255]) is neither valid nor nearest-colour consistent; ``score`` counts such
+images in its rates and warns (RuntimeWarning).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -76,11 +83,14 @@ def content_codes(keys: torch.Tensor, values: torch.Tensor, n_colours: int) -> t
 
 @dataclass
 class Scores:
-    """Per-image flags (N,) bool and the rates."""
+    """Per-image flags (N,) bool and the rates. ``finite``: no NaN/inf pixel; ``in_range``: finite and
+    every pixel within [-1 - tolerance, 1 + tolerance]."""
     valid: torch.Tensor
     consistent: torch.Tensor
     novel: torch.Tensor
     nearest_consistent: torch.Tensor
+    finite: torch.Tensor
+    in_range: torch.Tensor
 
     @property
     def rates(self) -> dict[str, Rate]:
@@ -94,6 +104,8 @@ class Scores:
             "novel": Rate(int(self.novel.sum()), n),
             "novel_among_consistent": Rate(int(self.novel.sum()), nc),
             "nearest_consistent": Rate(int(self.nearest_consistent.sum()), n),
+            "non_finite": Rate(int((~self.finite).sum()), n),
+            "out_of_range": Rate(int((self.finite & ~self.in_range).sum()), n),
         }
 
     def to_dict(self) -> dict:
@@ -102,7 +114,11 @@ class Scores:
 
 def score(config: KVConfig, images: torch.Tensor, train: KVBatch | None = None, *,
           tolerance: float | None = None) -> Scores:
-    """Score images (N, 3, H, W) against the training contents ``train`` (novelty needs it)."""
+    """Score images (N, 3, H, W) in [-1, 1] against the training contents ``train`` (novelty needs it).
+
+    Images with NaN/inf or pixels beyond 1 + tolerance in magnitude score as invalid and inconsistent
+    under both lenses, are counted in ``rates["non_finite"]`` / ``rates["out_of_range"]``, and raise a
+    RuntimeWarning."""
     if train is not None:
         if not isinstance(train, KVBatch):
             raise TypeError(f"train must be a KVBatch, got {type(train).__name__}")
@@ -112,7 +128,16 @@ def score(config: KVConfig, images: torch.Tensor, train: KVBatch | None = None, 
         if train.keys.numel() and (int(train.keys.max()) >= config.n_colours or int(train.values.max()) >= config.n_colours):
             raise ValueError(f"train holds colour indices beyond the config's {config.n_colours} colours")
     d = decode(config, images, tolerance=tolerance)
-    valid = d.valid
+    tol = config.tolerance if tolerance is None else tolerance   # decode has checked it
+    x = images.detach().flatten(1)
+    finite = torch.isfinite(x).all(1).cpu()
+    in_range = finite & (x.abs() <= 1 + tol).all(1).cpu()
+    n_bad, n_out = int((~finite).sum()), int((finite & ~in_range).sum())
+    if n_bad or n_out:
+        warnings.warn(f"score: {n_bad} of {len(finite)} images hold NaN or inf and {n_out} have pixels beyond "
+                      f"+-{1 + tol:g} (images must lie in [-1, 1]; scaled to [0, 255]?); they count as invalid "
+                      f"and inconsistent (rates 'non_finite', 'out_of_range')", RuntimeWarning, stacklevel=2)
+    valid = d.valid & in_range
     consistent = valid & is_consistent(d.keys, d.values)
     if train is not None:
         codes = content_codes(d.keys.clamp(min=0), d.values.clamp(min=0), config.n_colours)
@@ -120,8 +145,9 @@ def score(config: KVConfig, images: torch.Tensor, train: KVBatch | None = None, 
         novel = consistent & ~seen
     else:
         novel = torch.zeros_like(consistent)
-    nearest = is_consistent(d.nearest_keys, d.nearest_values)
-    return Scores(valid, consistent, novel, nearest)
+    shows_colours = (d.nearest_keys >= 0).all(1) & (d.nearest_values >= 0).all(1)
+    nearest = in_range & shows_colours & is_consistent(d.nearest_keys, d.nearest_values)
+    return Scores(valid, consistent, novel, nearest, finite, in_range)
 
 
 def _stirling2(n: int, k: int) -> int:

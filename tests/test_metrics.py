@@ -92,3 +92,57 @@ def test_shuffled_consistency_is_the_chance_of_the_samples_own_marginals(seed):
         shuffled_consistency(keys, keys[:, :3])
     with pytest.raises(ValueError, match="n_perm"):
         shuffled_consistency(keys, keys, n_perm=0)
+
+
+def _garbage(kind: str, x: torch.Tensor) -> torch.Tensor:
+    return {"nan": torch.full_like(x, float("nan")), "inf": torch.full_like(x, float("inf")),
+            "-inf": torch.full_like(x, -float("inf")), "grey": torch.zeros_like(x),
+            "0-255": (x + 1) * 127.5, "0-1": (x + 1) / 2}[kind]
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "grey", "0-255", "0-1"])
+def test_no_rate_is_above_zero_on_garbage_images(kind):
+    # consistent training images made garbage: every cell reads as one colour (or none) under a naive
+    # nearest-colour lens, which used to score them 100% nearest-colour consistent
+    cfg = KVConfig(palette=palette_of_size(2))
+    x, b = make_dataset(cfg, 64, 0)
+    assert score(cfg, x, b).nearest_consistent.all()            # the lens does read real content
+    y = _garbage(kind, x)
+    if kind in ("nan", "inf", "-inf", "0-255"):
+        with pytest.warns(RuntimeWarning, match="NaN or inf|beyond"):
+            s = score(cfg, y, b)
+    else:
+        s = score(cfg, y, b)
+    for name in ("valid", "consistent", "novel", "nearest_consistent"):
+        assert s.rates[name].k == 0, (name, s.rates[name])
+    assert s.rates["non_finite"].k == (64 if kind in ("nan", "inf", "-inf") else 0)
+    assert s.rates["out_of_range"].k == (64 if kind == "0-255" else 0)
+
+
+def test_score_flags_only_the_bad_images_and_scores_the_rest():
+    cfg = KVConfig()
+    x, b = make_dataset(cfg, 20, 3)
+    y = x.clone()
+    y[2, 1, 4, 4] = float("nan")          # one background pixel
+    y[5, 0, 0, 0] = float("inf")          # one key cell
+    y[7] *= 255                           # out of range
+    y[9, :, 7, 7] *= 1.3                  # a small overshoot in a key cell: still clean and in range
+    with pytest.warns(RuntimeWarning, match="2 of 20 images hold NaN or inf and 1 have pixels beyond"):
+        s = score(cfg, y, b)
+    bad = torch.zeros(20, dtype=torch.bool)
+    bad[[2, 5, 7]] = True
+    assert s.finite.tolist() == [i not in (2, 5) for i in range(20)]
+    assert s.in_range.tolist() == (~bad).tolist()
+    assert s.valid.tolist() == (~bad).tolist() and s.nearest_consistent.tolist() == (~bad).tolist()
+    assert s.to_dict()["non_finite"]["k"] == 2 and s.to_dict()["out_of_range"]["k"] == 1
+
+
+def test_nearest_colour_lens_needs_every_cell_to_show_a_colour():
+    cfg = KVConfig()
+    x, _ = make_dataset(cfg, 8, 1)
+    y = x.clone()
+    y[0, :, 0, 0] = 0.05                      # image 0: key cell of pair 0 greyed out (nearest the background)
+    y[1, :, 0, 0] = 0.55 * x[1, :, 0, 0]      # image 1: a faint key (not clean), still nearer its colour than grey
+    s = score(cfg, y)
+    assert not s.valid[0] and not s.valid[1]
+    assert not s.nearest_consistent[0] and s.nearest_consistent[1:].all()
