@@ -8,6 +8,7 @@ the same weights on the same device and backend.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -83,13 +84,22 @@ def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfi
     """Train ``model`` (``(x_t, t) -> eps_hat``) on images ``data`` (M, C, H, W) in [-1, 1].
 
     ``schedule`` defaults to the linear schedule with ``model.config.T`` (or 1000) steps.
-    ``callback(step, loss)`` is called after every step when given.
+    ``callback(step, loss)`` is called after every step when given. Raises ValueError before any
+    work when ``data`` or the model's parameters hold NaN/inf, and FloatingPointError at the first
+    step whose loss is NaN/inf (naming the step).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _validate.tensor("data", data, ndim=4)
     if data.shape[0] == 0:
         raise ValueError("data must hold at least one image")
+    bad = ~torch.isfinite(data.detach()).flatten(1).all(1)
+    if bad.any():
+        raise ValueError(f"data holds NaN or inf in {int(bad.sum())} of {data.shape[0]} images "
+                         f"(first: image {int(bad.nonzero()[0])}); training on them would only produce NaN")
+    bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad_params:
+        raise ValueError(f"model has NaN or inf parameters ({', '.join(bad_params[:3])}); nothing to train from")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if schedule is None:
@@ -134,7 +144,13 @@ def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfi
             sched.step()
         if ema is not None:  # warm-up: early on the average must not keep the random initial weights
             _ema_update(ema, model, min(config.ema, (1 + step) / (10 + step)))
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))   # the one host sync per step; the NaN check below is free
+        if not math.isfinite(losses[-1]):   # every earlier loss was finite, or we would have stopped there
+            if bar is not None:
+                bar.close()
+            before = f"{losses[-2]:.4g} at step {step - 1}" if step else "none"
+            raise FloatingPointError(f"training diverged: the loss is {losses[-1]} at step {step} of {config.steps} "
+                                     f"(the loss before: {before}); try a lower lr or a smaller grad_clip")
         if callback is not None:
             callback(step, losses[-1])
         if bar is not None:
