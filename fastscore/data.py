@@ -138,7 +138,7 @@ class KVConfig:
         return json.loads(json.dumps(d))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "KVConfig":
+    def from_dict(cls, d: dict) -> KVConfig:
         d = dict(d)
         d["palette"] = tuple(tuple(c) for c in d["palette"])
         d["background"] = tuple(d["background"])

@@ -110,6 +110,7 @@ def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfi
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     ema = copy.deepcopy(model).eval() if config.ema > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched: torch.optim.lr_scheduler.LRScheduler | None
     if config.lr_schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps)
     elif config.lr_schedule == "cosine":

@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from fastscore.data import KVConfig, make_dataset, palette_of_size
-from fastscore.metrics import (analytic_random_consistency, content_codes, is_consistent, random_images, score,
-                               shuffled_consistency, wilson)
+from fastscore.metrics import (
+    analytic_random_consistency,
+    content_codes,
+    is_consistent,
+    random_images,
+    score,
+    shuffled_consistency,
+    wilson,
+)
 
 
 def test_analytic_baseline_default_is_1045_over_4096():
