@@ -1,0 +1,190 @@
+"""Creativity proper: samples that are consistent *and* new, and how far they lie from the training set.
+
+For samples of the key-value dataset and the training set's contents (a ``KVBatch``):
+
+- *copy*: a valid sample whose decoded (keys, values) equal some training image's. Training
+  contents obey the rule, so every copy is consistent.
+- *consistent and novel*: valid, consistent, and not a copy. The headline creativity rate is
+  consistent-and-novel among valid samples.
+- *chance*: ``novelty_chance`` is the exact P(consistent and content not in the training set |
+  valid) when every key and value is independent and uniform, i.e. the fraction of the ``P**(2n)``
+  contents that are consistent and not covered by the training set (a ``Fraction``). With 4 pairs,
+  2 colours and 5,000 training images all 60 consistent contents are covered, so it is 0.
+- *nearest training image*: per sample, the training image at the smallest pixel L2 distance
+  (float64, over all C*H*W values in [-1, 1] units); a copy lies near its training image, a
+  mosaic (Kamb & Ganguli) lies far from every one.
+
+Anchors: the ideal score (``fastscore.theory.IdealScore``) reproduces training images (novel 0);
+the ELS machine composes training patches into new contents (mosaics).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from . import _validate
+from .data import KVBatch, KVConfig, decode, render
+from .metrics import Rate, analytic_random_consistency, content_codes, is_consistent
+
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+_CHUNK_ELEMENTS = 2**22                 # sample x training-image distances held at once
+
+
+def _check_train(config: KVConfig, train: KVBatch) -> KVBatch:
+    if not isinstance(config, KVConfig):
+        raise TypeError(f"config must be a KVConfig, got {type(config).__name__}")
+    if not isinstance(train, KVBatch):
+        raise TypeError(f"train must be a KVBatch (training contents), got {type(train).__name__}")
+    if train.keys.dim() != 2 or train.keys.shape != train.values.shape or train.keys.shape[1] != config.n_pairs:
+        raise ValueError(f"train must hold keys and values of shape (N, {config.n_pairs}) (the config's n_pairs), "
+                         f"got {tuple(train.keys.shape)} and {tuple(train.values.shape)}")
+    if train.keys.shape[0] == 0:
+        raise ValueError("train is empty: need at least one training image")
+    for name, x in (("keys", train.keys), ("values", train.values)):
+        if int(x.min()) < 0 or int(x.max()) >= config.n_colours:
+            raise ValueError(f"train.{name} must hold colour indices in [0, {config.n_colours})")
+    return train
+
+
+def n_consistent_contents(n_pairs: int, n_colours: int) -> int:
+    """How many of the ``n_colours**(2 n_pairs)`` contents are consistent (4 pairs, 2 colours: 60)."""
+    exact = analytic_random_consistency(n_pairs, n_colours) * n_colours ** (2 * n_pairs)
+    assert exact.denominator == 1
+    return int(exact)
+
+
+def training_codes(config: KVConfig, train: KVBatch) -> torch.Tensor:
+    """Sorted distinct content codes (``metrics.content_codes``) of the training contents, (M,) int64."""
+    _check_train(config, train)
+    return torch.unique(content_codes(train.keys, train.values, config.n_colours))
+
+
+def coverage(config: KVConfig, train: KVBatch) -> dict:
+    """How much of the rule the training set shows: ``n_train``, ``distinct`` training contents,
+    ``consistent_contents`` (all of them), ``covered`` (distinct consistent training contents),
+    ``covered_fraction`` and ``chance`` (``novelty_chance``; a float) with ``chance_exact`` ("p/q")."""
+    _check_train(config, train)
+    uniq = torch.unique(torch.cat([train.keys, train.values], 1), dim=0)
+    n = config.n_pairs
+    covered = int(is_consistent(uniq[:, :n], uniq[:, n:]).sum())
+    total = n_consistent_contents(n, config.n_colours)
+    chance = Fraction(total - covered, config.n_colours ** (2 * n))
+    return {"n_train": int(train.keys.shape[0]), "distinct": int(uniq.shape[0]), "consistent_contents": total,
+            "covered": covered, "covered_fraction": covered / total, "chance": float(chance),
+            "chance_exact": f"{chance.numerator}/{chance.denominator}"}
+
+
+def novelty_chance(config: KVConfig, train: KVBatch) -> Fraction:
+    """Exact P(consistent and content not in ``train`` | valid) for independent uniform keys and values:
+    (consistent contents - distinct consistent training contents) / P**(2 n_pairs)."""
+    return Fraction(coverage(config, train)["chance_exact"])
+
+
+def nearest_training(samples: torch.Tensor, train_images: torch.Tensor, *, chunk: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest training image of each sample by pixel L2 distance.
+
+    ``samples`` (N, C, H, W) and ``train_images`` (M, C, H, W) floating, M >= 1. Returns
+    ``(distance (N,) float64, index (N,) int64)``: the L2 norm of the difference over all C*H*W values,
+    and the index into ``train_images`` (equal training images: the first). Equal training images are
+    merged first (a training set of 5,000 shows 60 distinct images at 4 pairs, 2 colours); the
+    search runs in float64 over chunks of ``chunk`` samples (default: ~4M distances at once), and the
+    winner's distance is recomputed directly as ||x - y||."""
+    _validate.tensor("samples", samples, ndim=4)
+    _validate.tensor("train_images", train_images, ndim=4)
+    if samples.shape[1:] != train_images.shape[1:]:
+        raise ValueError(f"samples and train_images must share (C, H, W), got {tuple(samples.shape[1:])} and "
+                         f"{tuple(train_images.shape[1:])}")
+    if train_images.shape[0] == 0:
+        raise ValueError("train_images is empty: need at least one training image")
+    if chunk is not None:
+        _validate.positive_int("chunk", chunk)
+    x_all = samples.detach().flatten(1).to("cpu", torch.float64)
+    y = train_images.detach().flatten(1).to("cpu", torch.float64)
+    uniq, inv = torch.unique(y, dim=0, return_inverse=True)
+    first = torch.full((uniq.shape[0],), y.shape[0], dtype=torch.int64)
+    first = first.scatter_reduce(0, inv, torch.arange(y.shape[0]), reduce="amin")
+    # break exact distance ties towards the lowest training index: search the distinct images in that order
+    order = torch.argsort(first)
+    uniq, first = uniq[order], first[order]
+    yy = uniq.pow(2).sum(1)
+    step = chunk or max(1, _CHUNK_ELEMENTS // uniq.shape[0])
+    dist = torch.empty(x_all.shape[0], dtype=torch.float64)
+    index = torch.empty(x_all.shape[0], dtype=torch.int64)
+    for s in range(0, x_all.shape[0], step):
+        x = x_all[s:s + step]
+        d2 = x.pow(2).sum(1, keepdim=True) - 2 * x @ uniq.T + yy      # argmin is first-occurrence on ties
+        j = d2.argmin(1)
+        dist[s:s + step] = (x - uniq[j]).norm(dim=1)
+        index[s:s + step] = first[j]
+    return dist, index
+
+
+def distance_summary(distance: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """``{"n", "mean", "q0", "q5", "q25", "q50", "q75", "q95", "q100"}`` (floats; NaN when n = 0) of the
+    distances (N,) where ``mask`` (N,) bool is true (all by default)."""
+    _validate.tensor("distance", distance, ndim=1)
+    d = distance.detach().to("cpu", torch.float64)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != distance.shape:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(distance.shape)}")
+        d = d[mask.cpu()]
+    keys = [f"q{round(100 * q)}" for q in QUANTILES]
+    if d.numel() == 0:
+        return {"n": 0, "mean": float("nan"), **{k: float("nan") for k in keys}}
+    q = torch.quantile(d, torch.tensor(QUANTILES, dtype=torch.float64))
+    return {"n": int(d.numel()), "mean": float(d.mean()), **{k: float(v) for k, v in zip(keys, q)}}
+
+
+@dataclass
+class Novelty:
+    """Per-sample flags (N,) bool (``valid``, ``consistent``, ``copy``, ``novel`` = consistent and not a
+    copy), the nearest training image (``nearest_index`` (N,) int64 into the training set,
+    ``nearest_distance`` (N,) float64) and the exact ``chance`` of consistent-and-novel among valid."""
+    valid: torch.Tensor
+    consistent: torch.Tensor
+    copy: torch.Tensor
+    novel: torch.Tensor
+    nearest_index: torch.Tensor
+    nearest_distance: torch.Tensor
+    chance: Fraction
+    coverage: dict
+
+    @property
+    def rates(self) -> dict[str, Rate]:
+        n, nv = int(self.valid.numel()), int(self.valid.sum())
+        nc, nn = int(self.consistent.sum()), int(self.novel.sum())
+        return {"copy": Rate(int(self.copy.sum()), n), "copy_among_valid": Rate(int(self.copy.sum()), nv),
+                "novel_among_valid": Rate(nn, nv), "novel_among_consistent": Rate(nn, nc)}
+
+    def to_dict(self) -> dict:
+        """Rates (k, n, rate, ci95), chance (float and "p/q"), coverage and distance summaries
+        (all samples, copies, consistent-and-novel samples, invalid samples)."""
+        return {"rates": {k: r.to_dict() for k, r in self.rates.items()},
+                "chance": float(self.chance), "chance_exact": f"{self.chance.numerator}/{self.chance.denominator}",
+                "coverage": self.coverage,
+                "nearest_distance": {"all": distance_summary(self.nearest_distance),
+                                     "copy": distance_summary(self.nearest_distance, self.copy),
+                                     "novel": distance_summary(self.nearest_distance, self.novel),
+                                     "invalid": distance_summary(self.nearest_distance, ~self.valid)}}
+
+
+def novelty(config: KVConfig, samples: torch.Tensor, train: KVBatch, *, tolerance: float | None = None) -> Novelty:
+    """Copies, consistent-and-novel samples and nearest training images of ``samples`` (N, 3, H, W),
+    for the training contents ``train`` (its images are rendered from them); ``tolerance`` as in
+    ``fastscore.data.decode``."""
+    _check_train(config, train)
+    d = decode(config, samples, tolerance=tolerance)
+    valid = d.valid
+    consistent = valid & is_consistent(d.keys, d.values)
+    codes = content_codes(d.keys.clamp(min=0), d.values.clamp(min=0), config.n_colours)
+    copy = valid & torch.isin(codes, training_codes(config, train))
+    dist, idx = nearest_training(samples, render(config, train.keys, train.values))
+    cov = coverage(config, train)
+    return Novelty(valid, consistent, copy, consistent & ~copy, idx, dist, Fraction(cov["chance_exact"]), cov)
+
+
+__all__ = ["n_consistent_contents", "training_codes", "coverage", "novelty_chance", "nearest_training",
+           "distance_summary", "Novelty", "novelty"]

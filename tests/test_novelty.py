@@ -1,0 +1,281 @@
+"""Creativity measures (fastscore.novelty) and agreement with the ELS machine (fastscore.theory.agreement),
+against enumeration, Monte Carlo, float64 brute force and constructed samples whose answer is known."""
+import itertools
+from fractions import Fraction
+
+import pytest
+import torch
+
+from fastscore import KVConfig, make_dataset, make_schedule, render, sample
+from fastscore.data import KVBatch, generate, palette_of_size
+from fastscore.metrics import is_consistent
+from fastscore.novelty import (
+    coverage,
+    distance_summary,
+    n_consistent_contents,
+    nearest_training,
+    novelty,
+    novelty_chance,
+)
+from fastscore.theory import (
+    PAIR_CLASSES,
+    ELSScore,
+    IdealScore,
+    agreement,
+    cell_correlation,
+    pair_classes,
+    sample_correlation,
+)
+
+SCHED = make_schedule("linear", 1000)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors on a shared 2-core box: one intra-op thread (restored after the module)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg(n_pairs: int, n_colours: int) -> KVConfig:
+    return KVConfig(n_pairs=n_pairs, palette=palette_of_size(n_colours),
+                    image_size=8 if n_pairs <= 6 else 12)
+
+
+def contents(keys, values) -> KVBatch:
+    k, v = torch.tensor(keys, dtype=torch.int64), torch.tensor(values, dtype=torch.int64)
+    return KVBatch(k, v, torch.zeros(k.shape[0], 1, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# exact chance of consistent-and-novel
+# --------------------------------------------------------------------------------------------
+def brute_chance(n_pairs: int, P: int, train: KVBatch) -> Fraction:
+    """Enumerate all P**(2n) contents: consistent ones not shown by any training image."""
+    seen = {(tuple(k), tuple(v)) for k, v in zip(train.keys.tolist(), train.values.tolist())}
+    hits = 0
+    for kv in itertools.product(range(P), repeat=2 * n_pairs):
+        k, v = kv[:n_pairs], kv[n_pairs:]
+        ok = all(v[i] == v[j] for i in range(n_pairs) for j in range(n_pairs) if k[i] == k[j])
+        hits += ok and (k, v) not in seen
+    return Fraction(hits, P ** (2 * n_pairs))
+
+
+@pytest.mark.parametrize("n_pairs,P", [(2, 2), (2, 3), (3, 2), (3, 3), (4, 2)])
+def test_consistent_content_count_matches_enumeration(n_pairs, P):
+    empty_like = contents([[0] * n_pairs], [[0, 1] + [0] * (n_pairs - 2)])   # inconsistent: covers nothing
+    assert n_consistent_contents(n_pairs, P) == brute_chance(n_pairs, P, empty_like) * P ** (2 * n_pairs)
+
+
+def test_sixty_consistent_contents_at_four_pairs_two_colours():
+    assert n_consistent_contents(4, 2) == 60
+
+
+@pytest.mark.parametrize("n_pairs,P", [(2, 2), (2, 3), (3, 2), (3, 3), (4, 2)])
+def test_novelty_chance_equals_enumeration(n_pairs, P, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_train = int(torch.randint(1, 40, (1,), generator=g))
+    train = generate(cfg(n_pairs, P), n_train, seed=seed % 2**31)
+    assert novelty_chance(cfg(n_pairs, P), train) == brute_chance(n_pairs, P, train)
+
+
+def test_inconsistent_training_contents_do_not_lower_the_chance():
+    c = cfg(2, 2)
+    # keys (0, 0) with values (0, 1): inconsistent, so not a consistent content the training set covers
+    train = contents([[0, 0], [0, 1]], [[0, 1], [1, 1]])
+    cov = coverage(c, train)
+    assert cov["distinct"] == 2 and cov["covered"] == 1
+    assert novelty_chance(c, train) == brute_chance(2, 2, train) == Fraction(n_consistent_contents(2, 2) - 1, 16)
+
+
+def test_novelty_chance_agrees_with_monte_carlo(seed):
+    c = cfg(4, 2)
+    train = generate(c, 20, seed=seed % 2**31)
+    p = novelty_chance(c, train)
+    n = 200_000
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randint(0, 2, (n, 4), generator=g), torch.randint(0, 2, (n, 4), generator=g)
+    seen = torch.zeros(n, dtype=torch.bool)
+    for tk, tv in zip(train.keys, train.values):
+        seen |= (k == tk).all(1) & (v == tv).all(1)
+    hits = int((is_consistent(k, v) & ~seen).sum())
+    sd = (float(p) * (1 - float(p)) / n) ** 0.5
+    assert abs(hits / n - float(p)) < 5 * sd
+
+
+def test_full_training_set_covers_every_consistent_content_at_two_colours():
+    c = cfg(4, 2)
+    cov = coverage(c, generate(c, 5000, seed=0))
+    assert cov["covered"] == 60 and cov["chance"] == 0.0 and cov["chance_exact"] == "0/1"
+
+
+# --------------------------------------------------------------------------------------------
+# copies and novel samples on constructed images
+# --------------------------------------------------------------------------------------------
+def test_copies_novel_and_invalid_samples_are_told_apart(seed):
+    c = cfg(4, 2)
+    train = contents([[0, 1, 0, 1], [0, 0, 0, 0]], [[1, 0, 1, 0], [1, 1, 1, 1]])
+    keys = torch.tensor([[0, 1, 0, 1],      # copy of training image 0
+                         [0, 0, 0, 0],      # copy of training image 1
+                         [1, 1, 1, 1],      # consistent, new
+                         [0, 1, 1, 0],      # consistent, new
+                         [0, 0, 1, 1],      # inconsistent (pair 0 and 1 share key 0, values differ)
+                         [0, 1, 0, 1]])     # copy content, but made invalid below
+    values = torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 1], [0, 1, 1, 1], [1, 0, 1, 0]])
+    g = torch.Generator().manual_seed(seed)
+    x = render(c, keys, values) + 0.1 * (2 * torch.rand(6, 3, 8, 8, generator=g) - 1)   # within tolerance 0.4
+    x[5, :, 0, 0] = 0.0                     # key cell of pair 0 is background grey: not clean
+    nv = novelty(c, x, train)
+    assert nv.valid.tolist() == [True] * 5 + [False]
+    assert nv.copy.tolist() == [True, True, False, False, False, False]
+    assert nv.novel.tolist() == [False, False, True, True, False, False]
+    r = nv.rates
+    assert (r["copy"].k, r["copy"].n) == (2, 6)
+    assert (r["novel_among_valid"].k, r["novel_among_valid"].n) == (2, 5)
+    assert (r["novel_among_consistent"].k, r["novel_among_consistent"].n) == (2, 4)
+    assert nv.nearest_index[:2].tolist() == [0, 1]
+    d = nv.to_dict()
+    assert d["nearest_distance"]["copy"]["n"] == 2 and d["nearest_distance"]["novel"]["n"] == 2
+    assert d["rates"]["novel_among_valid"]["ci95"][0] > 0
+
+
+def test_novelty_checks_the_training_contents():
+    c = cfg(4, 2)
+    x = render(c, torch.zeros(2, 4, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="train must be a KVBatch"):
+        novelty(c, x, torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
+        novelty(c, x, contents([[0, 1]], [[0, 1]]))
+    with pytest.raises(ValueError, match="colour indices in"):
+        novelty(c, x, contents([[0, 1, 2, 0]], [[0, 0, 0, 0]]))
+
+
+# --------------------------------------------------------------------------------------------
+# nearest training image
+# --------------------------------------------------------------------------------------------
+def test_nearest_training_matches_float64_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    train = torch.randn(37, 3, 5, 5, generator=g)
+    train = torch.cat([train, train[:9]])                               # duplicates: first index wins
+    x = torch.randn(203, 3, 5, 5, generator=g)
+    x[:5] = train[[3, 40, 7, 0, 45]] + 1e-3 * torch.randn(5, 3, 5, 5, generator=g)
+    d, i = nearest_training(x, train, chunk=17)
+    brute = torch.stack([torch.stack([(a.double() - b.double()).pow(2).sum().sqrt() for b in train]) for a in x])
+    torch.testing.assert_close(d, brute.min(1).values, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(brute.gather(1, i[:, None])[:, 0], brute.min(1).values, rtol=1e-12, atol=1e-12)
+    assert i[:5].tolist() == [3, 3, 7, 0, 8]                            # 40 = 3 + 37, 45 = 8 + 37
+    assert i.max() < 37                                                 # never a later duplicate
+
+
+def test_nearest_training_ties_go_to_the_lowest_index():
+    train = torch.stack([torch.full((3, 2, 2), v) for v in (1.0, -1.0, 1.0, -1.0)])
+    d, i = nearest_training(torch.zeros(4, 3, 2, 2), train)             # equidistant from all four
+    assert i.tolist() == [0] * 4 and torch.allclose(d, torch.full((4,), 12 ** 0.5, dtype=torch.float64))
+
+
+def test_nearest_training_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="share"):
+        nearest_training(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="empty"):
+        nearest_training(torch.zeros(2, 3, 4, 4), torch.zeros(0, 3, 4, 4))
+    with pytest.raises(TypeError, match="floating"):
+        nearest_training(torch.zeros(2, 3, 4, 4, dtype=torch.int64), torch.zeros(2, 3, 4, 4))
+
+
+def test_distance_summary_quantiles(seed):
+    d = torch.rand(1001, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    s = distance_summary(d)
+    ds = d.sort().values
+    assert s["n"] == 1001 and s["q0"] == ds[0] and s["q100"] == ds[-1] and s["q50"] == ds[500]
+    assert distance_summary(d, d > 2)["n"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# anchors: the ideal score memorises, the ELS machine makes mosaics
+# --------------------------------------------------------------------------------------------
+def test_ideal_score_samples_are_all_copies(seed):
+    c = cfg(4, 2)
+    images, train = make_dataset(c, 6, seed % 2**31)
+    x = sample(IdealScore(images, SCHED), 32, steps=50, eta=1.0, seed=seed % 2**31)
+    nv = novelty(c, x, train)
+    assert int(nv.valid.sum()) == 32 and int(nv.copy.sum()) == 32 and int(nv.novel.sum()) == 0
+    assert float(nv.nearest_distance.max()) < 0.05
+    assert torch.equal(images[nv.nearest_index], render(c, train.keys, train.values)[nv.nearest_index])
+
+
+def test_els_machine_makes_new_consistent_mosaics(seed):
+    c = cfg(4, 2)
+    images, train = make_dataset(c, 8, seed % 2**31)
+    x = sample(ELSScore(images, SCHED, 5), 48, steps=20, eta=1.0, seed=seed % 2**31)   # the study's patch size
+    nv = novelty(c, x, train)
+    # pairs are composed from different training images: mostly new contents, some of them consistent
+    assert int(nv.copy.sum()) < 48 and int(nv.novel.sum()) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# agreement with a reference (the ELS machine) where it matters
+# --------------------------------------------------------------------------------------------
+def test_cell_correlation_ignores_the_background(seed):
+    c = cfg(4, 2)
+    b = generate(c, 20, seed=seed % 2**31)
+    ref = render(c, b.keys, b.values)
+    g = torch.Generator().manual_seed(seed)
+    x = ref.clone()
+    from fastscore.data import _cell_masks
+    bg = ~_cell_masks(c).any(0)
+    x[:, :, bg] += 0.3 * torch.randn(x[:, :, bg].shape, generator=g)   # background noise only
+    torch.testing.assert_close(cell_correlation(c, x, ref), torch.ones(20, dtype=torch.float64))
+    assert bool((sample_correlation(x, ref) < 0.999).all())
+
+
+def test_cell_correlation_matches_float64_brute_force(seed):
+    c = cfg(4, 3)
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(9, 3, 8, 8, generator=g), torch.randn(9, 3, 8, 8, generator=g)
+    cells = [(r, col) for pair in c.positions for (r, col) in pair]
+    for n in range(9):
+        u = torch.stack([a[n, :, r, col] for r, col in cells], 1).double().flatten()
+        v = torch.stack([b[n, :, r, col] for r, col in cells], 1).double().flatten()
+        expect = torch.corrcoef(torch.stack([u, v]))[0, 1]
+        torch.testing.assert_close(cell_correlation(c, a, b)[n], expect, rtol=1e-10, atol=1e-12)
+
+
+def test_pair_classes_by_hand():
+    keys = torch.tensor([[0, 1, 0, 2], [0, 0, 0, 1]])
+    values = torch.tensor([[1, 2, 1, 0], [1, 1, 2, 0]])
+    assert PAIR_CLASSES == ("alone", "coordinated", "conflicting")
+    assert pair_classes(keys, values).tolist() == [[1, 0, 1, 0], [2, 2, 2, 0]]
+
+
+def test_agreement_counts_cells_and_pairs_by_class(seed):
+    c = cfg(4, 3)
+    ref_k = torch.tensor([[0, 1, 0, 2], [0, 0, 1, 2]])
+    ref_v = torch.tensor([[1, 2, 1, 0], [1, 1, 0, 0]])
+    # sample 0: identical content. sample 1: keys as the reference, value of pair 1 changed to coordinate
+    # with pair 0 -> pairs 0 and 1 coordinated (pair 1's value disagrees), pairs 2, 3 alone and agreeing
+    s_k = torch.tensor([[0, 1, 0, 2], [0, 0, 1, 2]])
+    s_v = torch.tensor([[1, 2, 1, 0], [2, 2, 0, 0]])
+    g = torch.Generator().manual_seed(seed)
+    noise = 0.2 * (2 * torch.rand(2, 3, 8, 8, generator=g) - 1)
+    a = agreement(c, render(c, s_k, s_v) + noise, render(c, ref_k, ref_v))
+    assert a.cells[:, 0].all() and a.cells[0, 1].all() and a.cells[1, 1].tolist() == [False, False, True, True]
+    assert a.pair_class.tolist() == [[1, 0, 1, 0], [1, 1, 0, 0]]
+    s = a.summary()
+    assert (s["cells"]["k"], s["cells"]["n"]) == (14, 16)
+    assert (s["content"]["k"], s["content"]["n"]) == (1, 2)
+    assert (s["pairs"]["coordinated"]["pairs"]["k"], s["pairs"]["coordinated"]["pairs"]["n"]) == (2, 4)
+    assert (s["pairs"]["alone"]["pairs"]["k"], s["pairs"]["alone"]["pairs"]["n"]) == (4, 4)
+    assert s["pairs"]["conflicting"]["pairs"]["n"] == 0
+    assert s["pairs"]["coordinated"]["value_given_key"]["n"] == 4
+
+
+def test_agreement_rejects_mismatched_images():
+    c = cfg(4, 2)
+    with pytest.raises(ValueError, match="same shape"):
+        agreement(c, torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(N >= 1, 3, 8, 8\)"):
+        cell_correlation(c, torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4))
+    with pytest.raises(TypeError, match="KVConfig"):
+        agreement("config", torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
