@@ -64,16 +64,27 @@ def training_codes(config: KVConfig, train: KVBatch) -> torch.Tensor:
 def coverage(config: KVConfig, train: KVBatch) -> dict:
     """How much of the rule the training set shows: ``n_train``, ``distinct`` training contents,
     ``consistent_contents`` (all of them), ``covered`` (distinct consistent training contents),
-    ``covered_fraction`` and ``chance`` (``novelty_chance``; a float) with ``chance_exact`` ("p/q")."""
+    ``covered_fraction``, ``chance`` (``novelty_chance``; a float) with ``chance_exact`` ("p/q"), and
+    ``rule_novel`` (with ``rule_novel_exact``): the exact probability that a fresh draw from the data
+    distribution (``fastscore.data.generate``) is not a training content, i.e. the novelty of a model
+    that learned the rule and samples it (the reference for novel among consistent)."""
     _check_train(config, train)
     uniq = torch.unique(torch.cat([train.keys, train.values], 1), dim=0)
-    n = config.n_pairs
-    covered = int(is_consistent(uniq[:, :n], uniq[:, n:]).sum())
-    total = n_consistent_contents(n, config.n_colours)
-    chance = Fraction(total - covered, config.n_colours ** (2 * n))
+    n, P = config.n_pairs, config.n_colours
+    ok = is_consistent(uniq[:, :n], uniq[:, n:])
+    covered = int(ok.sum())
+    total = n_consistent_contents(n, P)
+    chance = Fraction(total - covered, P ** (2 * n))
+    # the data distribution gives a consistent content with d distinct keys probability P**-n * P**-d
+    # (its keys, then f on those d keys); a model that learned the rule and samples it draws new contents
+    # with the probability mass the training set does not cover
+    d = (uniq[ok, :n].sort(1).values.diff(dim=1) != 0).sum(1) + 1
+    rule = 1 - sum((Fraction(int(c), P ** (n + int(k))) for k, c in zip(*torch.unique(d, return_counts=True))),
+                   Fraction(0))
     return {"n_train": int(train.keys.shape[0]), "distinct": int(uniq.shape[0]), "consistent_contents": total,
             "covered": covered, "covered_fraction": covered / total, "chance": float(chance),
-            "chance_exact": f"{chance.numerator}/{chance.denominator}"}
+            "chance_exact": f"{chance.numerator}/{chance.denominator}",
+            "rule_novel": float(rule), "rule_novel_exact": f"{rule.numerator}/{rule.denominator}"}
 
 
 def novelty_chance(config: KVConfig, train: KVBatch) -> Fraction:

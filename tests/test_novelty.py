@@ -81,6 +81,17 @@ def test_novelty_chance_equals_enumeration(n_pairs, P, seed):
     assert novelty_chance(cfg(n_pairs, P), train) == brute_chance(n_pairs, P, train)
 
 
+@pytest.mark.parametrize("n_pairs,P", [(2, 2), (3, 3), (4, 2), (2, 4)])
+def test_rule_novelty_equals_enumeration_of_the_data_distribution(n_pairs, P, seed):
+    """Every (keys, f) pair of the generator is equally likely: count those whose content is new."""
+    c = cfg(n_pairs, P)
+    train = generate(c, 1 + seed % 30, seed=seed % 2**31)
+    seen = {(tuple(k), tuple(v)) for k, v in zip(train.keys.tolist(), train.values.tolist())}
+    new = sum((k, tuple(f[i] for i in k)) not in seen
+              for k in itertools.product(range(P), repeat=n_pairs) for f in itertools.product(range(P), repeat=P))
+    assert Fraction(coverage(c, train)["rule_novel_exact"]) == Fraction(new, P ** (n_pairs + P))
+
+
 def test_inconsistent_training_contents_do_not_lower_the_chance():
     c = cfg(2, 2)
     # keys (0, 0) with values (0, 1): inconsistent, so not a consistent content the training set covers
