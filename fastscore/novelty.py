@@ -32,19 +32,25 @@ QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 _CHUNK_ELEMENTS = 2**22                 # sample x training-image distances held at once
 
 
+def _check_contents(config: KVConfig, name: str, keys: torch.Tensor, values: torch.Tensor) -> None:
+    for part, x in (("keys", keys), ("values", values)):
+        _validate.tensor(f"{name} {part}", x, ndim=2, floating=False)
+    if keys.shape != values.shape or keys.shape[1] != config.n_pairs:
+        raise ValueError(f"{name} must hold keys and values of shape (N, {config.n_pairs}) (the config's n_pairs), "
+                         f"got {tuple(keys.shape)} and {tuple(values.shape)}")
+    if keys.shape[0] == 0:
+        raise ValueError(f"{name} is empty: need at least one image's contents")
+    for part, x in (("keys", keys), ("values", values)):
+        if int(x.min()) < 0 or int(x.max()) >= config.n_colours:
+            raise ValueError(f"{name} {part} must hold colour indices in [0, {config.n_colours})")
+
+
 def _check_train(config: KVConfig, train: KVBatch) -> KVBatch:
     if not isinstance(config, KVConfig):
         raise TypeError(f"config must be a KVConfig, got {type(config).__name__}")
     if not isinstance(train, KVBatch):
         raise TypeError(f"train must be a KVBatch (training contents), got {type(train).__name__}")
-    if train.keys.dim() != 2 or train.keys.shape != train.values.shape or train.keys.shape[1] != config.n_pairs:
-        raise ValueError(f"train must hold keys and values of shape (N, {config.n_pairs}) (the config's n_pairs), "
-                         f"got {tuple(train.keys.shape)} and {tuple(train.values.shape)}")
-    if train.keys.shape[0] == 0:
-        raise ValueError("train is empty: need at least one training image")
-    for name, x in (("keys", train.keys), ("values", train.values)):
-        if int(x.min()) < 0 or int(x.max()) >= config.n_colours:
-            raise ValueError(f"train.{name} must hold colour indices in [0, {config.n_colours})")
+    _check_contents(config, "train", train.keys, train.values)
     return train
 
 
@@ -91,6 +97,54 @@ def novelty_chance(config: KVConfig, train: KVBatch) -> Fraction:
     """Exact P(consistent and content not in ``train`` | valid) for independent uniform keys and values:
     (consistent contents - distinct consistent training contents) / P**(2 n_pairs)."""
     return Fraction(coverage(config, train)["chance_exact"])
+
+
+def mosaic_chance(config: KVConfig, train: KVBatch, keys: torch.Tensor | None = None,
+                  values: torch.Tensor | None = None) -> Fraction:
+    """Exact P(consistent and content not in ``train``) for a *mosaic*: pair i's (key, value) drawn
+    independently of the other pairs from its empirical distribution in ``keys``, ``values`` (M, n_pairs)
+    (default: the training contents). This is what a machine that copies each pair from the training
+    set's pairs at that position produces, e.g. the ELS machine when the pairs lie outside each other's
+    patches; given a model's own valid samples it is the own-marginal chance of novelty.
+
+    Consistency couples the pairs only through the partial map key -> value, so the probability is a
+    dynamic programme over pairs whose state is that partial map (at most (P + 1)**P states); the
+    training contents' own mass under the product is subtracted."""
+    _check_train(config, train)
+    if (keys is None) != (values is None):
+        raise ValueError("give keys and values together, or neither")
+    if keys is None:
+        keys, values = train.keys, train.values
+    _check_contents(config, "pairs", keys, values)
+    n, P, M = config.n_pairs, config.n_colours, int(keys.shape[0])
+    counts = torch.zeros(n, P, P, dtype=torch.int64)
+    for i in range(n):
+        counts[i].view(-1).index_add_(0, keys[:, i] * P + values[:, i], torch.ones(M, dtype=torch.int64))
+    table = counts.tolist()
+    states: dict[tuple[int, ...], int] = {(-1,) * P: 1}              # partial map -> mass x M**(pairs so far)
+    for i in range(n):
+        nxt: dict[tuple[int, ...], int] = {}
+        for f, w in states.items():
+            for k in range(P):
+                if f[k] >= 0:
+                    if table[i][k][f[k]]:
+                        nxt[f] = nxt.get(f, 0) + w * table[i][k][f[k]]
+                    continue
+                for v in range(P):
+                    if table[i][k][v]:
+                        g = f[:k] + (v,) + f[k + 1:]
+                        nxt[g] = nxt.get(g, 0) + w * table[i][k][v]
+        states = nxt
+    consistent = sum(states.values())
+    uniq = torch.unique(torch.cat([train.keys, train.values], 1), dim=0)
+    uniq = uniq[is_consistent(uniq[:, :n], uniq[:, n:])].tolist()
+    seen = 0
+    for row in uniq:
+        w = 1
+        for i in range(n):
+            w *= table[i][row[i]][row[n + i]]
+        seen += w
+    return Fraction(consistent - seen, M ** n)
 
 
 def nearest_training(samples: torch.Tensor, train_images: torch.Tensor, *, chunk: int | None = None
@@ -153,7 +207,10 @@ def distance_summary(distance: torch.Tensor, mask: torch.Tensor | None = None) -
 class Novelty:
     """Per-sample flags (N,) bool (``valid``, ``consistent``, ``copy``, ``novel`` = consistent and not a
     copy), the nearest training image (``nearest_index`` (N,) int64 into the training set,
-    ``nearest_distance`` (N,) float64) and the exact ``chance`` of consistent-and-novel among valid."""
+    ``nearest_distance`` (N,) float64) and three exact references for consistent-and-novel among valid:
+    ``chance`` (uniform random pairs, ``novelty_chance``), ``mosaic`` (each pair drawn from the training
+    set's pairs at its position, ``mosaic_chance``) and ``own_mosaic`` (from the valid samples' own pairs;
+    None without valid samples)."""
     valid: torch.Tensor
     consistent: torch.Tensor
     copy: torch.Tensor
@@ -161,6 +218,8 @@ class Novelty:
     nearest_index: torch.Tensor
     nearest_distance: torch.Tensor
     chance: Fraction
+    mosaic: Fraction
+    own_mosaic: Fraction | None
     coverage: dict
 
     @property
@@ -171,10 +230,12 @@ class Novelty:
                 "novel_among_valid": Rate(nn, nv), "novel_among_consistent": Rate(nn, nc)}
 
     def to_dict(self) -> dict:
-        """Rates (k, n, rate, ci95), chance (float and "p/q"), coverage and distance summaries
+        """Rates (k, n, rate, ci95), the chances (floats; uniform also as "p/q"), coverage and distance summaries
         (all samples, copies, consistent-and-novel samples, invalid samples)."""
         return {"rates": {k: r.to_dict() for k, r in self.rates.items()},
                 "chance": float(self.chance), "chance_exact": f"{self.chance.numerator}/{self.chance.denominator}",
+                "mosaic_chance": float(self.mosaic),
+                "own_mosaic_chance": None if self.own_mosaic is None else float(self.own_mosaic),
                 "coverage": self.coverage,
                 "nearest_distance": {"all": distance_summary(self.nearest_distance),
                                      "copy": distance_summary(self.nearest_distance, self.copy),
@@ -194,8 +255,10 @@ def novelty(config: KVConfig, samples: torch.Tensor, train: KVBatch, *, toleranc
     copy = valid & torch.isin(codes, training_codes(config, train))
     dist, idx = nearest_training(samples, render(config, train.keys, train.values))
     cov = coverage(config, train)
-    return Novelty(valid, consistent, copy, consistent & ~copy, idx, dist, Fraction(cov["chance_exact"]), cov)
+    own = mosaic_chance(config, train, d.keys[valid], d.values[valid]) if bool(valid.any()) else None
+    return Novelty(valid, consistent, copy, consistent & ~copy, idx, dist, Fraction(cov["chance_exact"]),
+                   mosaic_chance(config, train), own, cov)
 
 
-__all__ = ["n_consistent_contents", "training_codes", "coverage", "novelty_chance", "nearest_training",
+__all__ = ["n_consistent_contents", "training_codes", "coverage", "novelty_chance", "mosaic_chance", "nearest_training",
            "distance_summary", "Novelty", "novelty"]

@@ -6,12 +6,13 @@ from fractions import Fraction
 import pytest
 import torch
 
-from fastscore import KVConfig, make_dataset, make_schedule, render, sample
+from fastscore import KVConfig, decode, make_dataset, make_schedule, render, sample
 from fastscore.data import KVBatch, generate, palette_of_size
-from fastscore.metrics import is_consistent
+from fastscore.metrics import is_consistent, wilson
 from fastscore.novelty import (
     coverage,
     distance_summary,
+    mosaic_chance,
     n_consistent_contents,
     nearest_training,
     novelty,
@@ -116,6 +117,42 @@ def test_novelty_chance_agrees_with_monte_carlo(seed):
     assert abs(hits / n - float(p)) < 5 * sd
 
 
+def brute_mosaic(n_pairs: int, P: int, train: KVBatch, keys: torch.Tensor, values: torch.Tensor) -> Fraction:
+    """Enumerate every choice of one source row per pair (M**n_pairs equally likely mosaics)."""
+    seen = {(tuple(k), tuple(v)) for k, v in zip(train.keys.tolist(), train.values.tolist())}
+    kk, vv = keys.tolist(), values.tolist()
+    hits = 0
+    for rows in itertools.product(range(len(kk)), repeat=n_pairs):
+        k = tuple(kk[r][i] for i, r in enumerate(rows))
+        v = tuple(vv[r][i] for i, r in enumerate(rows))
+        ok = all(v[i] == v[j] for i in range(n_pairs) for j in range(n_pairs) if k[i] == k[j])
+        hits += ok and (k, v) not in seen
+    return Fraction(hits, len(kk) ** n_pairs)
+
+
+@pytest.mark.parametrize("n_pairs,P,m", [(2, 2, 5), (3, 3, 6), (4, 2, 7), (4, 4, 6), (3, 4, 9)])
+def test_mosaic_chance_equals_enumeration_of_mosaics(n_pairs, P, m, seed):
+    c = cfg(n_pairs, P)
+    train = generate(c, m, seed=seed % 2**31)
+    assert mosaic_chance(c, train) == brute_mosaic(n_pairs, P, train, train.keys, train.values)
+    g = torch.Generator().manual_seed(seed)                      # arbitrary sources (a model's samples)
+    k, v = torch.randint(0, P, (m, n_pairs), generator=g), torch.randint(0, P, (m, n_pairs), generator=g)
+    assert mosaic_chance(c, train, k, v) == brute_mosaic(n_pairs, P, train, k, v)
+
+
+def test_mosaic_chance_of_a_full_uniform_source_is_the_uniform_chance():
+    """Every (key, value) once per pair: the product is uniform, so the mosaic chance is novelty_chance."""
+    c = cfg(3, 3)
+    kv = torch.tensor(list(itertools.product(range(3), repeat=2)))        # the 9 (key, value) combinations
+    keys, values = kv[:, :1].repeat(1, 3), kv[:, 1:].repeat(1, 3)
+    train = generate(c, 7, seed=1)
+    assert mosaic_chance(c, train, keys, values) == novelty_chance(c, train)
+    with pytest.raises(ValueError, match="together"):
+        mosaic_chance(c, train, keys)
+    with pytest.raises(ValueError, match="pairs keys must hold colour indices"):
+        mosaic_chance(c, train, keys + 3, values)
+
+
 def test_full_training_set_covers_every_consistent_content_at_two_colours():
     c = cfg(4, 2)
     cov = coverage(c, generate(c, 5000, seed=0))
@@ -216,13 +253,19 @@ def test_ideal_score_samples_are_all_copies(seed):
     assert torch.equal(images[nv.nearest_index], render(c, train.keys, train.values)[nv.nearest_index])
 
 
-def test_els_machine_makes_new_consistent_mosaics(seed):
+def test_els_machine_makes_new_consistent_mosaics_at_the_mosaic_chance(seed):
     c = cfg(4, 2)
     images, train = make_dataset(c, 8, seed % 2**31)
-    x = sample(ELSScore(images, SCHED, 5), 48, steps=20, eta=1.0, seed=seed % 2**31)   # the study's patch size
+    x = sample(ELSScore(images, SCHED, 5), 200, steps=20, eta=1.0, seed=seed % 2**31)   # the study's patch size
     nv = novelty(c, x, train)
-    # pairs are composed from different training images: mostly new contents, some of them consistent
-    assert int(nv.copy.sum()) < 48 and int(nv.novel.sum()) > 0
+    # pairs are composed from different training images: mostly new contents, some of them consistent,
+    # at the rate of independent pairs drawn from the samples' own pair marginals (99.9% interval)
+    assert int(nv.copy.sum()) < 200 and int(nv.novel.sum()) > 0
+    d = decode(c, x)
+    p = float(mosaic_chance(c, train, d.keys[nv.valid], d.values[nv.valid]))
+    assert float(nv.own_mosaic) == p and nv.mosaic == mosaic_chance(c, train)
+    lo, hi = wilson(int(nv.novel.sum()), int(nv.valid.sum()), z=3.2905)
+    assert lo <= p <= hi, (lo, p, hi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,3 +333,42 @@ def test_agreement_rejects_mismatched_images():
         cell_correlation(c, torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4))
     with pytest.raises(TypeError, match="KVConfig"):
         agreement("config", torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_novel_beside_nearest_figure_is_written_and_not_overwritten(tmp_path, seed):
+    pytest.importorskip("matplotlib")
+    from fastscore.novelty_figures import plot_novel_beside_nearest
+    c = cfg(4, 2)
+    train = contents([[0, 1, 0, 1]], [[1, 0, 1, 0]])
+    keys = torch.tensor([[1, 1, 1, 1], [0, 1, 0, 1], [0, 1, 1, 0]])
+    values = torch.tensor([[0, 0, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]])
+    x = render(c, keys, values)
+    path = tmp_path / "novel.png"
+    assert plot_novel_beside_nearest(c, x, train, path) == path
+    assert path.read_bytes()[:8] == PNG
+    with pytest.raises(FileExistsError, match="exists"):
+        plot_novel_beside_nearest(c, x, train, path)
+    plot_novel_beside_nearest(c, x[1:2], train, path, overwrite=True)          # no novel sample: a note
+    assert path.read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match="Novelty of these samples"):
+        plot_novel_beside_nearest(c, x, train, tmp_path / "b.png", result=novelty(c, x[:2], train))
+
+
+def test_novelty_curve_figure_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastscore.metrics import Rate
+    from fastscore.novelty_figures import plot_novelty_curve
+    path = tmp_path / "curve.png"
+    plot_novelty_curve({"CNN": {8: Rate(20, 100), 64: Rate(5, 90)}, "softmax": {8: Rate(30, 100), 64: Rate(9, 95)}},
+                       {8: 13 / 64, 64: 19 / 256}, path)
+    assert path.read_bytes()[:8] == PNG
+    with pytest.raises(TypeError, match="Rate objects"):
+        plot_novelty_curve({"CNN": {8: 0.2}}, {}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="at least one"):
+        plot_novelty_curve({}, {}, tmp_path / "x.png")
