@@ -528,25 +528,45 @@ def pair_classes(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 class Agreement:
     """How a model's samples agree with a reference's (the ELS machine's) drawn from the same noise.
 
-    ``cell_r`` (N,) float64: Pearson r over cell pixels (``cell_correlation``); ``cells`` (N, 2, n_pairs)
-    bool: the nearest palette colour of each key cell (``[:, 0]``) and value cell (``[:, 1]``) is the
-    same in both; ``pair_class`` (N, n_pairs) int64: ``pair_classes`` of the *samples'* nearest colours."""
+    ``cell_r`` (N,) float64: Pearson r over cell pixels (``cell_correlation``); ``sample_colours`` and
+    ``reference_colours`` (N, 2, n_pairs) int64: the nearest palette colour of each key cell (``[:, 0]``)
+    and value cell (``[:, 1]``) in the samples and in the reference."""
     cell_r: torch.Tensor
-    cells: torch.Tensor
-    pair_class: torch.Tensor
+    sample_colours: torch.Tensor
+    reference_colours: torch.Tensor
+
+    @property
+    def cells(self) -> torch.Tensor:
+        """(N, 2, n_pairs) bool: the cell's decoded colour is the same in the sample and the reference."""
+        return self.sample_colours == self.reference_colours
+
+    @property
+    def pair_class(self) -> torch.Tensor:
+        """(N, n_pairs) int64: ``pair_classes`` of the *samples'* decoded colours."""
+        return pair_classes(self.sample_colours[:, 0], self.sample_colours[:, 1])
+
+    def cell_chance(self) -> float:
+        """Cell agreement expected if samples and reference were independent with their own colour
+        frequencies per cell: the mean over cells of sum_c p_sample(c) p_reference(c)."""
+        P = int(max(self.sample_colours.max(), self.reference_colours.max())) + 1
+        ps = F.one_hot(self.sample_colours, P).double().mean(0)             # (2, n_pairs, P)
+        pr = F.one_hot(self.reference_colours, P).double().mean(0)
+        return float((ps * pr).sum(-1).mean())
 
     def summary(self) -> dict:
-        """``cell_r`` (median, quartiles: ``correlation_summary``); ``cells`` (Rate dict: cells that agree);
-        ``content`` (Rate dict: samples whose every cell agrees); per class of ``PAIR_CLASSES``: ``pairs``
-        (key and value agree) and ``value_given_key`` (value agrees among pairs whose key agrees)."""
+        """``cell_r`` (median, quartiles: ``correlation_summary``); ``cells`` (Rate dict: cells that agree)
+        and ``cell_chance``; ``content`` (Rate dict: samples whose every cell agrees); per class of
+        ``PAIR_CLASSES``: ``pairs`` (key and value agree) and ``value_given_key`` (value agrees among pairs
+        whose key agrees)."""
         from .metrics import Rate
-        key_ok, val_ok = self.cells[:, 0], self.cells[:, 1]
+        cells, cls = self.cells, self.pair_class
+        key_ok, val_ok = cells[:, 0], cells[:, 1]
         out = {"cell_r": correlation_summary(self.cell_r),
-               "cells": Rate(int(self.cells.sum()), int(self.cells.numel())).to_dict(),
-               "content": Rate(int(self.cells.flatten(1).all(1).sum()), int(self.cells.shape[0])).to_dict(),
+               "cells": Rate(int(cells.sum()), int(cells.numel())).to_dict(), "cell_chance": self.cell_chance(),
+               "content": Rate(int(cells.flatten(1).all(1).sum()), int(cells.shape[0])).to_dict(),
                "pairs": {}}
         for i, name in enumerate(PAIR_CLASSES):
-            m = self.pair_class == i
+            m = cls == i
             out["pairs"][name] = {"pairs": Rate(int((m & key_ok & val_ok).sum()), int(m.sum())).to_dict(),
                                   "value_given_key": Rate(int((m & key_ok & val_ok).sum()),
                                                           int((m & key_ok).sum())).to_dict()}
@@ -556,12 +576,13 @@ class Agreement:
 def agreement(config, samples: torch.Tensor, reference: torch.Tensor) -> Agreement:
     """Agreement of ``samples`` with ``reference`` (N, 3, H, W), sample by sample (same initial noise),
     on the dataset ``config`` (``KVConfig``): over cell pixels, cell by decoded (nearest) colour, and pair
-    by pair split by whether the sample coordinated the pair (``pair_classes``). A local machine agrees
-    with the ELS machine equally on coordinated and alone pairs; a network that coordinates changes the
-    values of coordinated pairs away from the local prediction."""
+    by pair split by whether the sample coordinated the pair (``pair_classes``). A machine whose pairs
+    are decided locally agrees with the ELS machine about as often on coordinated pairs as on alone ones
+    (its pairs match by coincidence); a network that coordinates changes the values of coordinated pairs
+    away from the local prediction."""
     from .data import decode
     _check_pair_images(config, samples, reference)
     ds, dr = decode(config, samples), decode(config, reference)
-    cells = torch.stack([ds.nearest_keys == dr.nearest_keys, ds.nearest_values == dr.nearest_values], 1)
-    return Agreement(cell_correlation(config, samples, reference), cells,
-                     pair_classes(ds.nearest_keys, ds.nearest_values))
+    return Agreement(cell_correlation(config, samples, reference),
+                     torch.stack([ds.nearest_keys, ds.nearest_values], 1),
+                     torch.stack([dr.nearest_keys, dr.nearest_values], 1))

@@ -323,6 +323,11 @@ def test_agreement_counts_cells_and_pairs_by_class(seed):
     assert (s["pairs"]["alone"]["pairs"]["k"], s["pairs"]["alone"]["pairs"]["n"]) == (4, 4)
     assert s["pairs"]["conflicting"]["pairs"]["n"] == 0
     assert s["pairs"]["coordinated"]["value_given_key"]["n"] == 4
+    # cell chance by hand: the key cells' colours are identical in both (per cell: p_s = p_r);
+    # value cells: pair 0 (1, 2) vs (1, 1), pair 1 (2, 2) vs (2, 1), pairs 2, 3 as the keys
+    keys_part = [1.0, 0.5, 0.5, 1.0]        # sum_c p_s(c) p_r(c) per key cell: (0,0) (1,0) (0,1) (2,2)
+    vals_part = [0.5 * 1.0, 1.0 * 0.5, 0.5, 1.0]
+    assert s["cell_chance"] == pytest.approx(sum(keys_part + vals_part) / 8)
 
 
 def test_agreement_rejects_mismatched_images():
