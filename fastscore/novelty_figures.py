@@ -3,7 +3,7 @@
 - ``plot_novel_beside_nearest``: consistent-and-novel samples (top row) above their nearest training
   images (bottom row), with the pixel L2 distance (as Kamb & Ganguli show mosaics beside their sources);
 - ``plot_novelty_curve``: consistent-and-novel among valid samples against the number of training
-  images, one line per network with 95% Wilson intervals, and the exact chance.
+  images, one line per network with 95% Wilson intervals, and the exact references (chance, mosaic).
 """
 from __future__ import annotations
 
@@ -80,11 +80,12 @@ def plot_novel_beside_nearest(config: KVConfig, samples: torch.Tensor, train: KV
         plt.close(fig)
 
 
-def plot_novelty_curve(curves: Mapping[str, Mapping[int, Rate]], chance: Mapping[int, float],
+def plot_novelty_curve(curves: Mapping[str, Mapping[int, Rate]], references: Mapping[str, Mapping[int, float]],
                        path: str | os.PathLike, *, overwrite: bool = False):
-    """Write a PNG at ``path``: consistent-and-novel among valid (``Rate`` per number of training images)
+    """Write a PNG at ``path``: consistent-and-novel among valid (a ``Rate`` per number of training images)
     against the number of training images (log axis), one line per label of ``curves`` with its 95% Wilson
-    interval, and the exact ``chance`` per number of training images as a dashed line. Returns the path."""
+    interval, and each reference of ``references`` (e.g. ``{"chance": ..., "mosaic": ...}``, fractions per
+    number of training images) as a dashed line. Returns the path."""
     if not curves:
         raise ValueError("curves must hold at least one network")
     for label, pts in curves.items():
@@ -98,9 +99,9 @@ def plot_novelty_curve(curves: Mapping[str, Mapping[int, Rate]], chance: Mapping
         lo = [y - 100 * pts[x].interval[0] for x, y in zip(xs, ys)]
         hi = [100 * pts[x].interval[1] - y for x, y in zip(xs, ys)]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=3, lw=1, label=label)
-    if chance:
-        xs = sorted(chance)
-        ax.plot(xs, [100 * chance[x] for x in xs], "k--", lw=1, label="chance")
+    for (label, pts), style in zip(references.items(), ("k--", "k:", "k-.", "C7--")):
+        xs = sorted(pts)
+        ax.plot(xs, [100 * pts[x] for x in xs], style, lw=1, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("training images")
     ax.set_ylabel("consistent and novel among valid (%)")

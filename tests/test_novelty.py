@@ -371,7 +371,7 @@ def test_novelty_curve_figure_is_written(tmp_path):
     from fastscore.novelty_figures import plot_novelty_curve
     path = tmp_path / "curve.png"
     plot_novelty_curve({"CNN": {8: Rate(20, 100), 64: Rate(5, 90)}, "softmax": {8: Rate(30, 100), 64: Rate(9, 95)}},
-                       {8: 13 / 64, 64: 19 / 256}, path)
+                       {"chance": {8: 13 / 64, 64: 19 / 256}, "mosaic": {8: 0.26, 64: 0.1}}, path)
     assert path.read_bytes()[:8] == PNG
     with pytest.raises(TypeError, match="Rate objects"):
         plot_novelty_curve({"CNN": {8: 0.2}}, {}, tmp_path / "x.png")
