@@ -111,10 +111,10 @@ def mosaic_chance(config: KVConfig, train: KVBatch, keys: torch.Tensor | None = 
     dynamic programme over pairs whose state is that partial map (at most (P + 1)**P states); the
     training contents' own mass under the product is subtracted."""
     _check_train(config, train)
-    if (keys is None) != (values is None):
-        raise ValueError("give keys and values together, or neither")
-    if keys is None:
+    if keys is None and values is None:
         keys, values = train.keys, train.values
+    elif keys is None or values is None:
+        raise ValueError("give keys and values together, or neither")
     _check_contents(config, "pairs", keys, values)
     n, P, M = config.n_pairs, config.n_colours, int(keys.shape[0])
     counts = torch.zeros(n, P, P, dtype=torch.int64)

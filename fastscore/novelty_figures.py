@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Mapping
 
@@ -99,9 +100,9 @@ def plot_novelty_curve(curves: Mapping[str, Mapping[int, Rate]], references: Map
         lo = [y - 100 * pts[x].interval[0] for x, y in zip(xs, ys)]
         hi = [100 * pts[x].interval[1] - y for x, y in zip(xs, ys)]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=3, lw=1, label=label)
-    for (label, pts), style in zip(references.items(), ("k--", "k:", "k-.", "C7--")):
-        xs = sorted(pts)
-        ax.plot(xs, [100 * pts[x] for x in xs], style, lw=1, label=label)
+    for (label, ref), style in zip(references.items(), itertools.cycle(("k--", "k:", "k-.", "C7--"))):
+        xs = sorted(ref)
+        ax.plot(xs, [100 * ref[x] for x in xs], style, lw=1, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("training images")
     ax.set_ylabel("consistent and novel among valid (%)")
