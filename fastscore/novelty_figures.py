@@ -73,8 +73,8 @@ def plot_novel_beside_nearest(config: KVConfig, samples: torch.Tensor, train: KV
         axes[1][0].axis("off")
         axes[0][0].text(0.5, 0.5, "no consistent novel sample", ha="center", va="center", fontsize=8)
     r = result.rates["novel_among_valid"]
-    fig.suptitle(title or f"consistent and novel: {r} of valid (chance {100 * float(result.chance):.2f}%)",
-                 fontsize=8)
+    fig.suptitle(title or f"consistent and novel: {r} of valid (chance {100 * float(result.chance):.2f}%, "
+                          f"mosaic {100 * float(result.mosaic):.2f}%)", fontsize=8)
     try:
         return _save(fig, path, overwrite)
     finally:
