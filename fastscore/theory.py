@@ -556,8 +556,8 @@ class Agreement:
     def summary(self) -> dict:
         """``cell_r`` (median, quartiles: ``correlation_summary``); ``cells`` (Rate dict: cells that agree)
         and ``cell_chance``; ``content`` (Rate dict: samples whose every cell agrees); per class of
-        ``PAIR_CLASSES``: ``pairs`` (key and value agree) and ``value_given_key`` (value agrees among pairs
-        whose key agrees)."""
+        ``PAIR_CLASSES`` under ``pairs``: ``agree`` (key and value agree) and ``value_given_key`` (value
+        agrees among pairs whose key agrees)."""
         from .metrics import Rate
         cells, cls = self.cells, self.pair_class
         key_ok, val_ok = cells[:, 0], cells[:, 1]
@@ -567,7 +567,7 @@ class Agreement:
                "pairs": {}}
         for i, name in enumerate(PAIR_CLASSES):
             m = cls == i
-            out["pairs"][name] = {"pairs": Rate(int((m & key_ok & val_ok).sum()), int(m.sum())).to_dict(),
+            out["pairs"][name] = {"agree": Rate(int((m & key_ok & val_ok).sum()), int(m.sum())).to_dict(),
                                   "value_given_key": Rate(int((m & key_ok & val_ok).sum()),
                                                           int((m & key_ok).sum())).to_dict()}
         return out

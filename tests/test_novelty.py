@@ -319,15 +319,40 @@ def test_agreement_counts_cells_and_pairs_by_class(seed):
     s = a.summary()
     assert (s["cells"]["k"], s["cells"]["n"]) == (14, 16)
     assert (s["content"]["k"], s["content"]["n"]) == (1, 2)
-    assert (s["pairs"]["coordinated"]["pairs"]["k"], s["pairs"]["coordinated"]["pairs"]["n"]) == (2, 4)
-    assert (s["pairs"]["alone"]["pairs"]["k"], s["pairs"]["alone"]["pairs"]["n"]) == (4, 4)
-    assert s["pairs"]["conflicting"]["pairs"]["n"] == 0
+    assert (s["pairs"]["coordinated"]["agree"]["k"], s["pairs"]["coordinated"]["agree"]["n"]) == (2, 4)
+    assert (s["pairs"]["alone"]["agree"]["k"], s["pairs"]["alone"]["agree"]["n"]) == (4, 4)
+    assert s["pairs"]["conflicting"]["agree"]["n"] == 0
     assert s["pairs"]["coordinated"]["value_given_key"]["n"] == 4
     # cell chance by hand: the key cells' colours are identical in both (per cell: p_s = p_r);
     # value cells: pair 0 (1, 2) vs (1, 1), pair 1 (2, 2) vs (2, 1), pairs 2, 3 as the keys
     keys_part = [1.0, 0.5, 0.5, 1.0]        # sum_c p_s(c) p_r(c) per key cell: (0,0) (1,0) (0,1) (2,2)
     vals_part = [0.5 * 1.0, 1.0 * 0.5, 0.5, 1.0]
     assert s["cell_chance"] == pytest.approx(sum(keys_part + vals_part) / 8)
+
+
+def test_pair_agreement_separates_a_local_machine_from_a_coordinating_one(seed):
+    """Reference: uniform random contents. A local machine redraws each cell independently with
+    probability 0.3: its agreement is the same on coordinated and alone pairs. A coordinating machine
+    copies, within each group of equal keys, the first pair's value: alone pairs agree fully, coordinated
+    pairs disagree wherever a value was changed."""
+    c = cfg(4, 2)
+    g = torch.Generator().manual_seed(seed)
+    n = 4000
+    rk, rv = torch.randint(0, 2, (n, 4), generator=g), torch.randint(0, 2, (n, 4), generator=g)
+    ref = render(c, rk, rv)
+
+    def flip(x):
+        return torch.where(torch.rand(x.shape, generator=g) < 0.3, torch.randint(0, 2, x.shape, generator=g), x)
+
+    local = agreement(c, render(c, flip(rk), flip(rv)), ref).summary()["pairs"]
+    a, b = local["coordinated"]["agree"], local["alone"]["agree"]
+    p = (a["k"] + b["k"]) / (a["n"] + b["n"])
+    sd = (p * (1 - p) * (1 / a["n"] + 1 / b["n"])) ** 0.5
+    assert abs(a["rate"] - b["rate"]) < 4 * sd
+    first = (rk.unsqueeze(2) == rk.unsqueeze(1)).int().argmax(2)          # first pair with the same key
+    coord = agreement(c, render(c, rk, rv.gather(1, first)), ref).summary()["pairs"]
+    assert coord["alone"]["agree"]["rate"] == 1.0 and coord["conflicting"]["agree"]["n"] == 0
+    assert coord["coordinated"]["agree"]["ci95"][1] < 0.9
 
 
 def test_agreement_rejects_mismatched_images():
