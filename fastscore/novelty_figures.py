@@ -82,8 +82,10 @@ def plot_novel_beside_nearest(config: KVConfig, samples: torch.Tensor, train: KV
 
 
 def plot_novelty_curve(curves: Mapping[str, Mapping[int, Rate]], references: Mapping[str, Mapping[int, float]],
-                       path: str | os.PathLike, *, overwrite: bool = False):
-    """Write a PNG at ``path``: consistent-and-novel among valid (a ``Rate`` per number of training images)
+                       path: str | os.PathLike, *, ylabel: str = "consistent and novel among valid (%)",
+                       overwrite: bool = False):
+    """Write a PNG at ``path``: consistent-and-novel among valid (a ``Rate`` per number of training images;
+    any other rate with ``ylabel``, e.g. the copy rate)
     against the number of training images (log axis), one line per label of ``curves`` with its 95% Wilson
     interval, and each reference of ``references`` (e.g. ``{"chance": ..., "mosaic": ...}``, fractions per
     number of training images) as a dashed line. Returns the path."""
@@ -105,7 +107,7 @@ def plot_novelty_curve(curves: Mapping[str, Mapping[int, Rate]], references: Map
         ax.plot(xs, [100 * ref[x] for x in xs], style, lw=1, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("training images")
-    ax.set_ylabel("consistent and novel among valid (%)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     try:
         return _save(fig, path, overwrite)
