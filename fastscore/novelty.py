@@ -6,16 +6,19 @@ For samples of the key-value dataset and the training set's contents (a ``KVBatc
   contents obey the rule, so every copy is consistent.
 - *consistent and novel*: valid, consistent, and not a copy. The headline creativity rate is
   consistent-and-novel among valid samples.
-- *chance*: ``novelty_chance`` is the exact P(consistent and content not in the training set |
-  valid) when every key and value is independent and uniform, i.e. the fraction of the ``P**(2n)``
-  contents that are consistent and not covered by the training set (a ``Fraction``). With 4 pairs,
-  2 colours and 5,000 training images all 60 consistent contents are covered, so it is 0.
+- Exact references for it (``Fraction``):
+  ``novelty_chance``, uniform random keys and values: the fraction of the ``P**(2n)`` contents that are
+  consistent and not covered by the training set (4 pairs, 2 colours, 5,000 training images: all 60
+  consistent contents covered, so 0); ``mosaic_chance``, each pair drawn independently from the
+  training set's pairs at its position (or from the samples' own pairs: the own-marginal chance),
+  which is what a patch mosaic does; and, among consistent samples, ``coverage(...)["rule_novel"]``,
+  the novelty of a model that learned the rule and samples the data distribution.
 - *nearest training image*: per sample, the training image at the smallest pixel L2 distance
-  (float64, over all C*H*W values in [-1, 1] units); a copy lies near its training image, a
-  mosaic (Kamb & Ganguli) lies far from every one.
+  (float64, over all C*H*W values in [-1, 1] units); a copy lies within its sampling error of a
+  training image, a new content at least one recoloured cell away (2.83 between red and green).
 
-Anchors: the ideal score (``fastscore.theory.IdealScore``) reproduces training images (novel 0);
-the ELS machine composes training patches into new contents (mosaics).
+Anchors: the ideal score (``fastscore.theory.IdealScore``) reproduces training images (novel 0); the
+ELS machine composes training patches into new contents at the mosaic chance (docs/creativity_groundwork.py).
 """
 from __future__ import annotations
 
