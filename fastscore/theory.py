@@ -482,3 +482,107 @@ def correlation_summary(r: torch.Tensor) -> dict:
     q = torch.quantile(r, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
     return {"n": int(r.numel()), "median": float(q[1]), "q25": float(q[0]), "q75": float(q[2]),
             "mean": float(r.mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement where it matters: cells, decoded colours, pairs (issue 16, point 5)
+# ---------------------------------------------------------------------------------------------
+PAIR_CLASSES = ("alone", "coordinated", "conflicting")
+
+
+def _check_pair_images(config, a: torch.Tensor, b: torch.Tensor) -> None:
+    from .data import KVConfig
+    if not isinstance(config, KVConfig):
+        raise TypeError(f"config must be a KVConfig, got {type(config).__name__}")
+    H = config.image_size
+    for name, x in (("samples", a), ("reference", b)):
+        _validate.tensor(name, x, ndim=4)
+        if tuple(x.shape[1:]) != (3, H, H) or x.shape[0] == 0:
+            raise ValueError(f"{name} must have shape (N >= 1, 3, {H}, {H}), got {tuple(x.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"samples and reference must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def cell_correlation(config, samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-sample Pearson r (N,) float64 between ``samples`` and ``reference`` (N, 3, H, W) over the pixels of
+    the key and value cells only (``config``: the ``KVConfig``); the background, where every model agrees,
+    is left out. NaN where either sample is constant on the cells."""
+    from .data import _cell_masks
+    _check_pair_images(config, samples, reference)
+    mask = _cell_masks(config).any(0)
+    return sample_correlation(samples[:, :, mask], reference[:, :, mask])
+
+
+def pair_classes(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(N, n_pairs) int64 index into ``PAIR_CLASSES`` of each pair of contents ``keys``, ``values``
+    (N, n_pairs): 0 *alone* (no other pair has its key), 1 *coordinated* (its key is shared, and every
+    pair with that key carries its value), 2 *conflicting* (a pair with the same key carries another value)."""
+    same_key = keys.unsqueeze(2) == keys.unsqueeze(1)                 # (N, i, j)
+    other = ~torch.eye(keys.shape[1], dtype=torch.bool, device=keys.device)
+    shared = (same_key & other).any(2)
+    conflict = (same_key & (values.unsqueeze(2) != values.unsqueeze(1))).any(2)
+    return torch.where(conflict, 2, torch.where(shared, 1, 0)).to(torch.int64)
+
+
+@dataclass
+class Agreement:
+    """How a model's samples agree with a reference's (the ELS machine's) drawn from the same noise.
+
+    ``cell_r`` (N,) float64: Pearson r over cell pixels (``cell_correlation``); ``sample_colours`` and
+    ``reference_colours`` (N, 2, n_pairs) int64: the nearest palette colour of each key cell (``[:, 0]``)
+    and value cell (``[:, 1]``) in the samples and in the reference."""
+    cell_r: torch.Tensor
+    sample_colours: torch.Tensor
+    reference_colours: torch.Tensor
+
+    @property
+    def cells(self) -> torch.Tensor:
+        """(N, 2, n_pairs) bool: the cell's decoded colour is the same in the sample and the reference."""
+        return self.sample_colours == self.reference_colours
+
+    @property
+    def pair_class(self) -> torch.Tensor:
+        """(N, n_pairs) int64: ``pair_classes`` of the *samples'* decoded colours."""
+        return pair_classes(self.sample_colours[:, 0], self.sample_colours[:, 1])
+
+    def cell_chance(self) -> float:
+        """Cell agreement expected if samples and reference were independent with their own colour
+        frequencies per cell: the mean over cells of sum_c p_sample(c) p_reference(c)."""
+        P = int(max(self.sample_colours.max(), self.reference_colours.max())) + 1
+        ps = F.one_hot(self.sample_colours, P).double().mean(0)             # (2, n_pairs, P)
+        pr = F.one_hot(self.reference_colours, P).double().mean(0)
+        return float((ps * pr).sum(-1).mean())
+
+    def summary(self) -> dict:
+        """``cell_r`` (median, quartiles: ``correlation_summary``); ``cells`` (Rate dict: cells that agree)
+        and ``cell_chance``; ``content`` (Rate dict: samples whose every cell agrees); per class of
+        ``PAIR_CLASSES`` under ``pairs``: ``agree`` (key and value agree) and ``value_given_key`` (value
+        agrees among pairs whose key agrees)."""
+        from .metrics import Rate
+        cells, cls = self.cells, self.pair_class
+        key_ok, val_ok = cells[:, 0], cells[:, 1]
+        out = {"cell_r": correlation_summary(self.cell_r),
+               "cells": Rate(int(cells.sum()), int(cells.numel())).to_dict(), "cell_chance": self.cell_chance(),
+               "content": Rate(int(cells.flatten(1).all(1).sum()), int(cells.shape[0])).to_dict(),
+               "pairs": {}}
+        for i, name in enumerate(PAIR_CLASSES):
+            m = cls == i
+            out["pairs"][name] = {"agree": Rate(int((m & key_ok & val_ok).sum()), int(m.sum())).to_dict(),
+                                  "value_given_key": Rate(int((m & key_ok & val_ok).sum()),
+                                                          int((m & key_ok).sum())).to_dict()}
+        return out
+
+
+def agreement(config, samples: torch.Tensor, reference: torch.Tensor) -> Agreement:
+    """Agreement of ``samples`` with ``reference`` (N, 3, H, W), sample by sample (same initial noise),
+    on the dataset ``config`` (``KVConfig``): over cell pixels, cell by decoded (nearest) colour, and pair
+    by pair split by whether the sample coordinated the pair (``pair_classes``). A machine whose pairs
+    are decided locally agrees with the ELS machine about as often on coordinated pairs as on alone ones
+    (its pairs match by coincidence); a network that coordinates changes the values of coordinated pairs
+    away from the local prediction."""
+    from .data import decode
+    _check_pair_images(config, samples, reference)
+    ds, dr = decode(config, samples), decode(config, reference)
+    return Agreement(cell_correlation(config, samples, reference),
+                     torch.stack([ds.nearest_keys, ds.nearest_values], 1),
+                     torch.stack([dr.nearest_keys, dr.nearest_values], 1))
