@@ -255,7 +255,7 @@ def test_op_autograd_matches_reference(seed):
 
 @pytest.mark.interpret
 def test_opcheck(seed):
-    from fastscore.ops import _top1_triton
+    from fastscore.ops import top1 as _top1_triton
     q, k, v, do = _inputs(2, 9, 5)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.7, True, seed)
     torch.library.opcheck(_top1_triton._top1_fwd_op, args)

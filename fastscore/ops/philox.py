@@ -101,13 +101,30 @@ def uniform(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_GUM
     return uint32_to_uniform(words).flatten()[pos].view(index.shape)
 
 
-def normal(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_NOISE) -> torch.Tensor:
-    """Standard normal float32 for global element indices ``index`` (int64, any shape)."""
-    words, pos = _group_words(seed, index, c2, c3)
+def _box_muller(words: torch.Tensor) -> torch.Tensor:
+    """(G, 4) standard normals float32 from (G, 4) uint32 words: pairs (0, 1) and (2, 3)."""
     u = uint32_to_uniform(words)
     u0 = torch.clamp(u[:, 0::2], min=1.0e-7)  # words 0 and 2
     th = 6.283185307179586 * u[:, 1::2]       # words 1 and 3
     r = torch.sqrt(-2.0 * torch.log(u0))
-    n = torch.stack([r[:, 0] * torch.cos(th[:, 0]), r[:, 0] * torch.sin(th[:, 0]),
-                     r[:, 1] * torch.cos(th[:, 1]), r[:, 1] * torch.sin(th[:, 1])], dim=-1)
-    return n.flatten()[pos].view(index.shape)
+    return torch.stack([r[:, 0] * torch.cos(th[:, 0]), r[:, 0] * torch.sin(th[:, 0]),
+                        r[:, 1] * torch.cos(th[:, 1]), r[:, 1] * torch.sin(th[:, 1])], dim=-1)
+
+
+def normal(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_NOISE) -> torch.Tensor:
+    """Standard normal float32 for global element indices ``index`` (int64, any shape)."""
+    words, pos = _group_words(seed, index, c2, c3)
+    return _box_muller(words).flatten()[pos].view(index.shape)
+
+
+def normal_range(seed: int, start: int, count: int, *, c2: int = 0, c3: int = STREAM_NOISE,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """``normal(seed, arange(start, start + count))`` (count,) float32, bit-identical, without
+    reading indices back from the device (no host sync: the sampler's loop calls it per batch)."""
+    if count == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    g0, g1 = start >> 2, (start + count - 1) >> 2
+    g = torch.arange(g0, g1 + 1, dtype=torch.int64, device=device)
+    words = torch.stack(philox4x32(seed, g & MASK32, g >> 32, c2, c3), dim=-1)
+    lo = start - 4 * g0
+    return _box_muller(words).flatten()[lo:lo + count]
