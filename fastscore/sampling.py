@@ -109,11 +109,12 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
     with the model's (``sampling_backend``).
 
     ``cuda_graph`` (default: on for CUDA when the update runs the fused kernel) captures the whole
-    loop once per batch shape and replays it; the captured graph is kept across calls
-    (``GRAPH_CACHE_SIZE`` most recent, dropped with the model; keyed by the model's identity, the
-    addresses of an ``nn.Module``'s parameters and buffers, the batch shape, device and sampler settings; ``clear_graph_cache()``
-    drops them). A replay reads the parameters and buffers where they are, so in-place updates are
-    seen; state held outside parameters and buffers must not be replaced between calls (or pass
+    loop once per batch shape and replays it. Captured graphs are kept across calls: the
+    ``GRAPH_CACHE_SIZE`` most recent, dropped with their model or by ``clear_graph_cache()``, keyed
+    by ``graph_key`` (the model's identity, the addresses of an ``nn.Module``'s parameters and
+    buffers, the batch shape, dtype and device, the sampler settings; not the seed, which the graph
+    reads from the device). A replay reads parameters and buffers where they are, so in-place
+    updates are seen; state held outside them must not be replaced between calls (or pass
     ``cuda_graph=False``). A failed capture warns with its cause and samples without a graph.
 
     Samples holding NaN or inf (a diverged model, NaN weights) raise FloatingPointError when
