@@ -186,7 +186,7 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
     finally:
         if bar is not None:
             bar.close()
-        if was_training:
+        if was_training and isinstance(model, nn.Module):
             model.train()
     bad = int(nonfinite)
     if bad:
@@ -265,7 +265,9 @@ class _LoopGraph:
         if self.replay is not None:
             self.replay()
             return self.x
-        loop = functools.partial(_run_loop, self.model, self.settings, self.x, self.seed, self.offset)
+        model = self.model
+        assert model is not None  # set until the first call captures
+        loop = functools.partial(_run_loop, model, self.settings, self.x, self.seed, self.offset)
         _warm_up(loop, self.x.device)
         result = self.x.clone()
         try:
@@ -278,7 +280,7 @@ class _LoopGraph:
         return result
 
 
-_GRAPHS: OrderedDict[tuple, tuple[weakref.ref | None, _LoopGraph]] = OrderedDict()
+_GRAPHS: OrderedDict[tuple, tuple[Callable[[], object], _LoopGraph]] = OrderedDict()
 
 
 def graph_key(model: Callable, settings: _Settings, x: torch.Tensor) -> tuple:
@@ -302,16 +304,21 @@ def _graph_for(model: Callable, settings: _Settings, x: torch.Tensor) -> _LoopGr
     """The captured loop for this model, settings and batch (None: capture failed before)."""
     key = graph_key(model, settings, x)
     hit = _GRAPHS.get(key)
-    if hit is not None and (hit[0] is None or hit[0]() is model):
+    if hit is not None and hit[0]() is model:  # the same live object, not a new one at a reused id
         _GRAPHS.move_to_end(key)
         graph = hit[1]
     else:
         graph = _LoopGraph(model, settings, x)
+
+        def drop(_ref: object, key: tuple = key) -> None:
+            _GRAPHS.pop(key, None)
+
+        owner: Callable[[], object]
         try:
-            ref = weakref.ref(model, lambda _r, key=key: _GRAPHS.pop(key, None))
-        except TypeError:  # not weak-referenceable: kept for this identity until evicted
-            ref = None
-        _GRAPHS[key] = (ref, graph)
+            owner = weakref.ref(model, drop)
+        except TypeError:  # not weak-referenceable: held (so its id cannot be reused) until evicted
+            owner = (lambda m: lambda: m)(model)
+        _GRAPHS[key] = (owner, graph)
         while len(_GRAPHS) > GRAPH_CACHE_SIZE:
             _GRAPHS.popitem(last=False)
     return None if graph.error is not None else graph

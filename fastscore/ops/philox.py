@@ -56,9 +56,9 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor |
     """Philox4x32 with key ``seed`` on counters ``(c0, c1, c2, c3)`` (int64 words in [0, 2**32))."""
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     if c0.device.type == "cpu":  # torch's int64 multiply is slow on CPU; numpy's uint64 is exact and fast
-        words = [np.broadcast_to(torch.as_tensor(c, dtype=torch.int64).numpy(), c0.shape).astype(np.uint64)
-                 for c in (c0, c1, c2, c3)]
-        return tuple(torch.from_numpy(w.astype(np.int64)) for w in _philox_numpy(seed, *words, n_rounds))
+        w0, w1, w2, w3 = (np.broadcast_to(torch.as_tensor(c, dtype=torch.int64).numpy(), c0.shape).astype(np.uint64)
+                          for c in (c0, c1, c2, c3))
+        return tuple(torch.from_numpy(w.astype(np.int64)) for w in _philox_numpy(seed, w0, w1, w2, w3, n_rounds))
     c0 = c0.to(torch.int64)
     c1 = torch.as_tensor(c1, dtype=torch.int64, device=c0.device).expand_as(c0)
     c2 = torch.as_tensor(c2, dtype=torch.int64, device=c0.device).expand_as(c0)
