@@ -75,7 +75,10 @@ def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     """Triton's ``uint_to_uniform_float`` for uint32 words held in int64: float32 in [0, 1)."""
     x = torch.where(x >= 2**31, x - 2**32, x)
     x = torch.where(x < 0, -x - 1, x)
-    return x.to(torch.float32) * torch.tensor(_SCALE, dtype=torch.float32, device=x.device)
+    # a Python scale is rounded to float32 by the multiply (bit-identical to a float32 tensor
+    # constant) and, unlike ``torch.tensor(_SCALE, device=...)``, costs no host-to-device copy,
+    # which synchronises the host with a CUDA stream
+    return x.to(torch.float32) * _SCALE
 
 
 def _group_words(seed: int, index: torch.Tensor, c2: int, c3: int) -> tuple[torch.Tensor, torch.Tensor]:
