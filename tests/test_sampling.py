@@ -98,11 +98,41 @@ def test_device_tensor_seed_and_offset_match_ints(seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_replay_matches_eager():
+def test_cuda_graph_replay_matches_eager_and_is_captured_once_across_calls(monkeypatch):
+    from fastscore import sampling
+    sampling.clear_graph_cache()
+    captures = []
+    real = sampling._capture
+    monkeypatch.setattr(sampling, "_capture", lambda fn, device: captures.append(device) or real(fn, device))
     m = ScoreNet("softmax", 16).cuda().eval()
     a = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=False)
     b = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=True)
-    assert torch.allclose(a, b, atol=1e-4)
+    c = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=True)
+    assert torch.allclose(a, b, atol=1e-4) and torch.equal(b, c)
+    assert len(captures) == 1
+    sampling.clear_graph_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_sampling_is_faster_than_the_eager_loop():
+    import time
+
+    def median_seconds(**kw):
+        sample(m, 512, steps=20, batch_size=512, **kw)  # compile; with the graph: capture
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sample(m, 512, steps=20, batch_size=512, **kw)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[2]
+
+    m = ScoreNet("softmax", 16).cuda().eval()
+    eager, graph = median_seconds(cuda_graph=False), median_seconds(cuda_graph=True)
+    print(f"sampling 512 x 20 steps: eager {1e3 * eager:.2f} ms, graph {1e3 * graph:.2f} ms")
+    assert graph < eager
 
 
 def test_one_step_starts_from_pure_noise_and_small_T_schedules_end_in_noise():
@@ -190,6 +220,7 @@ def test_graph_path_is_captured_once_and_replayed_across_calls(fake_graphs, seed
     a = sample(m, 10, seed=s, steps=3, batch_size=4, cuda_graph=True)
     # batches of 4, 4, 2: two shapes, each warmed up (its first batch) and captured once
     assert fake_graphs["capture"] == 2 and fake_graphs["replay"] == 1 and len(sampling._GRAPHS) == 2
+    assert fake_graphs["loop"] == 3 + 2 + 1  # warm-ups and the captured function: the same loop code
     b = sample(m, 10, seed=s + 1, steps=3, batch_size=4, cuda_graph=True)  # another seed: same graphs
     assert fake_graphs["capture"] == 2 and fake_graphs["replay"] == 4
     assert torch.equal(a, eager)
