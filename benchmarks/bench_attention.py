@@ -3,51 +3,61 @@
 GPU:  python benchmarks/bench_attention.py [--quick]   -> benchmarks/results/attention_<device>.json
 CPU:  pytest benchmarks/bench_attention.py --benchmark-only   (reference path and SDPA, small sizes)
 
-Providers: ``fused`` (the Triton kernels through ``fastscore.ops``), ``eager`` (the torch reference
-the tests use: matmul, softmax, matmul; for top-1: scores, argmax, gather), ``sdpa``
-(``torch.nn.functional.scaled_dot_product_attention``, softmax only).
+Providers, each through ``fastscore.ops`` so that the benchmark's and the tests' code are the same:
+``fused`` (the Triton kernels, ``backend="triton"``), ``eager`` (the references the tests compare
+against: ``softmax_attention_reference``; for top-1 ``top1_attention_reference``: scores, argmax,
+gather), ``sdpa`` (``softmax_attention_sdpa``: SDPA on ``(B, 1, N, D)`` views; each SDPA backend
+is timed alone with ``sdpa_kernel`` and the row names the fastest, ``sdpa:<BACKEND>`` rows hold the
+others) and ``auto`` (what ``backend="auto"`` runs: the path ``fastscore.ops.AUTO_ON_CUDA`` names).
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _common import env, gpu_time, print_table, row, time_sdpa_backends, write_rows
+from roofline import DATASHEET, attention_cost, expected_for_row, top1_cost
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env, gpu_time, print_table, row, write_rows  # noqa: E402
-from roofline import DATASHEET, attention_cost, expected_for_row, top1_cost  # noqa: E402
+from fastscore import ops
 
-from fastscore import ops  # noqa: E402
-from fastscore.ops.attention import softmax_attention_reference  # noqa: E402
-
-SIZES = [(B, N, D) for B in (1024, 4096) for N in (64, 256, 1024) for D in (16, 32, 64)]
-QUICK = [(1024, 64, 16), (4096, 64, 64), (1024, 256, 32), (1024, 1024, 64)]
-
-
-def eager_top1(q, k, v):
-    """The eager top-1 a researcher would write: full score matrix, argmax, gather."""
-    idx = torch.matmul(q, k.transpose(-1, -2)).argmax(-1)
-    return torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1])), idx
+# issue 15's grid (B*M sequences x N tokens x D features) and its large-N case
+SIZES = [(B, N, D) for B in (64, 768, 4096) for N in (64, 144, 256) for D in (16, 32, 64)] + [(1024, 1024, 64)]
+QUICK = [(1024, 64, 16), (64, 64, 32), (4096, 64, 64), (1024, 256, 32), (1024, 1024, 64)]
+OPS = ("softmax_attention_fwd", "softmax_attention_fwd_bwd", "identity_attention_fwd", "identity_attention_fwd_bwd",
+       "top1_fwd", "top1_fwd_bwd")
 
 
-def providers(op: str):
-    """(name, fn(q, k, v)) pairs for an op."""
-    if op == "top1_fwd":
-        return [("fused", lambda q, k, v: ops.top1_attention(q, k, v, backend="triton")), ("eager", eager_top1)]
+def providers(op: str) -> list[tuple[str, object]]:
+    """(name, fn(q, k, v) -> out) pairs for an op; ``sdpa`` is timed per SDPA backend."""
+    if op.startswith("top1"):
+        return [("fused", lambda q, k, v: ops.top1_attention(q, k, v, backend="triton")[0]),
+                ("eager", lambda q, k, v: ops.top1_attention_reference(q, k, v)[0]),
+                ("auto", lambda q, k, v: ops.top1_attention(q, k, v)[0])]
     if op.startswith("identity"):
         return [("fused", lambda q, k, v: ops.identity_attention(q, backend="triton")),
-                ("eager", lambda q, k, v: softmax_attention_reference(q, q, q, q.shape[-1] ** -0.5))]
+                ("eager", lambda q, k, v: ops.softmax_attention_reference(q, q, q, q.shape[-1] ** -0.5)),
+                ("sdpa", lambda q, k, v: ops.softmax_attention_sdpa(q, q, q, q.shape[-1] ** -0.5)),
+                ("auto", lambda q, k, v: ops.identity_attention(q))]
     return [("fused", lambda q, k, v: ops.softmax_attention(q, k, v, backend="triton")),
-            ("eager", lambda q, k, v: softmax_attention_reference(q, k, v, q.shape[-1] ** -0.5)),
-            ("sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v))]
+            ("eager", lambda q, k, v: ops.softmax_attention_reference(q, k, v, q.shape[-1] ** -0.5)),
+            ("sdpa", lambda q, k, v: ops.softmax_attention_sdpa(q, k, v, q.shape[-1] ** -0.5)),
+            ("auto", lambda q, k, v: ops.softmax_attention(q, k, v))]
 
 
 def _inputs(B, N, D, dtype, device, grad):
     return [torch.randn(B, N, D, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)]
+
+
+def _step(fn, q, k, v, do, bwd: bool, identity: bool):
+    if bwd:
+        def step():
+            torch.autograd.grad(fn(q, k, v), (q,) if identity else (q, k, v), do)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(q, k, v)
+    return step
 
 
 def run_gpu(sizes, dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:  # pragma: no cover - needs a GPU
@@ -55,28 +65,26 @@ def run_gpu(sizes, dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:  # pra
     for dtype in dtypes:
         dt = str(dtype).replace("torch.", "")
         for B, N, D in sizes:
-            for op in ("softmax_attention_fwd", "softmax_attention_fwd_bwd", "identity_attention_fwd_bwd", "top1_fwd"):
+            for op in OPS:
                 bwd = op.endswith("fwd_bwd")
-                if op == "top1_fwd":
-                    flops = top1_cost(B, N, D, dt)[0]
+                identity = op.startswith("identity")
+                if op.startswith("top1"):
+                    flops = top1_cost(B, N, D, dt, backward=bwd)[0]
                 else:
-                    flops = attention_cost(B, N, D, dt, backward=bwd, identity=op.startswith("identity"))[0]
+                    flops = attention_cost(B, N, D, dt, backward=bwd, identity=identity)[0]
                 for name, fn in providers(op):
                     if name == "eager" and B * N * N * 4 > 8e9:  # the N x N matrix would not fit
                         continue
                     q, k, v = _inputs(B, N, D, dtype, "cuda", bwd)
                     do = torch.randn(B, N, D, device="cuda", dtype=dtype)
-                    identity = op.startswith("identity")
-                    if bwd:
-                        def step(fn=fn, q=q, k=k, v=v, do=do, identity=identity):
-                            out = fn(q, k, v)
-                            out = out[0] if isinstance(out, tuple) else out
-                            torch.autograd.grad(out, (q,) if identity else (q, k, v), do)
-                    else:
-                        def step(fn=fn, q=q, k=k, v=v):
-                            with torch.no_grad():
-                                fn(q, k, v)
+                    step = _step(fn, q, k, v, do, bwd, identity)
                     try:
+                        if name == "sdpa":
+                            timed = sorted(time_sdpa_backends(step), key=lambda t: t[1][0])
+                            for i, (backend, ms) in enumerate(timed):
+                                rows.append(row(op, "sdpa" if i == 0 else f"sdpa:{backend}", (B, N, D), dt, ms,
+                                                "TFLOP/s", flops, sdpa_backend=backend))
+                            continue
                         ms = gpu_time(step)
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()
@@ -87,7 +95,7 @@ def run_gpu(sizes, dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:  # pra
 
 def main() -> None:  # pragma: no cover - needs a GPU
     p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="four shapes instead of eighteen")
+    p.add_argument("--quick", action="store_true", help=f"{len(QUICK)} shapes instead of {len(SIZES)}")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: `pytest benchmarks/bench_attention.py --benchmark-only` runs the CPU comparison")
@@ -103,8 +111,8 @@ def main() -> None:  # pragma: no cover - needs a GPU
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 BENCH_SIZES = QUICK if CUDA else [(64, 64, 16), (16, 256, 32)]
-SOFTMAX_PROVIDERS = ["fused", "eager", "sdpa"] if CUDA else ["eager", "sdpa"]
-TOP1_PROVIDERS = ["fused", "eager"] if CUDA else ["eager"]
+SOFTMAX_PROVIDERS = ["fused", "eager", "sdpa", "auto"] if CUDA else ["eager", "sdpa", "auto"]
+TOP1_PROVIDERS = ["fused", "eager", "auto"] if CUDA else ["eager", "auto"]
 
 
 def _sync():

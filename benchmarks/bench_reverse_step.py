@@ -1,20 +1,21 @@
-"""Reverse-step benchmarks: fused op vs the eager step written the usual way.
+"""Reverse-step benchmarks: the fused op vs the tests' reference vs the eager step written the usual way.
 
 CPU (pytest-benchmark):  pytest benchmarks/bench_reverse_step.py
-GPU (do_bench, GB/s):    python benchmarks/bench_reverse_step.py   (rows written to results/ as JSON)
+GPU (do_bench, GB/s):    python benchmarks/bench_reverse_step.py   -> benchmarks/results/reverse_step_<device>.json
 
-The eager step draws ``torch.randn_like`` and does the arithmetic in separate ops; the fused step
-moves 12 bytes per float32 element (read x, read eps, write out).
+Providers: ``fused`` (the Triton kernel, ``backend="triton"``), ``reference``
+(``reverse_step_reference``, what the tests compare against, Philox noise in torch), ``eager`` (the
+usual step: ``torch.randn_like`` noise and separate ops). The fused step moves 12 bytes per float32
+element (read x, read eps, write out).
 """
 from __future__ import annotations
 
-import json
-import os
-import sys
-
+import pytest
 import torch
+from _common import env, gpu_time, print_table, row, write_rows
+from roofline import DATASHEET, expected_for_row
 
-from fastscore.ops import ddim_coefficients, reverse_step
+from fastscore.ops import ddim_coefficients, reverse_step, reverse_step_reference
 
 SHAPES = [(4096, 3, 8, 8), (4096, 3, 32, 32)]
 COEF = ddim_coefficients(0.5, 0.55, 1.0)
@@ -27,25 +28,22 @@ def eager_step(x, eps, coef):
     return a_prev * x0 + d * eps + s * torch.randn_like(x)
 
 
+def providers(x, e, out):
+    return [("fused", lambda: reverse_step(x, e, COEF, seed=1, step=3, out=out, backend="triton")),
+            ("reference", lambda: reverse_step_reference(x, e, COEF, seed=1, step=3)),
+            ("eager", lambda: eager_step(x, e, COEF))]
+
+
 def _inputs(shape, device):
     return torch.randn(shape, device=device), torch.randn(shape, device=device)
 
 
 # ----- CPU: pytest-benchmark -----
-try:
-    import pytest
-except ImportError:  # pragma: no cover
-    pytest = None
-
-if pytest is not None:
-    @pytest.mark.parametrize("shape", SHAPES[:1])
-    @pytest.mark.parametrize("provider", ["reference", "eager"])
-    def test_bench_cpu_step(benchmark, shape, provider):
-        x, e = _inputs(shape, "cpu")
-        if provider == "reference":
-            benchmark(lambda: reverse_step(x, e, COEF, seed=1, step=3, backend="torch"))
-        else:
-            benchmark(lambda: eager_step(x, e, COEF))
+@pytest.mark.parametrize("shape", SHAPES[:1])
+@pytest.mark.parametrize("provider", ["reference", "eager"])
+def test_bench_cpu_step(benchmark, shape, provider):
+    x, e = _inputs(shape, "cpu")
+    benchmark(dict(providers(x, e, None))[provider])
 
 
 # ----- GPU: do_bench -----
@@ -53,28 +51,14 @@ def main() -> None:  # pragma: no cover - needs a GPU
     if not torch.cuda.is_available():
         print("no CUDA device: run `pytest benchmarks/bench_reverse_step.py` for the CPU comparison")
         return
-    import triton
-    from triton.testing import do_bench
     rows = []
-    dev = torch.cuda.get_device_name()
     for shape in SHAPES:
         x, e = _inputs(shape, "cuda")
-        out = torch.empty_like(x)
-        nbytes = 12 * x.numel()
-        for provider, fn in [
-            ("fused", lambda x=x, e=e, out=out: reverse_step(x, e, COEF, seed=1, step=3, out=out, backend="triton")),
-            ("eager", lambda x=x, e=e: eager_step(x, e, COEF)),
-        ]:
-            ms, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-            row = {"op": "reverse_step", "provider": provider, "shape": list(shape), "dtype": "float32",
-                   "metric": "GB/s", "value": nbytes / ms * 1e-6, "ms": ms, "ms_p20": p20, "ms_p80": p80,
-                   "device": dev, "torch": torch.__version__, "triton": triton.__version__}
-            rows.append(row)
-            print(f"{provider:6s} {str(shape):20s} {ms * 1e3:8.1f} us  {row['value']:7.0f} GB/s")
-    path = os.path.join(os.path.dirname(__file__), "results", "reverse_step_gpu.json")
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
-    print("wrote", path, file=sys.stderr)
+        for name, fn in providers(x, e, torch.empty_like(x)):
+            rows.append(row("reverse_step", name, shape, "float32", gpu_time(fn), "GB/s", 12 * x.numel()))
+    dev = DATASHEET["H200"] if "H200" in env()["device"] else DATASHEET["H100 SXM"]
+    print_table(rows, lambda r: expected_for_row(r, dev))
+    print("wrote", write_rows("reverse_step_" + env()["device"].replace(" ", "_"), rows))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,12 @@ def measure_device() -> Device:
     bw = 2 * 4 * n / (ms * 1e-3)
     m = 8192
     x = torch.randn(m, m, device="cuda")
+    was = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
-    tf32 = 2 * m**3 / (do_bench(lambda: x @ x) * 1e-3)
+    try:
+        tf32 = 2 * m**3 / (do_bench(lambda: x @ x) * 1e-3)
+    finally:  # a global switch: later benchmarks in this process must run torch's default precision
+        torch.backends.cuda.matmul.allow_tf32 = was
     xb = x.to(torch.bfloat16)
     bf16 = 2 * m**3 / (do_bench(lambda: xb @ xb) * 1e-3)
     props = torch.cuda.get_device_properties(0)
@@ -80,11 +84,18 @@ def attention_cost(B: int, N: int, D: int, dtype: str = "float32", backward: boo
     return flops, bytes_, launches, exps
 
 
-def top1_cost(B: int, N: int, D: int, dtype: str = "float32") -> tuple[float, float, int, float]:
+def top1_cost(B: int, N: int, D: int, dtype: str = "float32", backward: bool = False
+              ) -> tuple[float, float, int, float]:
     """(FLOPs, minimal bytes, launches, exps) of the top-1 forward: scores (2*N*N*D), read q, k and
-    the chosen rows of v, write out and the int64 index; no exponentials."""
+    the chosen rows of v, write out and the int64 index; no exponentials. ``backward``: plus the
+    straight-through backward, whose dq, dk are a softmax-attention backward (the surrogate)."""
     e = ELT[dtype]
-    return 2.0 * B * N * N * D, 4 * B * N * D * e + 8 * B * N, 1, 0.0
+    f, b, la, ex = 2.0 * B * N * N * D, 4 * B * N * D * e + 8 * B * N, 1, 0.0
+    if backward:
+        af, ab, al, ae = attention_cost(B, N, D, dtype, backward=True)
+        fwd = attention_cost(B, N, D, dtype)
+        f, b, la, ex = f + af - fwd[0], b + ab - fwd[1], la + al - fwd[2], ex + ae - fwd[3]
+    return f, b, la, ex
 
 
 def reverse_step_cost(numel: int, dtype: str = "float32") -> tuple[float, float, int, float]:
@@ -119,7 +130,7 @@ def expected_for_row(r: dict, dev: Device) -> float:
                                            identity=op.startswith("identity")), dev, dt, FP32_DOT["attention"])
     if op.startswith("top1"):
         B, N, D = s
-        return expected_ms(*top1_cost(B, N, D, dt), dev, dt, FP32_DOT["top1"])
+        return expected_ms(*top1_cost(B, N, D, dt, backward=op.endswith("fwd_bwd")), dev, dt, FP32_DOT["top1"])
     if op == "reverse_step":
         n = 1
         for x in s:

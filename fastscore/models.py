@@ -83,7 +83,7 @@ class ScoreNet(nn.Module):
         super().__init__()
         self.config = ModelConfig(attention, width, attn_dim or width, image_channels, image_size, T,
                                   float(temperature), gumbel, coord_channels, attn_patch)
-        self.backend = _validate.choice("backend", backend, ops._dispatch.BACKENDS)
+        self.backend = _validate.choice("backend", backend, ops.BACKENDS)
         c, w = image_channels, width
         cin = c + (2 if coord_channels else 0)
         self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 2 * w))

@@ -8,17 +8,23 @@ each element's global index, so sample i is the same whatever the batch size.
 """
 from __future__ import annotations
 
+import functools
+import itertools
+import warnings
+import weakref
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from . import _validate
-from .ops import ddim_coefficients, noise_like, reverse_step
-from .ops.reverse_step import StepCoefficients
+from .ops import BACKENDS, StepCoefficients, ddim_coefficients, noise_like, resolve_backend, reverse_step
 from .schedule import Schedule, make_schedule
 
 SAMPLERS = ("ddim", "ddpm")
+ON_NONFINITE = ("raise", "warn")
+GRAPH_CACHE_SIZE = 4  # captured sampling loops kept across calls (each holds its buffers and memory pool)
 INIT_STREAM = 2**31 - 1  # Philox c2 of the initial noise x_T; steps use c2 = 0 .. steps-1
 
 
@@ -42,12 +48,12 @@ def step_coefficients(schedule: Schedule, ts: Sequence[int], eta: float) -> list
 
 
 def sample_ddim(model: Callable, x: torch.Tensor, schedule: Schedule, ts: Sequence[int], *, eta: float = 0.0,
-                seed: int = 0, sample_offset: int | torch.Tensor = 0, clip_x0: bool = True,
+                seed: int | torch.Tensor = 0, sample_offset: int | torch.Tensor = 0, clip_x0: bool = True,
                 backend: str = "auto") -> torch.Tensor:
     """DDIM(eta) from x = x_T (B, ...) over timesteps ``ts`` (decreasing); updates x in place.
 
-    ``sample_offset``: index of x's first sample in the whole run (keys the noise); an int64 device
-    tensor is read by the fused kernel at run time (CUDA graphs)."""
+    ``sample_offset``: index of x's first sample in the whole run (keys the noise); ``seed`` and
+    ``sample_offset`` as int64 device tensors are read by the fused kernel at run time (CUDA graphs)."""
     coefs = step_coefficients(schedule, ts, eta)
     tt = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     for i, (t, c) in enumerate(zip(ts, coefs)):
@@ -70,12 +76,28 @@ def initial_noise(shape: Sequence[int], seed: int, sample_offset: int = 0,
     return noise_like(torch.empty(tuple(shape), device=device), seed, INIT_STREAM, sample_offset)
 
 
+def sampling_backend(model: Callable, backend: str | None) -> str:
+    """The one backend a sampling run uses for the network and the update: ``backend``, or the
+    model's own ``backend`` attribute when ``backend`` is None (``"auto"`` for a model without one).
+    A ``backend`` that differs from the model's raises ValueError: the network would run one path
+    and the update another without saying so."""
+    own = getattr(model, "backend", None)
+    own = own if isinstance(own, str) else None
+    if backend is None:
+        return own or "auto"
+    _validate.choice("backend", backend, BACKENDS)
+    if own is not None and own != backend:
+        raise ValueError(f"backend={backend!r} differs from the model's backend {own!r}: omit backend to use "
+                         f"the model's, or build the model with backend={backend!r}")
+    return backend
+
+
 @torch.no_grad()
 def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, schedule: Schedule | None = None,
            sampler: str = "ddim", steps: int = 50, eta: float = 1.0, clip_x0: bool = True, seed: int = 0,
-           batch_size: int = 1000, device: str | torch.device | None = None, backend: str = "auto",
+           batch_size: int = 1000, device: str | torch.device | None = None, backend: str | None = None,
            cuda_graph: bool | None = None, progress: bool = False,
-           callback: Callable[[int], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int], None] | None = None, on_nonfinite: str = "raise") -> torch.Tensor:
     """Draw ``n`` samples (n, C, H, W) float32 on ``device`` from an eps-prediction model.
 
     ``model`` maps ``(x_t (B, C, H, W), t (B,) int64)`` to eps_hat; a ``ScoreNet`` brings its own
@@ -83,8 +105,21 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
     ``sampler="ddim"`` uses ``steps`` strided steps with ``eta`` (eta = 1: strided DDPM);
     ``"ddpm"`` runs all T ancestral steps. ``clip_x0`` clamps the predicted x_0 to [-1, 1] and
     recomputes eps from it. Reproducible: the same seed gives the same samples for any
-    ``batch_size``. ``cuda_graph`` (default: on for CUDA) captures the whole loop once per batch
-    shape and replays it. ``callback(b)`` is called after each batch of ``b`` samples.
+    ``batch_size``. ``backend`` (default: the model's own ``backend``, else ``"auto"``) must agree
+    with the model's (``sampling_backend``).
+
+    ``cuda_graph`` (default: on for CUDA when the update runs the fused kernel) captures the whole
+    loop once per batch shape and replays it. Captured graphs are kept across calls: the
+    ``GRAPH_CACHE_SIZE`` most recent, dropped with their model or by ``clear_graph_cache()``, keyed
+    by ``graph_key`` (the model's identity, the addresses of an ``nn.Module``'s parameters and
+    buffers, the batch shape, dtype and device, the sampler settings; not the seed, which the graph
+    reads from the device). A replay reads parameters and buffers where they are, so in-place
+    updates are seen; state held outside them must not be replaced between calls (or pass
+    ``cuda_graph=False``). A failed capture warns with its cause and samples without a graph.
+
+    Samples holding NaN or inf (a diverged model, NaN weights) raise FloatingPointError when
+    ``on_nonfinite="raise"``, or warn (RuntimeWarning) and are returned when ``"warn"``.
+    ``callback(b)`` is called after each batch of ``b`` samples.
     """
     if not callable(model):
         raise TypeError(f"model must be callable (x_t, t) -> eps, got {type(model).__name__}")
@@ -93,6 +128,8 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
     _validate.choice("sampler", sampler, SAMPLERS)
     _validate.finite_float("eta", eta, minimum=0.0)
     _validate.seed("seed", seed)
+    _validate.choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+    backend = sampling_backend(model, backend)
     cfg = getattr(model, "config", None)
     if shape is None:
         shape = getattr(model, "image_shape", None)
@@ -111,28 +148,37 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
         params = list(model.parameters()) if isinstance(model, nn.Module) else []
         device = params[0].device if params else torch.device("cpu")
     device = torch.device(device)
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool or None, got {type(cuda_graph).__name__}")
+    if cuda_graph and not _graphs_possible(device):
+        raise ValueError("cuda_graph=True needs a CUDA device")
+    # the graph reads seed and sample offset from device tensors: only the fused update does
+    fused = resolve_backend(backend, torch.empty(0, device=device), op="reverse_step") == "triton"
+    if cuda_graph and not fused:
+        raise ValueError(f"cuda_graph=True needs the fused reverse step (backend 'auto' or 'triton' on CUDA), "
+                         f"got backend={backend!r}")
+    use_graph = (_graphs_possible(device) and fused) if cuda_graph is None else cuda_graph
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
         model.to(device).eval()
-    use_graph = (device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
-    if use_graph and device.type != "cuda":
-        raise ValueError("cuda_graph=True needs a CUDA device")
     out = torch.empty((n, *shape), device=device, dtype=torch.float32)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device: no sync per batch
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc="sample", leave=False, dynamic_ncols=True)
-    runner = _GraphRunner(model, schedule, ts, eta, seed, clip_x0, backend) if use_graph else None
+    settings = _Settings(schedule, ts, float(eta), bool(clip_x0), backend)
     try:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             x = initial_noise((b, *shape), seed, start, device)
-            if runner is not None and runner.ok:
-                x = runner(x, start)
+            graph = _graph_for(model, settings, x) if use_graph else None
+            if graph is not None:
+                x = graph(x, seed, start)
             else:
-                sample_ddim(model, x, schedule, ts, eta=eta, seed=seed, sample_offset=start, clip_x0=clip_x0,
-                            backend=backend)
+                _run_loop(model, settings, x, seed, start)
             out[start:start + b] = x
+            nonfinite += (~torch.isfinite(x.view(b, -1)).all(dim=1)).sum()
             if bar is not None:
                 bar.update(b)
             if callback is not None:
@@ -140,44 +186,139 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
     finally:
         if bar is not None:
             bar.close()
-        if was_training:
+        if was_training and isinstance(model, nn.Module):
             model.train()
+    bad = int(nonfinite)
+    if bad:
+        msg = (f"{bad} of {n} samples hold NaN or inf: the model's output eps_hat was not finite "
+               f"(NaN or inf weights, a diverged training run?)")
+        if on_nonfinite == "raise":
+            raise FloatingPointError(msg + "; pass on_nonfinite='warn' to get the samples anyway")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return out
 
 
-class _GraphRunner:
-    """Captures the whole sampling loop (network and update, all steps) in one CUDA graph per batch
-    shape and replays it. The batch's first sample index lives in a device tensor that the fused
-    update reads, so one graph serves every batch. The first batch of a shape runs eagerly (it
-    compiles every kernel variant and is the warm-up capture needs); if capture fails, the runner
-    turns itself off and ``sample`` falls back to the eager loop.
-    """
+class _Settings:
+    """What a sampling loop bakes in besides the model, and its part of the graph cache key."""
 
-    def __init__(self, model, schedule, ts, eta, seed, clip_x0, backend):
-        self.args = (model, schedule, ts, eta, seed, clip_x0, backend)
-        self.ok = True
-        self.graphs: dict = {}
+    def __init__(self, schedule: Schedule, ts: Sequence[int], eta: float, clip_x0: bool, backend: str) -> None:
+        self.schedule, self.ts, self.eta, self.clip_x0, self.backend = schedule, list(ts), eta, clip_x0, backend
+        self.key = (tuple(schedule.alpha_bar.tolist()), tuple(ts), eta, clip_x0, backend)
 
-    def __call__(self, x0: torch.Tensor, offset: int) -> torch.Tensor:
-        model, schedule, ts, eta, seed, clip_x0, backend = self.args
-        key = tuple(x0.shape)
-        if key in self.graphs:
-            g, static, off = self.graphs[key]
-            static.copy_(x0)
-            off.fill_(offset)
-            g.replay()
-            return static.clone()
-        x = sample_ddim(model, x0.clone(), schedule, ts, eta=eta, seed=seed, sample_offset=offset, clip_x0=clip_x0,
-                        backend=backend)
+
+def _run_loop(model: Callable, settings: _Settings, x: torch.Tensor, seed: int | torch.Tensor,
+              sample_offset: int | torch.Tensor) -> torch.Tensor:
+    """The sampling loop on x = x_T in place: the one step code of the eager and the graph paths."""
+    return sample_ddim(model, x, settings.schedule, settings.ts, eta=settings.eta, seed=seed,
+                       sample_offset=sample_offset, clip_x0=settings.clip_x0, backend=settings.backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs of the whole loop, kept across calls
+# ---------------------------------------------------------------------------------------------
+def _graphs_possible(device: torch.device) -> bool:
+    """CUDA graphs need a CUDA device (the tests stand in for one on CPU)."""
+    return device.type == "cuda"
+
+
+def _warm_up(fn: Callable[[], object], device: torch.device) -> None:
+    """Run ``fn`` once on a side stream (what capture needs first: kernels compiled, workspaces
+    allocated, lazy initialisation done), ordered after and before the current stream's work."""
+    side = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        fn()
+    main.wait_stream(side)
+
+
+def _capture(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """Capture ``fn`` in a CUDA graph; returns its replay."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+class _LoopGraph:
+    """One captured sampling loop for one batch shape: static x, seed and sample offset on the
+    device (the fused update reads seed and offset from memory, so one graph serves every batch
+    and every seed). The first call warms up on a side stream, which is that batch's result, then
+    captures; later calls copy x_T in and replay. Capture failure: ``replay`` stays None, ``error``
+    holds the cause, and the caller samples eagerly."""
+
+    def __init__(self, model: Callable, settings: _Settings, like: torch.Tensor) -> None:
+        self.model: Callable | None = model  # dropped after capture: the cache must not keep models alive
+        self.settings = settings
+        self.x = torch.empty_like(like)
+        self.seed = torch.zeros(1, dtype=torch.int64, device=like.device)
+        self.offset = torch.zeros(1, dtype=torch.int64, device=like.device)
+        self.replay: Callable[[], None] | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self, x0: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+        """x_0 (B, C, H, W) from x_T = ``x0`` for samples ``offset ..``; a view of the static buffer
+        that the next call overwrites (copy it out)."""
+        self.x.copy_(x0)
+        self.seed.fill_(seed)  # fill_ with a Python int launches a kernel: no host sync
+        self.offset.fill_(offset)
+        if self.replay is not None:
+            self.replay()
+            return self.x
+        model = self.model
+        assert model is not None  # set until the first call captures
+        loop = functools.partial(_run_loop, model, self.settings, self.x, self.seed, self.offset)
+        _warm_up(loop, self.x.device)
+        result = self.x.clone()
         try:
-            static = x0.clone()
-            off = torch.full((1,), offset, dtype=torch.int64, device=x0.device)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                sample_ddim(model, static, schedule, ts, eta=eta, seed=seed, sample_offset=off, clip_x0=clip_x0,
-                            backend=backend)
-            self.graphs[key] = (g, static, off)
-        except Exception:  # pragma: no cover - depends on the CUDA stack
-            self.ok = False
-        return x
+            self.replay = _capture(loop, self.x.device)
+        except Exception as e:  # the CUDA stack decides what can be captured; report, never swallow
+            self.error = e
+            warnings.warn(f"CUDA graph capture of the sampling loop failed ({type(e).__name__}: {e}); "
+                          f"sampling without a graph", RuntimeWarning, stacklevel=3)
+        self.model = None
+        return result
+
+
+_GRAPHS: OrderedDict[tuple, tuple[Callable[[], object], _LoopGraph]] = OrderedDict()
+
+
+def graph_key(model: Callable, settings: _Settings, x: torch.Tensor) -> tuple:
+    """The cache key of a captured loop: the model's identity and the addresses, shapes and dtypes
+    of its parameters and buffers (a replay reads them where they are), its training flag, the
+    batch's shape, dtype and device, and the sampler settings."""
+    state: tuple = ()
+    if isinstance(model, nn.Module):
+        state = tuple((t.data_ptr(), tuple(t.shape), t.dtype)
+                      for t in itertools.chain(model.parameters(), model.buffers()))
+        state += (model.training,)
+    return (id(model), state, tuple(x.shape), x.dtype, str(x.device), settings.key)
+
+
+def clear_graph_cache() -> None:
+    """Drop every captured sampling graph (and the memory they hold)."""
+    _GRAPHS.clear()
+
+
+def _graph_for(model: Callable, settings: _Settings, x: torch.Tensor) -> _LoopGraph | None:
+    """The captured loop for this model, settings and batch (None: capture failed before)."""
+    key = graph_key(model, settings, x)
+    hit = _GRAPHS.get(key)
+    if hit is not None and hit[0]() is model:  # the same live object, not a new one at a reused id
+        _GRAPHS.move_to_end(key)
+        graph = hit[1]
+    else:
+        graph = _LoopGraph(model, settings, x)
+
+        def drop(_ref: object, key: tuple = key) -> None:
+            _GRAPHS.pop(key, None)
+
+        owner: Callable[[], object]
+        try:
+            owner = weakref.ref(model, drop)
+        except TypeError:  # not weak-referenceable: held (so its id cannot be reused) until evicted
+            owner = (lambda m: lambda: m)(model)
+        _GRAPHS[key] = (owner, graph)
+        while len(_GRAPHS) > GRAPH_CACHE_SIZE:
+            _GRAPHS.popitem(last=False)
+    return None if graph.error is not None else graph

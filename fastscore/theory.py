@@ -46,13 +46,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _validate
-from .ops import _dispatch
-from .ops.attention import softmax_attention
+from . import ops
+from .ops import softmax_attention
 from .schedule import Schedule
 
 PADDINGS = ("zeros", "circular")
-MAX_TRITON_D = 256                      # the attention kernel's largest feature size (BLOCK_D)
-_TORCH_CHUNK = 2**24                    # logits materialised at once by the torch reference path
+_TORCH_CHUNK = 2**24                    # logits materialised at once by a path that may build M x N
 
 PatchSizes = Union[int, Sequence[int], Callable[[int], int]]
 
@@ -134,8 +133,9 @@ def gaussian_posterior_mean(q: torch.Tensor, keys: torch.Tensor, log_m: torch.Te
     ``w_i = softmax_j(-||q_i - sqrt(ab) keys_j||^2 / (2 (1 - ab)) + log_m_j)``.
 
     ``q`` (M, D), ``keys`` (N, D), ``log_m`` (N,), ``values`` (N, Dv), one dtype and device; the
-    result has q's dtype. Runs on ``softmax_attention``: Triton for float32/16 CUDA tensors with
-    D + 1 <= 256 (``backend="auto"``), otherwise the torch reference in chunks of queries."""
+    result has q's dtype. Runs on ``softmax_attention`` with ``backend``, on the path the op chooses
+    (``fastscore.ops.resolve_backend``): the Triton kernels in one call (they never build M x N),
+    SDPA or the torch reference in chunks of queries (their math paths materialise the logits)."""
     a = math.sqrt(alpha_bar)
     s2 = 1.0 - alpha_bar
     dt = q.dtype
@@ -143,14 +143,10 @@ def gaussian_posterior_mean(q: torch.Tensor, keys: torch.Tensor, log_m: torch.Te
     qq = torch.cat([q, ones], dim=1)
     bias = (-(alpha_bar / (2 * s2)) * keys.to(torch.float64).pow(2).sum(1) + log_m.to(torch.float64)).to(dt)
     kk = torch.cat([keys * (a / s2), bias[:, None]], dim=1)
-    D = qq.shape[1]
-    path = _dispatch.resolve(backend, qq, kk, values)
-    if backend == "auto" and path == "triton" and (dt == torch.float64 or D > MAX_TRITON_D):
-        path = "torch"
-    if path == "triton":
-        return softmax_attention(qq[None], kk[None], values[None], 1.0, backend="triton")[0]
+    if ops.resolve_backend(backend, qq[None], kk[None], values[None], op="softmax_attention") == "triton":
+        return softmax_attention(qq[None], kk[None], values[None], 1.0, backend=backend)[0]
     chunk = max(1, _TORCH_CHUNK // kk.shape[0])
-    out = [softmax_attention(qq[None, s:s + chunk], kk[None], values[None], 1.0, backend="torch")[0]
+    out = [softmax_attention(qq[None, s:s + chunk], kk[None], values[None], 1.0, backend=backend)[0]
            for s in range(0, qq.shape[0], chunk)]
     return torch.cat(out)
 
@@ -182,7 +178,7 @@ class _AnalyticScore(nn.Module):
         super().__init__()
         train = _check_train(train_images)
         self.schedule = _check_schedule(schedule)
-        self.backend = _validate.choice("backend", backend, _dispatch.BACKENDS)
+        self.backend = _validate.choice("backend", backend, ops.BACKENDS)
         if not isinstance(deduplicate, bool):
             raise TypeError(f"deduplicate must be a bool, got {type(deduplicate).__name__}")
         self.deduplicate = deduplicate

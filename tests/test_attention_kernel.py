@@ -12,7 +12,7 @@ import torch
 
 from conftest import HAS_CUDA, requires_cuda
 from fastscore.kernels import attention as K
-from fastscore.ops import _attention_triton as T  # noqa: F401  (registers ops, interpreter fix)
+from fastscore.ops import attention as T  # noqa: F401  (registers the custom ops)
 from fastscore.ops.attention import identity_attention, softmax_attention, softmax_attention_reference
 
 DEV = "cuda" if HAS_CUDA else "cpu"

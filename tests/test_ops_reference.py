@@ -146,3 +146,124 @@ def test_reverse_step_bad_input(kw, err):
                 seed=0, step=0) | kw
     with pytest.raises(err):
         reverse_step(**args, backend="torch")
+
+
+# ------------------------------------------------------------------------------------------------
+# one backend rule for every op; the auto table; the SDPA path
+# ------------------------------------------------------------------------------------------------
+class _OnCuda:
+    """Stands in for a CUDA tensor where only the device matters (the dispatch rule)."""
+    is_cuda = True
+
+
+def _raise(exc):
+    def check():
+        raise exc
+    return check
+
+
+def test_auto_on_cuda_follows_the_measured_table_and_falls_back_where_kernels_cannot():
+    from fastscore.ops import _dispatch
+    # the decision (FINDINGS.md, H100): SDPA 4-D beats the fused attention everywhere, top-1
+    # Triton slows training 4x, the reverse-step kernel is 6.5x eager
+    assert ops.AUTO_ON_CUDA == {"softmax_attention": "sdpa", "identity_attention": "sdpa",
+                                "top1_attention": "torch", "reverse_step": "triton"}
+    for op, path in ops.AUTO_ON_CUDA.items():
+        assert _dispatch.resolve(op, "auto", (_OnCuda(),), lambda: None) == path
+        assert _dispatch.resolve(op, "torch", (_OnCuda(),), lambda: None) == "torch"
+        assert _dispatch.resolve(op, "triton", (_OnCuda(),), lambda: None) == "triton"
+    # where the table says triton and the kernels cannot take the inputs: the reference
+    assert _dispatch.resolve("reverse_step", "auto", (_OnCuda(),), _raise(TypeError("dtype"))) == "torch"
+    # forced triton never falls back
+    with pytest.raises(TypeError, match="dtype"):
+        _dispatch.resolve("reverse_step", "triton", (_OnCuda(),), _raise(TypeError("dtype")))
+
+
+def test_auto_off_cuda_is_the_reference_for_every_op():
+    x = torch.randn(2, 4, 3)
+    for op, args in (("softmax_attention", (x, x, x)), ("identity_attention", (x,)),
+                     ("top1_attention", (x, x, x)), ("reverse_step", (x, x))):
+        assert ops.resolve_backend("auto", *args, op=op) == "torch"
+        assert ops.resolve_backend("torch", *args, op=op) == "torch"
+
+
+@pytest.mark.interpret
+def test_forced_triton_raises_for_inputs_the_kernels_cannot_take_in_every_op():
+    q64 = torch.randn(1, 4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        ops.softmax_attention(q64, q64, q64, backend="triton")
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        ops.identity_attention(q64, backend="triton")
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        ops.top1_attention(q64, q64, q64, backend="triton")
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        reverse_step(q64, q64, StepCoefficients(0.8, 0.6, 0.9, 0.1, 0.1), seed=0, step=0, backend="triton")
+    wide = torch.randn(1, 4, 300)
+    with pytest.raises(ValueError, match="D"):
+        ops.softmax_attention(wide, wide, wide, backend="triton")
+    from fastscore.kernels import top1 as K
+    w = torch.randn(1, 4, K.max_features(torch.float32) + 1)
+    with pytest.raises(ValueError, match="D, Dv <="):
+        ops.top1_attention(w, w, w, backend="triton")
+    with pytest.raises(ValueError, match="D, Dv <="):
+        ops.resolve_backend("triton", w, w, w, op="top1_attention")
+    # the same inputs under auto: the reference, forward and backward
+    out, idx = ops.top1_attention(q64, q64, q64)
+    assert out.dtype == torch.float64 and torch.equal(idx, (q64 @ q64.transpose(1, 2)).argmax(-1))
+
+
+def test_resolve_backend_bad_input():
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="op must be one of"):
+        ops.resolve_backend("auto", x, op="matmul")
+    with pytest.raises(TypeError, match="input tensors"):
+        ops.resolve_backend("auto", x, x, op="softmax_attention")
+    with pytest.raises(ValueError, match="backend"):
+        ops.resolve_backend("cuda", x, op="identity_attention")
+
+
+@pytest.mark.parametrize("nq, n, d, dv", [(7, 7, 5, 5), (3, 9, 4, 6)])
+def test_sdpa_path_matches_the_reference_with_gradients(seed, nq, n, d, dv):
+    q = torch.randn(2, nq, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, n, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, n, dv, dtype=torch.float64, requires_grad=True)
+    a = ops.softmax_attention_sdpa(q, k, v, 0.6)
+    b = ops.softmax_attention_reference(q, k, v, 0.6)
+    assert a.shape == (2, nq, dv) and torch.allclose(a, b, atol=1e-12)
+    do = torch.randn_like(a)
+    for x, y in zip(torch.autograd.grad(a, (q, k, v), do), torch.autograd.grad(b, (q, k, v), do)):
+        assert torch.allclose(x, y, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: ops.softmax_attention_sdpa(z, z, z, 0.5), (q.detach().requires_grad_(),))
+
+
+def test_importing_ops_does_not_patch_triton_and_the_patch_is_explicit():
+    import os
+    import subprocess
+    import sys
+    code = ("import fastscore.ops as o; from triton.runtime import interpreter as i; "
+            "print(getattr(i, '_fastscore_index_patch', False)); o.patch_triton_interpreter(); "
+            "print(getattr(i, '_fastscore_index_patch', False)); print(o.patch_triton_interpreter())")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    first, second, again = out.stdout.split()
+    from fastscore.ops import _dispatch
+    needs = _dispatch._interpreter_needs_patch()  # NumPy >= 2.4 rejects int(array of shape (1,))
+    assert first == "False" and second == str(needs) and again == "False"
+
+
+def test_noise_range_is_bit_identical_to_indexed_noise():
+    from fastscore.ops import philox
+    for start, count in ((0, 1), (3, 10), (5, 4), (1023, 777), (2**33 + 1, 9)):
+        e = torch.arange(start, start + count, dtype=torch.int64)
+        assert torch.equal(philox.normal_range(7, start, count, c2=3), philox.normal(7, e, c2=3))
+    assert philox.normal_range(7, 5, 0).shape == (0,)
+
+
+def test_theory_asks_the_op_for_its_path():
+    from fastscore import theory
+    assert not hasattr(theory, "MAX_TRITON_D")
+    q, keys, values = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4, 2)
+    got = theory.gaussian_posterior_mean(q, keys, torch.zeros(4), values, 0.5, backend="torch")
+    a = math.sqrt(0.5)
+    logits = -((q[:, None, :] - a * keys[None]) ** 2).sum(-1) / (2 * 0.5)
+    assert torch.allclose(got, torch.softmax(logits.double(), -1).float() @ values, atol=1e-5)

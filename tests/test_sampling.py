@@ -29,10 +29,10 @@ def test_samplers_recover_a_point_mass(sampler, eta):
 
 
 def test_batch_size_invariance_and_reproducibility(seed):
-    m = ScoreNet("softmax", 8).eval()
-    a = sample(m, 10, seed=seed % 2**31, steps=5, batch_size=10, backend="torch")
-    b = sample(m, 10, seed=seed % 2**31, steps=5, batch_size=3, backend="torch")
-    c = sample(m, 10, seed=seed % 2**31 + 1, steps=5, batch_size=10, backend="torch")
+    m = ScoreNet("softmax", 8, backend="torch").eval()
+    a = sample(m, 10, seed=seed % 2**31, steps=5, batch_size=10)
+    b = sample(m, 10, seed=seed % 2**31, steps=5, batch_size=3)
+    c = sample(m, 10, seed=seed % 2**31 + 1, steps=5, batch_size=10)
     assert torch.allclose(a, b, atol=1e-5)  # same noise per sample; conv rounding may differ by batch size
     assert not torch.allclose(a, c)
     assert torch.equal(a, sample(m, 10, seed=seed % 2**31, steps=5, batch_size=10, backend="torch"))
@@ -74,11 +74,12 @@ def test_sample_needs_shape_for_plain_callables():
 
 @pytest.mark.interpret
 def test_triton_backend_is_batch_size_invariant_and_matches_torch(seed):
-    m = ScoreNet("none", 8).eval()
+    m = ScoreNet("none", 8, backend="triton").eval()
     s = seed % 2**31
-    a = sample(m, 10, seed=s, steps=3, batch_size=10, backend="triton")
-    b = sample(m, 10, seed=s, steps=3, batch_size=3, backend="triton")
-    c = sample(m, 10, seed=s, steps=3, batch_size=4, backend="torch")
+    a = sample(m, 10, seed=s, steps=3, batch_size=10)
+    b = sample(m, 10, seed=s, steps=3, batch_size=3)
+    m.backend = "torch"
+    c = sample(m, 10, seed=s, steps=3, batch_size=4)
     assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(a, c, atol=1e-4)
 
@@ -97,14 +98,197 @@ def test_device_tensor_seed_and_offset_match_ints(seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_replay_matches_eager():
+def test_cuda_graph_replay_matches_eager_and_is_captured_once_across_calls(monkeypatch):
+    from fastscore import sampling
+    sampling.clear_graph_cache()
+    captures = []
+    real = sampling._capture
+    monkeypatch.setattr(sampling, "_capture", lambda fn, device: captures.append(device) or real(fn, device))
     m = ScoreNet("softmax", 16).cuda().eval()
     a = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=False)
     b = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=True)
-    assert torch.allclose(a, b, atol=1e-4)
+    c = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=True)
+    assert torch.allclose(a, b, atol=1e-4) and torch.equal(b, c)
+    assert len(captures) == 1
+    sampling.clear_graph_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_sampling_is_faster_than_the_eager_loop():
+    import time
+
+    def median_seconds(**kw):
+        sample(m, 512, steps=20, batch_size=512, **kw)  # compile; with the graph: capture
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sample(m, 512, steps=20, batch_size=512, **kw)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[2]
+
+    m = ScoreNet("softmax", 16).cuda().eval()
+    eager, graph = median_seconds(cuda_graph=False), median_seconds(cuda_graph=True)
+    print(f"sampling 512 x 20 steps: eager {1e3 * eager:.2f} ms, graph {1e3 * graph:.2f} ms")
+    assert graph < eager
 
 
 def test_one_step_starts_from_pure_noise_and_small_T_schedules_end_in_noise():
     assert timesteps(1000, 1) == [999]
     for T in (50, 100, 1000):
         assert make_schedule("linear", T).alpha_bar[-1] < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# one backend per sampling run
+# ------------------------------------------------------------------------------------------------
+def test_sample_backend_defaults_to_the_models_and_refuses_to_disagree():
+    from fastscore.sampling import sampling_backend
+    m = ScoreNet("none", 4, backend="torch")
+    assert sampling_backend(m, None) == "torch" and sampling_backend(m, "torch") == "torch"
+    assert sampling_backend(lambda x, t: x, None) == "auto"
+    assert sampling_backend(lambda x, t: x, "torch") == "torch"
+    with pytest.raises(ValueError, match="differs from the model's backend 'torch'"):
+        sample(m, 2, steps=2, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        sample(lambda x, t: x, 2, shape=(1, 2, 2), steps=2, backend="cuda")
+    assert sample(m, 2, steps=2).shape == (2, 3, 8, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite outputs are reported
+# ------------------------------------------------------------------------------------------------
+def test_nan_weights_raise_instead_of_returning_nan_samples():
+    m = ScoreNet("softmax", 8, backend="torch")
+    with torch.no_grad():
+        m.head2.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="6 of 6 samples hold NaN or inf"):
+        sample(m, 6, steps=2, batch_size=4)
+    with pytest.warns(RuntimeWarning, match="6 of 6 samples hold NaN or inf"):
+        x = sample(m, 6, steps=2, batch_size=4, on_nonfinite="warn")
+    assert torch.isnan(x).all()
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        sample(m, 6, steps=2, on_nonfinite="ignore")
+
+
+def test_finite_samples_do_not_warn(recwarn):
+    sample(ScoreNet("none", 4, backend="torch"), 3, steps=2)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA-graph path, on CPU: capture and replay stand-ins that run the captured function, so the
+# cache, its keys and the shared step code are checked without a GPU
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Graphs 'possible' on CPU; warm-up runs the loop; capture records it and replay re-runs it."""
+    from fastscore import sampling
+    calls = {"capture": 0, "replay": 0, "loop": 0}
+    real_loop = sampling._run_loop
+
+    def loop(*a, **kw):
+        calls["loop"] += 1
+        return real_loop(*a, **kw)
+
+    def capture(fn, device):
+        calls["capture"] += 1
+
+        def replay():
+            calls["replay"] += 1
+            fn()
+        return replay
+
+    monkeypatch.setattr(sampling, "_graphs_possible", lambda device: True)
+    monkeypatch.setattr(sampling, "_warm_up", lambda fn, device: fn())
+    monkeypatch.setattr(sampling, "_capture", capture)
+    monkeypatch.setattr(sampling, "_run_loop", loop)
+    sampling.clear_graph_cache()
+    yield calls
+    sampling.clear_graph_cache()
+
+
+@pytest.mark.interpret
+def test_graph_path_is_captured_once_and_replayed_across_calls(fake_graphs, seed):
+    from fastscore import sampling
+    m = ScoreNet("none", 8, backend="triton").eval()
+    s = seed % 2**31
+    eager = sample(m, 10, seed=s, steps=3, batch_size=4, cuda_graph=False)
+    assert fake_graphs == {"capture": 0, "replay": 0, "loop": 3}   # the eager path runs the same loop
+    a = sample(m, 10, seed=s, steps=3, batch_size=4, cuda_graph=True)
+    # batches of 4, 4, 2: two shapes, each warmed up (its first batch) and captured once
+    assert fake_graphs["capture"] == 2 and fake_graphs["replay"] == 1 and len(sampling._GRAPHS) == 2
+    assert fake_graphs["loop"] == 3 + 2 + 1  # warm-ups and the captured function: the same loop code
+    b = sample(m, 10, seed=s + 1, steps=3, batch_size=4, cuda_graph=True)  # another seed: same graphs
+    assert fake_graphs["capture"] == 2 and fake_graphs["replay"] == 4
+    assert torch.equal(a, eager)
+    assert torch.equal(b, sample(m, 10, seed=s + 1, steps=3, batch_size=4, cuda_graph=False))
+    sample(m, 4, seed=s, steps=4, batch_size=4, cuda_graph=True)  # other sampler settings: a new graph
+    assert fake_graphs["capture"] == 3
+
+
+def test_graph_key_follows_parameters_shape_and_settings():
+    from fastscore.sampling import _Settings, graph_key
+    sched = make_schedule("linear", 100)
+    m = ScoreNet("none", 4)
+    st = _Settings(sched, [99, 50, 0], 1.0, True, "auto")
+    x = torch.zeros(4, 3, 8, 8)
+    k = graph_key(m, st, x)
+    assert k == graph_key(m, _Settings(sched, [99, 50, 0], 1.0, True, "auto"), x.clone())
+    assert k != graph_key(m, _Settings(sched, [99, 50, 0], 0.0, True, "auto"), x)
+    assert k != graph_key(m, _Settings(sched, [99, 0], 1.0, True, "auto"), x)
+    assert k != graph_key(m, _Settings(make_schedule("cosine", 100), [99, 50, 0], 1.0, True, "auto"), x)
+    assert k != graph_key(m, st, torch.zeros(5, 3, 8, 8))
+    assert k != graph_key(m, st, x.double())
+    assert k != graph_key(ScoreNet("none", 4), st, x)
+    with torch.no_grad():
+        m.conv1.weight.add_(1.0)                       # in place: a replay reads the new values
+    assert k == graph_key(m, st, x)
+    m.conv1.weight = torch.nn.Parameter(m.conv1.weight.detach().clone())  # replaced: new memory
+    assert k != graph_key(m, st, x)
+
+
+def test_graph_cache_is_bounded_and_drops_dead_models(fake_graphs, monkeypatch):
+    import gc
+
+    from fastscore import sampling
+    monkeypatch.setattr(sampling, "_capture", lambda fn, device: (lambda: None))  # a real graph holds no Python objects
+    m = ScoreNet("none", 4, backend="torch")
+    st = sampling._Settings(make_schedule("linear", 100), [99, 0], 1.0, True, "torch")
+    for b in range(1, sampling.GRAPH_CACHE_SIZE + 3):
+        g = sampling._graph_for(m, st, torch.zeros(b, 3, 8, 8))
+        g(torch.zeros(b, 3, 8, 8), 0, 0)
+        assert g.model is None                         # the cache does not keep the model alive
+    assert len(sampling._GRAPHS) == sampling.GRAPH_CACHE_SIZE
+    assert sampling._graph_for(m, st, torch.zeros(sampling.GRAPH_CACHE_SIZE + 2, 3, 8, 8)) is g
+    del m, g
+    gc.collect()
+    assert len(sampling._GRAPHS) == 0
+
+
+def test_failed_capture_warns_with_its_cause_and_samples_eagerly(fake_graphs, monkeypatch):
+    from fastscore import sampling
+
+    def broken(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(sampling, "_capture", broken)
+    m = ScoreNet("none", 4, backend="torch")
+    st = sampling._Settings(make_schedule("linear", 100), [99, 0], 1.0, True, "torch")
+    x0 = initial_noise((3, 3, 8, 8), 1)
+    g = sampling._graph_for(m, st, x0)
+    with pytest.warns(RuntimeWarning, match="capture of the sampling loop failed .*RuntimeError: operation not"):
+        y = g(x0, 1, 0).clone()
+    assert torch.equal(y, sampling._run_loop(m, st, x0.clone(), 1, 0))   # the warm-up's result is kept
+    assert sampling._graph_for(m, st, x0) is None      # that shape samples eagerly from now on
+
+
+def test_cuda_graph_needs_the_fused_update(monkeypatch):
+    from fastscore import sampling
+    monkeypatch.setattr(sampling, "_graphs_possible", lambda device: True)
+    with pytest.raises(ValueError, match="needs the fused reverse step"):
+        sample(ScoreNet("none", 4, backend="torch"), 2, steps=2, cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph"):
+        sample(ScoreNet("none", 4, backend="torch"), 2, steps=2, cuda_graph="yes")

@@ -255,7 +255,7 @@ def test_op_autograd_matches_reference(seed):
 
 @pytest.mark.interpret
 def test_opcheck(seed):
-    from fastscore.ops import _top1_triton
+    from fastscore.ops import top1 as _top1_triton
     q, k, v, do = _inputs(2, 9, 5)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.7, True, seed)
     torch.library.opcheck(_top1_triton._top1_fwd_op, args)
@@ -318,23 +318,18 @@ def test_bad_inputs():
 
 
 @pytest.mark.interpret
-def test_float64_and_wide_features_fall_back_to_reference(seed):
+def test_float64_and_wide_features_raise_under_triton_and_run_the_reference_under_auto(seed):
     q, k, v, _ = (x.double() for x in _inputs(1, 6, 3))
-    out, idx = top1_attention(q, k, v, backend="triton")
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        top1_attention(q, k, v, backend="triton")
+    out, idx = top1_attention(q, k, v)  # auto: the reference
     assert out.dtype == torch.float64 and torch.equal(idx, _scores64(q, k, False, 0).argmax(-1))
-    # D or Dv above max_features (64 for float32): the torch reference, forward and backward
+    # D or Dv above max_features (64 for float32): raise, never a silent fallback
     assert K.max_features(torch.float32) == K.MAX_D_FP32 == 64 and K.max_features(torch.float16) == K.MAX_D == 128
     for d, dv in ((K.MAX_D_FP32 + 1, 8), (8, K.MAX_D + 5), (200, 200)):
-        q, k, v, do = _inputs(2, 9, d, dv)
-        xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        ys = [x.clone().requires_grad_() for x in (q, k, v)]
-        out, idx = top1_attention(*xs, temperature=0.7, gumbel=True, seed=seed, backend="triton")
-        out_r, idx_r = _Top1Reference.apply(*ys, 0.7, True, seed)
-        assert out.grad_fn is not None and torch.equal(idx, idx_r) and torch.equal(out, out_r)
-        out.backward(do)
-        out_r.backward(do)
-        for a, c in zip(xs, ys):
-            assert torch.equal(a.grad, c.grad)
+        q, k, v, _ = _inputs(2, 9, d, dv)
+        with pytest.raises(ValueError, match="D, Dv <="):
+            top1_attention(q, k, v, backend="triton")
     with pytest.raises(ValueError, match="D, Dv <="):
         K.feature_block(8, K.MAX_D + 1)
     with pytest.raises(ValueError, match="D, Dv <="):

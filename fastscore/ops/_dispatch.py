@@ -1,13 +1,49 @@
-"""Backend choice shared by the three ops."""
+"""The backend rule shared by every op, and the ``backend="auto"`` table.
+
+A caller names a *backend*: ``"auto"``, ``"triton"`` or ``"torch"``. An op runs one of three
+*paths*: ``"triton"`` (our kernels), ``"sdpa"`` (torch's ``scaled_dot_product_attention`` on 4-D
+inputs: torch's fastest attention, attention ops only) or ``"torch"`` (the eager reference, exact
+in float64, what the tests compare against). The rule, the same for every op:
+
+* ``"torch"``: the reference, always.
+* ``"triton"``: the kernels, always; inputs the kernels cannot take (dtype, feature size), CPU
+  tensors without ``TRITON_INTERPRET=1``, or a missing triton package raise TypeError / ValueError
+  naming the limit. Never a silent fallback: the caller asked for the kernels.
+* ``"auto"``: off CUDA, the reference. On CUDA, the path ``AUTO_ON_CUDA`` names for the op; where
+  that is ``"triton"`` and the kernels cannot take the inputs, the reference.
+"""
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
 from .. import _validate
 
 BACKENDS = ("auto", "triton", "torch")
+PATHS = ("triton", "sdpa", "torch")
+
+#: What ``backend="auto"`` runs on CUDA tensors, per op: never something slower than torch offers.
+#: Measured on one H100 80GB (torch 2.11 + cu130, triton 3.6, main at 19d5887;
+#: ``shared/gpu-h100/FINDINGS.md``, ``attention-vs-sdpa-h100.log``, ``bench_reverse_step-h100.log``):
+#:
+#: | op                 | auto on CUDA | measurement                                                     |
+#: |--------------------|--------------|-----------------------------------------------------------------|
+#: | softmax_attention  | sdpa         | SDPA (4-D inputs) fastest at every measured shape, 1.3-13x the  |
+#: |                    |              | fused kernel; (1024, 64, 16) fp32 fwd+bwd 0.212 vs 1.131 ms     |
+#: | identity_attention | sdpa         | same kernels and shapes as softmax; training step 5.6 ms with   |
+#: |                    |              | torch vs 11.0 ms with the identity kernel                       |
+#: | top1_attention     | torch        | training step (batch 64) 10.7 ms torch vs 47.4 ms Triton        |
+#: | reverse_step       | triton       | 4096x3x32x32 fp32: 58.7 us = 2,573 GB/s, 6.5x eager             |
+#:
+#: Change a row only with a measurement that beats the row's current choice at the study's shapes.
+AUTO_ON_CUDA: dict[str, str] = {
+    "softmax_attention": "sdpa",
+    "identity_attention": "sdpa",
+    "top1_attention": "torch",
+    "reverse_step": "triton",
+}
 
 
 def interpreting() -> bool:
@@ -15,17 +51,33 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def patch_interpreter() -> bool:
-    """Triton 3.6's interpreter turns kernel scalars into Python ints with ``int(ndarray of shape
-    (1,))``, which NumPy >= 2.4 rejects, so ``range(0, n)`` over a kernel argument fails there.
-    Patch ``tensor.__index__`` of the interpreter to read the single element instead. Only applied
-    when interpreting and only when NumPy rejects the conversion; idempotent."""
+def triton_available() -> bool:
+    """True when the triton package imports (it is absent on macOS and Windows)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton absent on macOS/Windows
+        return False
+    return True
+
+
+def _interpreter_needs_patch() -> bool:
+    """Triton's interpreter (3.6) turns kernel scalars into Python ints with ``int(ndarray of shape
+    (1,))``, which NumPy >= 2.4 rejects: ``range(0, n)`` over a kernel argument then fails."""
     import numpy as np
     try:
-        int(np.zeros(1, dtype=np.int32))
+        int(np.zeros(1, dtype=np.int32))  # type: ignore[arg-type]
         return False
     except TypeError:
-        pass
+        return True
+
+
+def patch_triton_interpreter() -> bool:
+    """Make Triton's interpreter work with NumPy >= 2.4 (its ``tensor.__index__`` reads the single
+    element). For test and CLI set-up, never done on import: call it once after setting
+    ``TRITON_INTERPRET=1``. Does nothing (returns False) when not interpreting, when NumPy accepts
+    the conversion, or when already applied; returns True when it patched."""
+    if not (interpreting() and triton_available()) or not _interpreter_needs_patch():
+        return False
     from triton.runtime import interpreter as interp
     if getattr(interp, "_fastscore_index_patch", False):
         return False
@@ -40,29 +92,40 @@ def patch_interpreter() -> bool:
     return True
 
 
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton absent on macOS/Windows
-        return False
-    return True
+def _interpreter_ready() -> bool:
+    if not _interpreter_needs_patch():
+        return True
+    from triton.runtime import interpreter as interp
+    return bool(getattr(interp, "_fastscore_index_patch", False))
 
 
-def resolve(backend: str, *tensors: torch.Tensor) -> str:
-    """Return ``"triton"`` or ``"torch"`` for ``backend`` and the tensors' device.
-
-    ``"auto"``: Triton on CUDA tensors (when triton imports), the torch reference elsewhere.
-    ``"triton"``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; else ValueError.
-    """
+def resolve(op: str, backend: str, tensors: tuple[torch.Tensor, ...],
+            kernel_check: Callable[[], None]) -> str:
+    """The path (``"triton"``, ``"sdpa"`` or ``"torch"``) op ``op`` runs for ``backend`` and
+    ``tensors`` (module docstring). ``kernel_check()`` raises TypeError / ValueError when the
+    kernels cannot take the inputs."""
     _validate.choice("backend", backend, BACKENDS)
-    on_cuda = all(t.is_cuda for t in tensors)
     if backend == "torch":
         return "torch"
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
     if backend == "auto":
-        return "triton" if on_cuda and triton_available() else "torch"
+        if not on_cuda:
+            return "torch"
+        path = AUTO_ON_CUDA[op]
+        if path == "triton":
+            if not triton_available():
+                return "torch"
+            try:
+                kernel_check()
+            except (TypeError, ValueError):
+                return "torch"
+        return path
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package, which is not installed")
     if not (on_cuda or interpreting()):
         raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    if interpreting() and not _interpreter_ready():
+        raise RuntimeError("Triton's interpreter needs a fix for NumPy >= 2.4: call "
+                           "fastscore.ops.patch_triton_interpreter() once before running kernels on CPU")
+    kernel_check()
     return "triton"

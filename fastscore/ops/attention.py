@@ -1,19 +1,42 @@
 """Softmax patch attention: ``out = softmax(scale * q k^T) v`` over the ``N = H*W`` tokens.
 
-Contract (both backends):
-  q, k: (B, N, D), v: (B, N, Dv); floating, same dtype and device; math in float32;
-  out: (B, N, Dv) in the input dtype. ``scale`` defaults to ``D ** -0.5``.
-  The Triton path saves the log-sum-exp (B, N) float32 for backward and never builds N x N.
+Contract (every path):
+  q: (B, NQ, D), k: (B, N, D), v: (B, N, Dv); floating, same dtype and device; math in float32
+  (float64 for float64 inputs on the reference); out: (B, NQ, Dv) in the input dtype.
+  ``scale`` defaults to ``D ** -0.5``.
 ``identity_attention(z)`` is the paper's q = k = v = z case: one input, one gradient.
+
+Paths (``fastscore.ops._dispatch`` has the rule and the ``backend="auto"`` table):
+  * ``"torch"``: ``softmax_attention_reference``, eager matmul + softmax + matmul; what the tests
+    and the benchmarks' "eager" compare against.
+  * ``"sdpa"``: ``softmax_attention_sdpa``, torch's ``scaled_dot_product_attention`` on
+    ``(B, 1, N, D)`` views: 4-D inputs let it pick FlashAttention / memory-efficient / cuDNN
+    kernels (3-D inputs run its math path). ``auto`` on CUDA.
+  * ``"triton"``: the fused kernels (``fastscore.kernels.attention``) as ``torch.library`` custom
+    ops with fake (meta) implementations, so ``torch.compile`` traces them without graph breaks:
+    ``fastscore::attention_fwd(q, k, v, scale) -> (out, lse)`` with autograd through
+    ``fastscore::attention_bwd``, and ``fastscore::identity_attention_fwd`` /
+    ``identity_attention_bwd`` for q = k = v = z (each tile loaded once). The forward saves the
+    log-sum-exp (B, NQ) float32 for backward and never builds NQ x N.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import _validate
 from . import _dispatch
 
 
+def _kernels():
+    # imported on first use: fastscore.ops imports without triton (macOS, Windows)
+    from fastscore.kernels import attention
+    return attention
+
+
+# ---------------------------------------------------------------------------------------------
+# contract
+# ---------------------------------------------------------------------------------------------
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> float:
     for n, x in (("q", q), ("k", k), ("v", v)):
         _validate.tensor(n, x, ndim=3)
@@ -33,6 +56,19 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     return _validate.finite_float("scale", scale)
 
 
+def kernel_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise TypeError / ValueError for inputs the Triton kernels cannot take (dtype other than
+    float32/float16/bfloat16, feature size above the kernels' limit); the kernels own the limits."""
+    _kernels().check_inputs(q, k, v)
+
+
+def _resolve(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str) -> str:
+    return _dispatch.resolve(op, backend, (q, k, v), lambda: kernel_check(q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------
+# the two torch paths
+# ---------------------------------------------------------------------------------------------
 def softmax_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 scale: float) -> torch.Tensor:
     """Eager float32 (or float64 for float64 inputs) attention; differentiable by autograd."""
@@ -41,20 +77,117 @@ def softmax_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return torch.matmul(torch.softmax(s, dim=-1), v.to(acc)).to(q.dtype)
 
 
+def softmax_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """torch's ``scaled_dot_product_attention`` on ``(B, 1, N, D)`` views (one head), so that its
+    fused backends are eligible; (B, NQ, Dv) out. Differentiable by autograd."""
+    out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale)
+    return out.squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton path: custom ops, their fakes and autograd
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastscore::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().attention_forward(q, k, v, scale)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, scale):
+    B, NQ, _ = q.shape
+    return q.new_empty((B, NQ, v.shape[2])), q.new_empty((B, NQ), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastscore::attention_bwd", mutates_args=())
+def _attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   dout: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().attention_backward(q, k, v, out, lse, dout, scale)
+
+
+@_attention_bwd.register_fake
+def _(q, k, v, out, lse, dout, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None
+    dq, dk, dv = _attention_bwd(q, k, v, out, lse, dout, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+@torch.library.custom_op("fastscore::identity_attention_fwd", mutates_args=())
+def _identity_fwd(z: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().identity_forward(z, scale)
+
+
+@_identity_fwd.register_fake
+def _(z, scale):
+    return torch.empty_like(z), z.new_empty(z.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastscore::identity_attention_bwd", mutates_args=())
+def _identity_bwd(z: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    return _kernels().identity_backward(z, out, lse, dout, scale)
+
+
+@_identity_bwd.register_fake
+def _(z, out, lse, dout, scale):
+    return torch.empty_like(z)
+
+
+def _identity_setup(ctx, inputs, output):
+    z, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(z, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _identity_backward(ctx, dout, dlse):
+    z, out, lse = ctx.saved_tensors
+    if dout is None:
+        return None, None
+    return _identity_bwd(z, out, lse, dout, ctx.scale), None
+
+
+_identity_fwd.register_autograd(_identity_backward, setup_context=_identity_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops
+# ---------------------------------------------------------------------------------------------
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                       *, backend: str = "auto") -> torch.Tensor:
-    """Softmax attention of (B, N, D) queries over (B, N, D) keys and (B, N, Dv) values -> (B, N, Dv)."""
+    """Softmax attention of (B, NQ, D) queries over (B, N, D) keys and (B, N, Dv) values -> (B, NQ, Dv)."""
     scale = _check(q, k, v, scale)
-    if _dispatch.resolve(backend, q, k, v) == "triton":
-        from . import _attention_triton
-        return _attention_triton.softmax_attention(q, k, v, scale)
+    path = _resolve(backend, q, k, v, "softmax_attention")
+    if path == "triton":
+        return _attention_fwd(q, k, v, float(scale))[0]
+    if path == "sdpa":
+        return softmax_attention_sdpa(q, k, v, scale)
     return softmax_attention_reference(q, k, v, scale)
 
 
 def identity_attention(z: torch.Tensor, scale: float | None = None, *, backend: str = "auto") -> torch.Tensor:
     """``softmax_attention(z, z, z, scale)`` for z of shape (B, N, D); one gradient, for z."""
     scale = _check(z, z, z, scale)
-    if _dispatch.resolve(backend, z) == "triton":
-        from . import _attention_triton
-        return _attention_triton.identity_attention(z, scale)
+    path = _resolve(backend, z, z, z, "identity_attention")
+    if path == "triton":
+        return _identity_fwd(z, float(scale))[0]
+    if path == "sdpa":
+        return softmax_attention_sdpa(z, z, z, scale)
     return softmax_attention_reference(z, z, z, scale)

@@ -56,9 +56,9 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor |
     """Philox4x32 with key ``seed`` on counters ``(c0, c1, c2, c3)`` (int64 words in [0, 2**32))."""
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     if c0.device.type == "cpu":  # torch's int64 multiply is slow on CPU; numpy's uint64 is exact and fast
-        words = [np.broadcast_to(torch.as_tensor(c, dtype=torch.int64).numpy(), c0.shape).astype(np.uint64)
-                 for c in (c0, c1, c2, c3)]
-        return tuple(torch.from_numpy(w.astype(np.int64)) for w in _philox_numpy(seed, *words, n_rounds))
+        w0, w1, w2, w3 = (np.broadcast_to(torch.as_tensor(c, dtype=torch.int64).numpy(), c0.shape).astype(np.uint64)
+                          for c in (c0, c1, c2, c3))
+        return tuple(torch.from_numpy(w.astype(np.int64)) for w in _philox_numpy(seed, w0, w1, w2, w3, n_rounds))
     c0 = c0.to(torch.int64)
     c1 = torch.as_tensor(c1, dtype=torch.int64, device=c0.device).expand_as(c0)
     c2 = torch.as_tensor(c2, dtype=torch.int64, device=c0.device).expand_as(c0)
@@ -75,7 +75,10 @@ def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     """Triton's ``uint_to_uniform_float`` for uint32 words held in int64: float32 in [0, 1)."""
     x = torch.where(x >= 2**31, x - 2**32, x)
     x = torch.where(x < 0, -x - 1, x)
-    return x.to(torch.float32) * torch.tensor(_SCALE, dtype=torch.float32, device=x.device)
+    # a Python scale is rounded to float32 by the multiply (bit-identical to a float32 tensor
+    # constant) and, unlike ``torch.tensor(_SCALE, device=...)``, costs no host-to-device copy,
+    # which synchronises the host with a CUDA stream
+    return x.to(torch.float32) * _SCALE
 
 
 def _group_words(seed: int, index: torch.Tensor, c2: int, c3: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,13 +104,30 @@ def uniform(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_GUM
     return uint32_to_uniform(words).flatten()[pos].view(index.shape)
 
 
-def normal(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_NOISE) -> torch.Tensor:
-    """Standard normal float32 for global element indices ``index`` (int64, any shape)."""
-    words, pos = _group_words(seed, index, c2, c3)
+def _box_muller(words: torch.Tensor) -> torch.Tensor:
+    """(G, 4) standard normals float32 from (G, 4) uint32 words: pairs (0, 1) and (2, 3)."""
     u = uint32_to_uniform(words)
     u0 = torch.clamp(u[:, 0::2], min=1.0e-7)  # words 0 and 2
     th = 6.283185307179586 * u[:, 1::2]       # words 1 and 3
     r = torch.sqrt(-2.0 * torch.log(u0))
-    n = torch.stack([r[:, 0] * torch.cos(th[:, 0]), r[:, 0] * torch.sin(th[:, 0]),
-                     r[:, 1] * torch.cos(th[:, 1]), r[:, 1] * torch.sin(th[:, 1])], dim=-1)
-    return n.flatten()[pos].view(index.shape)
+    return torch.stack([r[:, 0] * torch.cos(th[:, 0]), r[:, 0] * torch.sin(th[:, 0]),
+                        r[:, 1] * torch.cos(th[:, 1]), r[:, 1] * torch.sin(th[:, 1])], dim=-1)
+
+
+def normal(seed: int, index: torch.Tensor, *, c2: int = 0, c3: int = STREAM_NOISE) -> torch.Tensor:
+    """Standard normal float32 for global element indices ``index`` (int64, any shape)."""
+    words, pos = _group_words(seed, index, c2, c3)
+    return _box_muller(words).flatten()[pos].view(index.shape)
+
+
+def normal_range(seed: int, start: int, count: int, *, c2: int = 0, c3: int = STREAM_NOISE,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """``normal(seed, arange(start, start + count))`` (count,) float32, bit-identical, without
+    reading indices back from the device (no host sync: the sampler's loop calls it per batch)."""
+    if count == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    g0, g1 = start >> 2, (start + count - 1) >> 2
+    g = torch.arange(g0, g1 + 1, dtype=torch.int64, device=device)
+    words = torch.stack(philox4x32(seed, g & MASK32, g >> 32, c2, c3), dim=-1)
+    lo = start - 4 * g0
+    return _box_muller(words).flatten()[lo:lo + count]

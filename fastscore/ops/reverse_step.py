@@ -10,6 +10,14 @@ eta = 1 on consecutive steps. The last step uses ``ab_prev = 1``, ``sigma = dir_
 ``z`` is standard normal from ``philox.normal(seed, e, c2=step)``, ``e`` the element's global index
 in the whole sampling run: ``e = (sample_offset + i) * (C*H*W) + j`` for sample ``i`` of the batch
 and element ``j`` within it, so a sample's noise never depends on batch size or position.
+
+Paths (``fastscore.ops._dispatch`` has the rule and the ``backend="auto"`` table):
+  * ``"torch"``: ``reverse_step_reference``, eager float32 (what the tests compare against).
+  * ``"triton"``: one fused launch (``fastscore.kernels.reverse_step``) that reads ``x_t`` and
+    ``eps``, draws the noise in the kernel and writes ``out``; ``seed`` and ``sample_offset`` may
+    be device tensors that the kernel reads, so a captured CUDA graph serves every batch. Takes
+    float32/float16/bfloat16 (other dtypes raise under ``backend="triton"``, run the reference
+    under ``"auto"``). ``auto`` on CUDA. No autograd: sampling runs without gradients.
 """
 from __future__ import annotations
 
@@ -70,10 +78,29 @@ def _check(x_t, eps, coef, seed, step, sample_offset, out) -> StepCoefficients:
 
 
 def noise_like(x_t: torch.Tensor, seed: int, step: int, sample_offset: int = 0) -> torch.Tensor:
-    """The float32 standard normal noise that ``reverse_step`` adds (documented stream)."""
+    """The float32 standard normal noise that ``reverse_step`` adds (documented stream); no host sync."""
     per = x_t[0].numel()
-    e = torch.arange(x_t.numel(), device=x_t.device, dtype=torch.int64) + sample_offset * per
-    return philox.normal(seed, e, c2=step).view(x_t.shape)
+    return philox.normal_range(seed, sample_offset * per, x_t.numel(), c2=step, device=x_t.device).view(x_t.shape)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_check(x_t: torch.Tensor) -> None:
+    """Raise TypeError for dtypes the Triton kernel cannot take (it takes float32/float16/bfloat16)."""
+    if x_t.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"x_t: the Triton reverse-step kernel takes float32/float16/bfloat16, got {x_t.dtype}")
+
+
+def _resolve(backend: str, *tensors: torch.Tensor) -> str:
+    return _dispatch.resolve("reverse_step", backend, tensors, lambda: kernel_check(tensors[0]))
+
+
+def _triton_reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coef: StepCoefficients, seed, step: int,
+                         sample_offset, clip_x0: bool, out: torch.Tensor | None) -> torch.Tensor:
+    from fastscore.kernels import reverse_step as kernel  # on first use: imports without triton
+    c = (coef.sqrt_alpha_bar, coef.sqrt_one_minus_alpha_bar, coef.sqrt_alpha_bar_prev, coef.dir_coef, coef.sigma)
+    return kernel.reverse_step(x_t, eps, c, seed, step, sample_offset, clip_x0=clip_x0, out=out)
 
 
 def reverse_step_reference(x_t: torch.Tensor, eps: torch.Tensor, coef: StepCoefficients, *, seed: int,
@@ -103,9 +130,8 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coefficients: StepCoeffic
     the Triton kernel reads them from memory, so one captured CUDA graph serves every batch.
     """
     coef = _check(x_t, eps, coefficients, seed, step, sample_offset, out)
-    if _dispatch.resolve(backend, x_t, eps) == "triton":
-        from . import _reverse_step_triton
-        return _reverse_step_triton.reverse_step(x_t, eps, coef, seed, step, sample_offset, clip_x0, out)
+    if _resolve(backend, x_t, eps) == "triton":
+        return _triton_reverse_step(x_t, eps, coef, seed, step, sample_offset, clip_x0, out)
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
     if isinstance(sample_offset, torch.Tensor):
