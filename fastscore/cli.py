@@ -209,6 +209,7 @@ def cmd_reproduce(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models import ATTENTIONS
     from .study.config import DATA, RECIPE, RUN
     p = argparse.ArgumentParser(prog="fastscore", description="Creativity in diffusion models: key-value "
                                 "data, CNN and attention score networks, sampling and scoring.")
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one score network and save a checkpoint")
-    t.add_argument("--attention", choices=("none", "identity", "top1", "softmax"), default="softmax",
+    t.add_argument("--attention", choices=ATTENTIONS, default="softmax",
                    help="default softmax")
     t.add_argument("--seed", type=int, default=0, help="initialisation and training seed (default 0)")
     t.add_argument("--out", required=True, help="checkpoint file (.safetensors)")

@@ -200,3 +200,18 @@ def test_reproduce_stops_on_sigint_and_sigterm_and_resumes(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert doc["wall_seconds"] == pytest.approx(sum(x["seconds"] for x in runs))
     assert len(doc["rows"]) == 6 and sum(x["rows_run"] for x in runs) == 6
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parent.parent / "scripts").glob("*.py")))
+def test_scripts_do_nothing_on_import_and_explain_themselves(script, capsys):
+    import runpy
+    ns = runpy.run_path(str(Path(__file__).parent.parent / "scripts" / script), run_name="not_main")
+    assert callable(ns["main"]) and capsys.readouterr().out == ""
+    with pytest.raises(SystemExit) as e:
+        ns["main"](["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_docs_hold_no_code():
+    docs = Path(__file__).parent.parent / "docs"
+    assert not list(docs.glob("*.py"))

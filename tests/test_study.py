@@ -69,7 +69,7 @@ def test_force_never_replaces_a_study_json_fastscore_did_not_write(tmp_path):
     (tmp_path / "checkpoints" / "mine.pt").write_bytes(b"x")
     (tmp_path / "study.json").write_text("{}")
     cfg = StudyConfig.preset("tiny", networks=("none",), analytic=())
-    with pytest.raises(ValueError, match=r"study\.json is not a fastscore study\.json"):
+    with pytest.raises(ValueError, match=r"study\.json is not a fastscore study\.json of this version \(missing"):
         reproduce(cfg, tmp_path, progress=False, force=True)
     assert (tmp_path / "checkpoints" / "mine.pt").read_bytes() == b"x"
     assert (tmp_path / "study.json").read_text() == "{}"
@@ -96,8 +96,8 @@ def test_a_study_without_manifest_is_resumed_but_never_force_replaced(tmp_path):
 
 def test_a_failed_start_leaves_nothing_behind(tmp_path):
     cfg = StudyConfig.preset("tiny", networks=("none",), analytic=())
-    for kw in (dict(device="tpu"), dict(workers=0), dict(backend="cuda")):
-        with pytest.raises(ValueError):
+    for kw, words in ((dict(device="tpu"), "device"), (dict(workers=0), "workers"), (dict(backend="cuda"), "backend")):
+        with pytest.raises(ValueError, match=words):
             reproduce(cfg, tmp_path / "new", progress=False, **kw)
         assert not (tmp_path / "new").exists()
     (tmp_path / "file").write_text("x")

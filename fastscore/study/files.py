@@ -35,12 +35,16 @@ def read_study_json(path: Path) -> dict:
         have = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); it is not a fastscore study") from None
+    if not isinstance(have, dict):
+        raise ValueError(f"{path} is not a fastscore study.json (not a JSON object); choose another --out")
+    fields = set(StudyConfig.__dataclass_fields__)
+    if set(have) != fields:
+        raise ValueError(f"{path} is not a fastscore study.json of this version (missing {sorted(fields - set(have))}"
+                         f", unknown {sorted(set(have) - fields)}); choose another --out")
     try:
         StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in have.items()})
-        if set(have) != set(StudyConfig.__dataclass_fields__):
-            raise TypeError("fields differ")
-    except (TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path} is not a fastscore study.json ({e}); choose another --out") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a fastscore study.json (invalid config: {e}); choose another --out") from None
     return have
 
 

@@ -64,15 +64,25 @@ def _init_worker(queue, threads: int) -> None:
 
 
 def _worker_row(ctx: RunContext, net: str, seed: int) -> dict:
-    if _QUEUE is None:
-        return run_row(ctx, net, seed)
-    _QUEUE.put(("start", net, seed))
-    bar = QueueBar(_QUEUE)
-    ctx.bar = bar
-    row = run_row(ctx, net, seed)
-    bar.flush()
-    _QUEUE.put(("end", net, seed))
-    return row
+    try:
+        if _QUEUE is None:
+            return run_row(ctx, net, seed)
+        _QUEUE.put(("start", net, seed))
+        bar = QueueBar(_QUEUE)
+        ctx.bar = bar
+        row = run_row(ctx, net, seed)
+        bar.flush()
+        _QUEUE.put(("end", net, seed))
+        return row
+    except SystemExit as e:
+        # SIGTERM: the row's finally blocks have run (no temporary files left); leave now, instead of
+        # reporting the exit to the pool and waiting for the next row
+        os._exit(e.code if isinstance(e.code, int) else 1)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 def _stop(pool) -> None:
@@ -117,7 +127,15 @@ def run_parallel(ctx: RunContext, todo: list[tuple[str, int]], workers: int, don
         # longest rows first, so the last row does not run alone on one core while the others idle
         order = sorted(todo, key=lambda j: -COST.get(j[0], 0))
         portable = ctx.portable()
-        futures = {pool.submit(_worker_row, portable, net, s): (net, s) for net, s in order}
+        # submit spawns the workers: with SIGINT ignored meanwhile, they start ignoring it (an ignored
+        # signal survives exec, and Python then installs no KeyboardInterrupt handler), so a Ctrl-C to
+        # the process group while they import torch prints no traceback from them
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            futures = {pool.submit(_worker_row, portable, net, s): (net, s) for net, s in order}
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         pending = set(futures)
         while pending:
             finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)

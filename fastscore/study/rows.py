@@ -46,12 +46,15 @@ class RunContext:
         """The context without data and progress bar: what is sent to a worker process."""
         return replace(self, images=None, train_set=None, bar=None)
 
-    def progress(self, what: str, n: float = 1) -> Callable | None:
-        """A callback that advances the bar by ``weights[what] * n`` per call, or None without a bar."""
-        if self.bar is None:
-            return None
-        w = self.weights[what]
-        return lambda *a: self.bar.update(w * (a[0] if what == "sample" else n))
+    def on_train_step(self) -> Callable | None:
+        """``train``'s callback ``(step, loss)``: one training step of progress (None without a bar)."""
+        bar, w = self.bar, self.weights.get("train")
+        return None if bar is None else lambda step, loss: bar.update(w)
+
+    def on_sample_batch(self) -> Callable | None:
+        """``sample``'s callback ``(n)``: ``n`` samples of progress (None without a bar)."""
+        bar, w = self.bar, self.weights.get("sample")
+        return None if bar is None else lambda n: bar.update(w * n)
 
 
 def progress_weights(config: StudyConfig) -> tuple[dict, Callable[[str], float]]:
@@ -85,7 +88,7 @@ def network(ctx: RunContext, net: str, seed: int) -> Built:
     torch.manual_seed(MODEL_SEED + seed)
     model = build_model(c.model_config(net), backend=ctx.backend)
     res = train(model, ctx.images, c.train_config(seed), device=ctx.device, progress=False,
-                callback=ctx.progress("train"))
+                callback=ctx.on_train_step())
     losses = res.losses[::10]
     ctx.out.save_model(str(ckpt.relative_to(ctx.out.path)), res.model, data_config=c.data_config(),
                        train_config=c.train_config(seed),
@@ -113,7 +116,7 @@ def evaluate(ctx: RunContext, name: str, seed: int, built: Built) -> dict:
     t1 = time.perf_counter()
     x = sample(built.model, c.n_samples, schedule=built.schedule, sampler=c.sampler, steps=c.steps, eta=c.eta,
                clip_x0=c.clip_x0, seed=SAMPLE_SEED + seed, device=ctx.device, backend=ctx.backend,
-               callback=ctx.progress("sample"))
+               callback=ctx.on_sample_batch())
     sample_seconds = time.perf_counter() - t1
     ctx.out.save_samples(row_name(name, seed), x, c)
     scores = score(cfg, x.cpu(), ctx.train_set)

@@ -73,8 +73,9 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
             bar.close()
         if not isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        sd.record_invocation(time.perf_counter() - start, len(done) - resumed, interrupted=True)
-        raise Interrupted(f"interrupted; kept {len(done)} of {len(jobs)} finished rows in {sd.path} "
+        kept = len(sd.finished_rows(jobs))   # from disk: rows saved just before the stop count too
+        sd.record_invocation(time.perf_counter() - start, kept - resumed, interrupted=True)
+        raise Interrupted(f"interrupted; kept {kept} of {len(jobs)} finished rows in {sd.path} "
                           f"(the time so far counts in its wall time); run the same command again to resume") from None
     rows = [done[j] for j in jobs]
     if bar is not None:
