@@ -46,6 +46,7 @@ def coordination_probe(model, config: KVConfig, t_values: Sequence[int], *, n: i
     values = b.functions.repeat(2, 1).gather(1, keys)
     x0 = render(config, keys, values)
     target = values[:n, 1]                                                 # pair 1 is the same in both copies
+    assert config.positions is not None   # KVConfig fills in the default layout
     (vr, vc) = config.positions[1][1]
     s = config.cell_size
     pal = torch.tensor(config.palette)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from .. import _validate
 from ..data import EXTRA_COLOURS, DEFAULT_PALETTE, KVConfig, palette_of_size
@@ -28,7 +29,7 @@ PROJECTED = ("softmax", "top1")
 # seeds derived from a row's seed s: model initialisation, the sampler's initial noise, the probe's images
 MODEL_SEED, SAMPLE_SEED, PROBE_SEED = 1000, 10_000, 20_000
 
-PRESETS = {"full": {},
+PRESETS: dict[str, dict[str, Any]] = {"full": {},
            "quick": dict(train_steps=5000, n_samples=1000, n_seeds=1, probe_n=1000, n_random=2000),
            "tiny": dict(train_steps=20, n_samples=48, n_seeds=1, n_train=300, probe_n=48, n_random=200, steps=8,
                         width=16, probe_t=(200,))}

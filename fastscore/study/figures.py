@@ -113,6 +113,7 @@ def _attention_figure(plt, out: StudyDir, config: StudyConfig, nets: list[str], 
     if not att_nets:
         return None
     x0, _ = make_dataset(cfg, 1, seed=config.data_seed + 7)
+    assert cfg.positions is not None   # KVConfig fills in the default layout
     (vr, vc) = cfg.positions[1][1]
     H, s = cfg.image_size, cfg.cell_size
     maps = []

@@ -42,7 +42,8 @@ def read_study_json(path: Path) -> dict:
         raise ValueError(f"{path} is not a fastscore study.json of this version (missing {sorted(fields - set(have))}"
                          f", unknown {sorted(set(have) - fields)}); choose another --out")
     try:
-        StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in have.items()})
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in have.items()}
+        StudyConfig(**kw)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a fastscore study.json (invalid config: {e}); choose another --out") from None
     return have
@@ -82,7 +83,7 @@ class StudyDir:
     def remove_written(self) -> None:
         """Remove every file in the manifest, then the manifest, then folders left empty."""
         root = self.path.resolve()
-        dirs = set()
+        dirs: set[Path] = set()
         for rel in self.written():
             if not rel:
                 continue

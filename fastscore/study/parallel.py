@@ -107,10 +107,11 @@ def run_parallel(ctx: RunContext, todo: list[tuple[str, int]], workers: int, don
     import multiprocessing as mp
     mpc = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
-    bar, running = ctx.bar, []
+    bar, running = ctx.bar, []  # type: Any, list[tuple[str, int]]
     queue = mpc.Queue() if bar is not None else None
 
     def drain() -> None:
+        assert queue is not None
         while True:
             try:
                 msg = queue.get_nowait()

@@ -85,6 +85,7 @@ def network(ctx: RunContext, net: str, seed: int) -> Built:
         if ctx.bar is not None:
             ctx.bar.update(ctx.weights["train"] * c.train_steps)
         return Built(model, None, meta["extra"].get("seconds", 0.0), meta["extra"].get("losses", []))
+    assert ctx.images is not None, "run_row gives the context its data"
     torch.manual_seed(MODEL_SEED + seed)
     model = build_model(c.model_config(net), backend=ctx.backend)
     res = train(model, ctx.images, c.train_config(seed), device=ctx.device, progress=False,
@@ -99,6 +100,7 @@ def network(ctx: RunContext, net: str, seed: int) -> Built:
 def analytic(ctx: RunContext, kind: str, seed: int) -> Built:
     """An analytic score model (``fastscore.theory``) of the training set."""
     from ..theory import ELSScore, IdealScore
+    assert ctx.images is not None, "run_row gives the context its data"
     sched = make_schedule("linear", 1000)
     model = IdealScore(ctx.images, sched, backend=ctx.backend) if kind == "ideal" else \
         ELSScore(ctx.images, sched, ctx.config.els_patch, padding="zeros", backend=ctx.backend)
