@@ -89,7 +89,7 @@ def load_tensors(path: str | os.PathLike, kind: str | None = None) -> tuple[dict
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("fastscore")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has keys(), no __iter__)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     if raw is None:

@@ -8,7 +8,7 @@ views of one value); a local network, which cannot see pair 0, scores a gap of e
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .. import _validate
-from ..data import EXTRA_COLOURS, DEFAULT_PALETTE, KVConfig, palette_of_size
+from ..data import DEFAULT_PALETTE, EXTRA_COLOURS, KVConfig, palette_of_size
 from ..models import ATTENTIONS, ModelConfig
 from ..options import inherit, option, values_for
 from ..sampling import timesteps

@@ -3,8 +3,8 @@ score, consistency per model, loss curves, attention maps, and the pairs sweep."
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

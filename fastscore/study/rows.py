@@ -5,8 +5,9 @@ so a new kind of row is one more entry in ``MODELS``: a function ``(ctx, name, s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -12,7 +12,7 @@ from .config import LABELS, PAPER, StudyConfig
 from .figures import study_figures
 from .files import StudyDir, versions
 from .parallel import default_workers, run_parallel
-from .report import correlations, coordination_verdict, own_marginal_chance, results_markdown, summarise
+from .report import coordination_verdict, correlations, own_marginal_chance, results_markdown, summarise
 from .rows import RunContext, progress_weights, run_row
 
 

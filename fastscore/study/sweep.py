@@ -1,9 +1,9 @@
 """Sweeps: one study per setting, one table. ``pairs_sweep`` varies the number of key-value pairs."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from ..checkpoint import atomic_write_text
 from ..data import KVConfig, palette_of_size
