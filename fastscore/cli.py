@@ -52,9 +52,11 @@ def _study_fields(groups: tuple[str, ...]):
     return [f for f in dataclasses.fields(StudyConfig) if f.metadata.get("cli") and f.metadata.get("group") in groups]
 
 
-def _add_study_options(p: argparse.ArgumentParser, groups: tuple[str, ...], presets: bool = False) -> None:
+def _add_study_options(p: argparse.ArgumentParser, groups: tuple[str, ...], presets: bool = False,
+                       concrete: bool = False) -> None:
     """One option per ``StudyConfig`` field of ``groups`` (``metadata["cli"]``); default None (the
-    study's, shown in the help, with the --quick/--tiny values when ``presets``)."""
+    study's or its preset's, shown in the help, with the --quick/--tiny values when ``presets``), or
+    with ``concrete`` the field's default itself (for commands that use the value, not a study)."""
     from .study.config import PRESETS
     made = {}
     for f in _study_fields(groups):
@@ -64,7 +66,7 @@ def _add_study_options(p: argparse.ArgumentParser, groups: tuple[str, ...], pres
         note = f"default {_show(f.default)}"
         if presets:
             note += "".join(f"; --{m}: {_show(PRESETS[m][f.name])}" for m in ("quick", "tiny") if f.name in PRESETS[m])
-        kw: dict = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} ({note})",
+        kw: dict = {"dest": f.name, "default": f.default if concrete else None, "help": f"{f.metadata['help']} ({note})",
                     "metavar": f.metadata["cli"].lstrip("-").upper().replace("-", "_")}
         t = str(f.type)
         if t == "bool":
@@ -84,8 +86,8 @@ def _add_study_options(p: argparse.ArgumentParser, groups: tuple[str, ...], pres
 def _study_config(a, mode: str, **fixed):
     """The ``StudyConfig`` of preset ``mode`` with the options the user set; a bad value is reported
     under its option's name (``--colours``, not ``n_colours``)."""
-    from .study.config import DATA, RECIPE, RUN, StudyConfig
-    fields = _study_fields((DATA, RECIPE, RUN))
+    from .study.config import DATA, RECIPE, RUN, SAMPLER, StudyConfig
+    fields = _study_fields((DATA, RECIPE, RUN, SAMPLER))
     kw = {f.name: getattr(a, f.name) for f in fields if getattr(a, f.name, None) is not None}
     try:
         return StudyConfig.preset(mode, **{**kw, **fixed})
@@ -107,17 +109,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="the fused ops' path: auto (Triton kernels on CUDA, the torch reference elsewhere), "
                         "triton or torch (default auto)")
-    p.add_argument("--force", action="store_true", help="replace existing output files (only files fastscore wrote)")
+    p.add_argument("--force", action="store_true", help="replace an existing output (reproduce: only the files its study wrote)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _sampler_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="default ddim")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    g.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1: strided DDPM)")
-    g.add_argument("--no-clip", action="store_true", help="do not clamp the predicted x0 to [-1, 1]")
-    g.add_argument("--batch-size", type=int, default=1000, help="samples per batch (default 1000)")
 
 
 def _check_start(a, *, directory: bool = False) -> None:
@@ -154,7 +147,7 @@ def cmd_sample(a) -> int:
     from .sampling import sample
     _check_start(a)
     model, meta = load_model(a.checkpoint, backend=a.backend, device=a.device)
-    x = sample(model, a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, clip_x0=not a.no_clip, seed=a.seed,
+    x = sample(model, a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, clip_x0=a.clip_x0, seed=a.seed,
                batch_size=a.batch_size, device=a.device, backend=a.backend, progress=not a.quiet)
     save_tensors(a.out, {"samples": x}, {"kind": "samples", "checkpoint": str(a.checkpoint), "data": meta["data"],
                                          "extra": meta.get("extra", {}), "seed": a.seed, "sampler": a.sampler,
@@ -210,7 +203,7 @@ def cmd_reproduce(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .models import ATTENTIONS
-    from .study.config import DATA, RECIPE, RUN
+    from .study.config import DATA, RECIPE, RUN, SAMPLER
     p = argparse.ArgumentParser(prog="fastscore", description="Creativity in diffusion models: key-value "
                                 "data, CNN and attention score networks, sampling and scoring.")
     p.add_argument("--version", action="version", version=f"fastscore {__version__}")
@@ -230,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1000, help="samples (default 1000)")
     s.add_argument("--seed", type=int, default=0, help="default 0")
     s.add_argument("--out", required=True, help="sample file (.safetensors)")
-    _sampler_args(s)
+    s.add_argument("--batch-size", type=int, default=1000, help="samples per batch (default 1000)")
+    _add_study_options(s, (SAMPLER,), concrete=True)
     _common(s)
     s.set_defaults(fn=cmd_sample)
 
@@ -266,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows trained at once in separate processes (default 2 on a CPU with >= 2 cores, 1 on a GPU)")
     r.add_argument("--pairs-sweep", default=None, help="e.g. 2,4,6,8: one study per pair count, one table "
                    "(default: none, one study)")
-    _add_study_options(r, (RUN, DATA, RECIPE), presets=True)
+    _add_study_options(r, (RUN, SAMPLER, DATA, RECIPE), presets=True)
     _common(r)
     r.set_defaults(fn=cmd_reproduce)
 

@@ -35,6 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {"full": {},
                         width=16, probe_t=(200,))}
 
 DATA, RECIPE, RUN = "dataset (defaults: the study's)", "network and training (defaults: the study's)", "study"
+SAMPLER = "sampler"
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,10 @@ class StudyConfig:
     t_focus_prob: float = inherit(TrainConfig, "t_focus_prob", default=0.5, cli="--t-focus-prob", group=RECIPE)
     n_seeds: int = option(3, "training seeds per network", cli="--n-seeds", group=RUN)
     n_samples: int = option(10000, "samples per network and seed", cli="--n-samples", group=RUN)
-    sampler: str = option("ddim", "sampler: ddim or ddpm", cli="--sampler", group=RUN, choices=("ddim", "ddpm"))
-    steps: int = option(50, "sampler steps", cli="--steps", group=RUN)
-    eta: float = option(1.0, "DDIM eta (1: strided DDPM)", cli="--eta", group=RUN)
-    clip_x0: bool = option(True, "clamp the predicted x0 to [-1, 1] while sampling")
+    sampler: str = option("ddim", "sampler: ddim or ddpm", cli="--sampler", group=SAMPLER, choices=("ddim", "ddpm"))
+    steps: int = option(50, "sampler steps", cli="--steps", group=SAMPLER)
+    eta: float = option(1.0, "DDIM eta (1: strided DDPM)", cli="--eta", group=SAMPLER)
+    clip_x0: bool = option(True, "clamp the predicted x0 to [-1, 1] at each step", cli="--clip", group=SAMPLER)
     probe_t: tuple[int, ...] = option((100, 200, 400, 600), "timesteps of the coordination probe")
     probe_n: int = option(2000, "images per case of the coordination probe")
     n_random: int = option(10000, "random images of the empirical chance baseline")
