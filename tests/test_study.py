@@ -5,7 +5,7 @@ import pytest
 
 from fastscore.models import ModelConfig
 from fastscore.study import StudyConfig, coordination_verdict, pairs_sweep, reproduce
-from fastscore.study.files import MANIFEST
+from fastscore.study.files import MANIFEST, StudyDir
 from fastscore.training import TrainConfig
 
 
@@ -92,6 +92,22 @@ def test_a_study_without_manifest_is_resumed_but_never_force_replaced(tmp_path):
     with pytest.raises(FileExistsError, match="manifest"):
         reproduce(other, tmp_path, progress=False, force=True)
     assert (tmp_path / "rows" / "old.json").exists()
+
+
+def test_a_study_from_before_the_manifest_adopts_its_own_files_on_resume(tmp_path):
+    cfg = StudyConfig.preset("tiny", networks=("none",), analytic=())
+    (tmp_path / "study.json").write_text(json.dumps(cfg.to_dict()))
+    for rel in ("rows/none-seed0.json", "checkpoints/none-seed0.safetensors", "checkpoints/mine.pt", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    StudyDir(tmp_path).prepare(cfg, force=False)   # resume: the files under the study's own names are its
+    assert set(StudyDir(tmp_path).written()) - {""} == \
+        {"study.json", "rows/none-seed0.json", "checkpoints/none-seed0.safetensors"}
+    other = StudyConfig.preset("tiny", networks=("softmax",), analytic=())
+    StudyDir(tmp_path).prepare(other, force=True)   # so no stale row of the old config survives a replacement
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+        ["checkpoints/mine.pt", MANIFEST, "notes.txt", "study.json"]
+    assert json.loads((tmp_path / "study.json").read_text()) == other.to_dict()
 
 
 def test_a_failed_start_leaves_nothing_behind(tmp_path):

@@ -135,5 +135,9 @@ class StudyConfig:
         v["attn_patch"] = v["attn_patch"] and net in PROJECTED
         return ModelConfig(attention=net, image_size=self.image_size, **v)
 
+    def jobs(self) -> list[tuple[str, int]]:
+        """The study's rows ``(name, seed)`` in report order: the analytic models, then each network per seed."""
+        return [(a, 0) for a in self.analytic] + [(net, s) for net in self.networks for s in range(self.n_seeds)]
+
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

@@ -24,6 +24,7 @@ from ..checkpoint import atomic_write, atomic_write_text, check_writable, load_t
 from .config import StudyConfig
 
 MANIFEST = "manifest.txt"
+FIGURES = ("samples", "consistency", "loss", "attention")   # figures/<name>.png (figures.py)
 
 
 def row_name(net: str, seed: int) -> str:
@@ -66,6 +67,8 @@ class StudyDir:
                 raise FileExistsError(f"{out} exists, is not empty and is not a fastscore study; choose another --out")
             have = read_study_json(study)
             if have == want:
+                if not (out / MANIFEST).exists():
+                    self._adopt(config)
                 return  # resume
             if not (out / MANIFEST).exists():
                 raise FileExistsError(f"{out} holds a study without a manifest (written by an older fastscore), so "
@@ -76,6 +79,18 @@ class StudyDir:
             self.remove_written()
         out.mkdir(parents=True, exist_ok=True)
         self.write_text("study.json", json.dumps(want, indent=2))
+
+    def _adopt(self, config: StudyConfig) -> None:
+        """A study from before the manifest, resumed: record the files it has under the names this
+        config writes (so a later ``force`` removes them, and no stale row survives a replacement)."""
+        names = [row_name(n, s) for n, s in config.jobs()]
+        rels = (["study.json", "results.json", "results.md", "invocations.json"]
+                + [f"{d}/{n}.{ext}" for n in names
+                   for d, ext in (("rows", "json"), ("samples", "safetensors"), ("checkpoints", "safetensors"))]
+                + [f"figures/{f}.png" for f in FIGURES])
+        for rel in rels:
+            if (self.path / rel).is_file():
+                self._record(rel)
 
     def written(self) -> list[str]:
         m = self.path / MANIFEST

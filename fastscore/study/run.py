@@ -20,11 +20,6 @@ class Interrupted(KeyboardInterrupt):
     """A study stopped by Ctrl-C or SIGTERM; ``str()`` says what was kept and how to resume."""
 
 
-def jobs_of(config: StudyConfig) -> list[tuple[str, int]]:
-    """The study's rows ``(name, seed)`` in report order: the analytic models, then each network per seed."""
-    return [(a, 0) for a in config.analytic] + [(net, s) for net in config.networks for s in range(config.n_seeds)]
-
-
 def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.device = "cpu", backend: str = "auto",
               force: bool = False, progress: bool = True, workers: int | None = None) -> dict:
     """Run (or resume) the study into directory ``out``; returns the results document.
@@ -41,7 +36,7 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
     sd = StudyDir(Path(out))
     sd.prepare(config, force)
     start = time.perf_counter()
-    jobs = jobs_of(config)
+    jobs = config.jobs()
     done = sd.finished_rows(jobs)
     resumed = len(done)
     bar = None
