@@ -9,6 +9,7 @@ workers still finishing their rows). Finished rows are saved by then; the rerun 
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import signal
 import sys
 import time
@@ -102,7 +103,8 @@ def _stop(pool) -> None:
 
 def run_parallel(ctx: RunContext, todo: list[tuple[str, int]], workers: int, done: dict) -> None:
     """Run the rows ``todo`` in ``workers`` processes; each finished row is added to ``done`` as it
-    arrives (so an interrupted run knows what it kept). A failed row raises here."""
+    arrives (so an interrupted run knows what it kept). A failed row raises here, after the rows
+    still running are stopped (rows finished before stay saved for the rerun)."""
     import concurrent.futures as cf
     import multiprocessing as mp
     mpc = mp.get_context("spawn")
@@ -115,7 +117,7 @@ def run_parallel(ctx: RunContext, todo: list[tuple[str, int]], workers: int, don
         while True:
             try:
                 msg = queue.get_nowait()
-            except Exception:   # queue.Empty
+            except queue_mod.Empty:
                 break
             if isinstance(msg, tuple):
                 (running.append if msg[0] == "start" else running.remove)(msg[1:])
