@@ -39,7 +39,7 @@ class ModelConfig:
     """Hyper-parameters of a ``ScoreNet`` (JSON-serialisable); the one declaration of each."""
     attention: str = option("none", "attention layer after the CNN: none, identity, top1 or softmax")
     width: int = option(64, "CNN channels (the width of the embedding z)")
-    attn_dim: int | None = option(None, "query/key width of the learned projections (None: the width)")
+    attn_dim: int = option(64, "query/key width of the learned projections (ScoreNet's default: its width)")
     image_channels: int = option(3, "image channels")
     image_size: int = option(8, "image side in pixels")
     T: int = option(1000, "diffusion timesteps the time embedding covers")
@@ -51,8 +51,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _validate.choice("attention", self.attention, ATTENTIONS)
         _validate.positive_int("width", self.width)
-        if self.attn_dim is None:
-            object.__setattr__(self, "attn_dim", self.width)
         _validate.positive_int("attn_dim", self.attn_dim)
         _validate.positive_int("image_channels", self.image_channels)
         _validate.positive_int("image_size", self.image_size)
@@ -81,9 +79,10 @@ class ScoreNet(nn.Module):
     """eps-prediction score network; see the module docstring. ``backend`` picks the ops' path."""
 
     def __init__(self, attention: str = "none", width: int = 64, *, backend: str = "auto", **options) -> None:
-        """``options``: the other ``ModelConfig`` fields (``attn_dim``, ``image_size``, ``attn_patch``, ...)."""
+        """``options``: the other ``ModelConfig`` fields (``attn_dim``, default ``width``; ``image_size``,
+        ``attn_patch``, ...)."""
         super().__init__()
-        self.config = ModelConfig(attention, width, **options)
+        self.config = ModelConfig(attention, width, **{"attn_dim": width, **options})
         self.backend = _validate.choice("backend", backend, ops._dispatch.BACKENDS)
         c, w = self.config.image_channels, width
         coord_channels, attn_patch = self.config.coord_channels, self.config.attn_patch

@@ -57,7 +57,7 @@ class StudyConfig:
     analytic: tuple[str, ...] = option(ANALYTIC, "analytic score models sampled beside the networks")
     els_patch: int = option(5, "patch size of the ELS machine (odd)")
     width: int = inherit(ModelConfig, "width", cli="--width", group=RECIPE)
-    attn_dim: int = inherit(ModelConfig, "attn_dim", default=64, help="query/key width of the learned projections",
+    attn_dim: int = inherit(ModelConfig, "attn_dim", help="query/key width of the learned projections",
                             cli="--attn-dim", group=RECIPE)
     attn_patch: bool = inherit(ModelConfig, "attn_patch", default=True, cli="--attn-patch", group=RECIPE)
     temperature: float = inherit(ModelConfig, "temperature", cli="--temperature", group=RECIPE)
