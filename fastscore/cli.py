@@ -202,7 +202,8 @@ def cmd_reproduce(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import ATTENTIONS
+    from .models import ATTENTIONS, ModelConfig
+    from .options import help_of
     from .study.config import DATA, RECIPE, RUN, SAMPLER
     p = argparse.ArgumentParser(prog="fastscore", description="Creativity in diffusion models: key-value "
                                 "data, CNN and attention score networks, sampling and scoring.")
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one score network and save a checkpoint")
     t.add_argument("--attention", choices=ATTENTIONS, default="softmax",
-                   help="default softmax")
+                   help=help_of(ModelConfig, "attention") + " (default softmax)")
     t.add_argument("--seed", type=int, default=0, help="initialisation and training seed (default 0)")
     t.add_argument("--out", required=True, help="checkpoint file (.safetensors)")
     _add_study_options(t, (DATA, RECIPE))
