@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -62,3 +63,23 @@ def seed(name: str, x: Any) -> int:
     if not 0 <= x < 2**63:
         raise ValueError(f"{name} must be in [0, 2**63), got {x}")
     return x
+
+
+def device(name: str, x: Any) -> torch.device:
+    """A ``torch.device`` this torch can use: ValueError for an unknown device string or a CUDA/MPS
+    device that this build or machine does not have (checked before any work)."""
+    try:
+        d = torch.device(x)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device such as cpu, cuda or cuda:0, got {x!r}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"{name} {x!r} is not available: {why} (torch {torch.__version__}); use cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {x!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} {x!r} is not available on this machine; use cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name} must be cpu, cuda or mps, got {x!r}")
+    return d

@@ -18,6 +18,34 @@ import torch
 FORMAT = 1
 
 
+def check_writable(path: str | os.PathLike, *, overwrite: bool = False, directory: bool = False) -> Path:
+    """Check, before any work, that ``path`` (a file, or with ``directory=True`` a folder) can be written:
+    FileExistsError (an existing file without ``overwrite``), IsADirectoryError / NotADirectoryError
+    (the wrong kind of thing in the way) or PermissionError (the nearest existing folder refuses a
+    file), each naming the path. Creates nothing that outlives the check."""
+    path = Path(path)
+    if directory:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file, not a directory")
+        folder = path
+    else:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory; expected a file name")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (--force on the command line) to replace it")
+        folder = path.parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=folder):   # the only sure test (read-only mounts, ACLs, root)
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write {path}: {folder} is not writable ({e.strerror})") from None
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write, *, overwrite: bool = False) -> Path:
     """Call ``write(tmp_path)`` then move the result to ``path``; refuse to replace an existing file."""
     path = Path(path)
@@ -61,7 +89,7 @@ def load_tensors(path: str | os.PathLike, kind: str | None = None) -> tuple[dict
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("fastscore")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has keys(), no __iter__)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     if raw is None:

@@ -1,8 +1,15 @@
-"""The ``fastscore`` command line: train, sample, score, probe, reproduce."""
+"""The ``fastscore`` command line: train, sample, score, probe, reproduce.
+
+The study's options are generated from ``StudyConfig``'s fields (name, help and default declared
+once, ``fastscore.options``). Every error is one line on stderr and exit code 2, checked before any
+work; Ctrl-C or SIGTERM stops a command with one line (exit 130 or 143)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -10,24 +17,27 @@ import torch
 
 from . import __version__
 
-
-def _study_defaults():
-    from .experiment import StudyConfig
-    return StudyConfig()
+# measured wall times (README "The two commands": this project's 2-core CPU, two rows at a time)
+FULL_TIME, QUICK_TIME = "50 min 28 s", "6 min 3 s"
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    d = _study_defaults()
-    g = p.add_argument_group("dataset (defaults: the study's)")
-    g.add_argument("--pairs", type=int, default=None, help=f"key-value pairs per image (default {d.n_pairs})")
-    g.add_argument("--colours", type=int, default=None,
-                   help=f"palette size, 2..8, in the order R, G, B, Y, C, M, W, K (default {d.n_colours})")
-    g.add_argument("--image-size", type=int, default=None, help=f"image side in pixels (default {d.image_size})")
-    g.add_argument("--n-train", type=int, default=None, help=f"training images (default {d.n_train})")
-    g.add_argument("--data-seed", type=int, default=None, help=f"seed of the training set (default {d.data_seed})")
+def setup() -> None:
+    """Process-wide set-up of a command-line run, before any command. The place for run-time
+    patches that belong to the command line, not to ``import fastscore`` (e.g. the Triton
+    interpreter's)."""
+    from .ops import patch_triton_interpreter
+    patch_triton_interpreter()   # a no-op unless TRITON_INTERPRET=1 and NumPy needs it
 
 
-def _t_focus(text: str) -> tuple[int, int]:
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, (tuple, list)):
+        return ",".join(map(str, v)) if v else "none"
+    return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _pair(text: str) -> tuple[int, int]:
     try:
         lo, hi = (int(v) for v in text.split(","))
     except ValueError:
@@ -35,68 +45,92 @@ def _t_focus(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _recipe_args(p: argparse.ArgumentParser) -> None:
-    """Network and training options; ``None`` means the study's default (``StudyConfig``)."""
-    d = _study_defaults()
-    on = "on" if d.attn_patch else "off"
-    g = p.add_argument_group("network and training (defaults: the study's)")
-    g.add_argument("--width", type=int, default=None, help=f"CNN channels (default {d.width})")
-    g.add_argument("--attn-dim", type=int, default=None, help=f"query/key width (default {d.attn_dim})")
-    g.add_argument("--attn-patch", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"queries, keys and values also see the raw 3x3 neighbourhood (softmax, top-1; default {on})")
-    g.add_argument("--temperature", type=float, default=None,
-                   help=f"top-1 surrogate temperature (default {d.temperature:g})")
-    g.add_argument("--coord-channels", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"two coordinate input channels (default {'on' if d.coord_channels else 'off'})")
-    g.add_argument("--train-steps", type=int, default=None, help=f"default {d.train_steps}")
-    g.add_argument("--train-batch", type=int, default=None, dest="batch_size", help=f"default {d.batch_size}")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr:g})")
-    g.add_argument("--ema", type=float, default=None, help=f"EMA decay (default {d.ema:g})")
-    focus = ",".join(map(str, d.t_focus)) if d.t_focus else "none"
-    g.add_argument("--t-focus", type=_t_focus, default=None, metavar="LO,HI",
-                   help=f"draw training timesteps from [LO, HI] with probability --t-focus-prob (default {focus})")
-    g.add_argument("--t-focus-prob", type=float, default=None,
-                   help=f"default {d.t_focus_prob:g}; 0 draws all t uniformly")
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-_STUDY_KEYS = {"pairs": "n_pairs", "colours": "n_colours", "image_size": "image_size", "n_train": "n_train",
-               "data_seed": "data_seed", "width": "width", "attn_dim": "attn_dim", "attn_patch": "attn_patch",
-               "temperature": "temperature", "coord_channels": "coord_channels", "train_steps": "train_steps",
-               "batch_size": "batch_size", "lr": "lr", "ema": "ema", "t_focus": "t_focus",
-               "t_focus_prob": "t_focus_prob"}
+def _study_fields(groups: tuple[str, ...]):
+    from .study.config import StudyConfig
+    return [f for f in dataclasses.fields(StudyConfig) if f.metadata.get("cli") and f.metadata.get("group") in groups]
 
 
-def _study_overrides(a) -> dict:
-    """The StudyConfig fields the user set on the command line."""
-    return {f: getattr(a, k) for k, f in _STUDY_KEYS.items() if getattr(a, k, None) is not None}
+def _add_study_options(p: argparse.ArgumentParser, groups: tuple[str, ...], presets: bool = False,
+                       concrete: bool = False) -> None:
+    """One option per ``StudyConfig`` field of ``groups`` (``metadata["cli"]``); default None (the
+    study's or its preset's, shown in the help, with the --quick/--tiny values when ``presets``), or
+    with ``concrete`` the field's default itself (for commands that use the value, not a study)."""
+    from .study.config import PRESETS
+    made = {}
+    for f in _study_fields(groups):
+        group = f.metadata["group"]
+        if group not in made:
+            made[group] = p.add_argument_group(group)
+        note = f"default {_show(f.default)}"
+        if presets:
+            note += "".join(f"; --{m}: {_show(PRESETS[m][f.name])}" for m in ("quick", "tiny") if f.name in PRESETS[m])
+        kw: dict = {"dest": f.name, "default": f.default if concrete else None, "help": f"{f.metadata['help']} ({note})",
+                    "metavar": f.metadata["cli"].lstrip("-").upper().replace("-", "_")}
+        t = str(f.type)
+        if t == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+            del kw["metavar"]
+        elif t.startswith("tuple[int, int]"):
+            kw.update(type=_pair, metavar="LO,HI")
+        elif t.startswith("tuple[str"):
+            kw.update(type=_names, metavar="A,B,...")
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}[t]
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        made[group].add_argument(f.metadata["cli"], **kw)
 
 
-def _sampler_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    g.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1: strided DDPM)")
-    g.add_argument("--no-clip", action="store_true", help="do not clamp the predicted x0 to [-1, 1]")
-    g.add_argument("--batch-size", type=int, default=1000)
+def _study_config(a, mode: str, **fixed):
+    """The ``StudyConfig`` of preset ``mode`` with the options the user set; a bad value is reported
+    under its option's name (``--colours``, not ``n_colours``)."""
+    from .study.config import DATA, RECIPE, RUN, SAMPLER, StudyConfig
+    fields = _study_fields((DATA, RECIPE, RUN, SAMPLER))
+    kw = {f.name: getattr(a, f.name) for f in fields if getattr(a, f.name, None) is not None}
+    try:
+        return StudyConfig.preset(mode, **{**kw, **fixed})
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        for f in fields:
+            msg = re.sub(rf"^{f.name}(?= must|=| is)", f.metadata["cli"], msg)
+        raise type(e)(msg) from None
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=default,
+                   help=f"where to compute: cpu, cuda or cuda:N (default {default}: this machine's)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
-    p.add_argument("--force", action="store_true", help="replace existing output files")
+    _device_option(p)
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="the fused ops' path: auto (Triton kernels on CUDA, the torch reference elsewhere), "
+                        "triton or torch (default auto)")
+    p.add_argument("--force", action="store_true", help="replace an existing output (reproduce: only the files its study wrote)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _check_start(a, *, directory: bool = False) -> None:
+    """Everything that can be checked before any work: the device and the output."""
+    from . import _validate
+    from .checkpoint import check_writable
+    _validate.device("--device", a.device)
+    check_writable(a.out, overwrite=getattr(a, "force", False), directory=directory)
 
 
 def cmd_train(a) -> int:
     from .checkpoint import save_model
     from .data import make_dataset
-    from .experiment import StudyConfig
     from .models import build_model
     from .training import train
-    study = StudyConfig.preset("full", networks=(a.attention,), **_study_overrides(a))
+    study = _study_config(a, "full", networks=(a.attention,))
+    _check_start(a)
     cfg = study.data_config()
-    if Path(a.out).exists() and not a.force:
-        raise FileExistsError(f"{a.out} exists; pass --force to replace it")
     images, _ = make_dataset(cfg, study.n_train, study.data_seed)
     torch.manual_seed(a.seed)
     model = build_model(study.model_config(a.attention), backend=a.backend)
@@ -113,10 +147,9 @@ def cmd_train(a) -> int:
 def cmd_sample(a) -> int:
     from .checkpoint import load_model, save_tensors
     from .sampling import sample
-    if Path(a.out).exists() and not a.force:
-        raise FileExistsError(f"{a.out} exists; pass --force to replace it")
+    _check_start(a)
     model, meta = load_model(a.checkpoint, backend=a.backend, device=a.device)
-    x = sample(model, a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, clip_x0=not a.no_clip, seed=a.seed,
+    x = sample(model, a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, clip_x0=a.clip_x0, seed=a.seed,
                batch_size=a.batch_size, device=a.device, backend=a.backend, progress=not a.quiet)
     save_tensors(a.out, {"samples": x}, {"kind": "samples", "checkpoint": str(a.checkpoint), "data": meta["data"],
                                          "extra": meta.get("extra", {}), "seed": a.seed, "sampler": a.sampler,
@@ -146,9 +179,11 @@ def cmd_score(a) -> int:
 
 
 def cmd_probe(a) -> int:
+    from . import _validate
     from .checkpoint import load_model
     from .data import KVConfig
-    from .experiment import coordination_probe, format_probe
+    from .probe import coordination_probe, format_probe
+    _validate.device("--device", a.device)
     model, meta = load_model(a.checkpoint, backend=a.backend, device=a.device)
     cfg = KVConfig.from_dict(meta["data"])
     rows = coordination_probe(model, cfg, a.t, n=a.n, seed=a.seed, device=a.device)
@@ -157,43 +192,42 @@ def cmd_probe(a) -> int:
 
 
 def cmd_reproduce(a) -> int:
-    from .experiment import StudyConfig, reproduce
-    kw = _study_overrides(a)
-    kw.update({k: getattr(a, k) for k in ("n_samples", "n_seeds", "sampler", "steps", "eta")})
-    if a.networks:
-        kw["networks"] = tuple(a.networks.split(","))
-    cfg = StudyConfig.preset("quick" if a.quick else ("tiny" if a.tiny else "full"), **kw)
+    from .study import pairs_sweep, reproduce
+    cfg = _study_config(a, "quick" if a.quick else ("tiny" if a.tiny else "full"))
+    _check_start(a, directory=True)
+    kw = dict(device=a.device, backend=a.backend, force=a.force, progress=not a.quiet, workers=a.workers)
     if a.pairs_sweep:
-        from .experiment import pairs_sweep
-        pairs_sweep(cfg, Path(a.out), [int(p) for p in a.pairs_sweep.split(",")], device=a.device,
-                    backend=a.backend, force=a.force, progress=not a.quiet, workers=a.workers)
-        return 0
-    reproduce(cfg, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
-              workers=a.workers)
+        pairs_sweep(cfg, Path(a.out), [int(p) for p in a.pairs_sweep.split(",")], **kw)
+    else:
+        reproduce(cfg, Path(a.out), **kw)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models import ATTENTIONS, ModelConfig
+    from .options import help_of
+    from .study.config import DATA, RECIPE, RUN, SAMPLER
     p = argparse.ArgumentParser(prog="fastscore", description="Creativity in diffusion models: key-value "
                                 "data, CNN and attention score networks, sampling and scoring.")
     p.add_argument("--version", action="version", version=f"fastscore {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one score network and save a checkpoint")
-    t.add_argument("--attention", choices=("none", "identity", "top1", "softmax"), default="softmax")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--attention", choices=ATTENTIONS, default="softmax",
+                   help=help_of(ModelConfig, "attention") + " (default softmax)")
+    t.add_argument("--seed", type=int, default=0, help="initialisation and training seed (default 0)")
     t.add_argument("--out", required=True, help="checkpoint file (.safetensors)")
-    _data_args(t)
-    _recipe_args(t)
+    _add_study_options(t, (DATA, RECIPE))
     _common(t)
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint")
     s.add_argument("checkpoint")
-    s.add_argument("--n", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=int, default=1000, help="samples (default 1000)")
+    s.add_argument("--seed", type=int, default=0, help="default 0")
     s.add_argument("--out", required=True, help="sample file (.safetensors)")
-    _sampler_args(s)
+    s.add_argument("--batch-size", type=int, default=1000, help="samples per batch (default 1000)")
+    _add_study_options(s, (SAMPLER,), concrete=True)
     _common(s)
     s.set_defaults(fn=cmd_sample)
 
@@ -207,41 +241,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="coordination probe: does the network use the other pairs?")
     pr.add_argument("checkpoint")
-    pr.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 400, 500, 600, 800])
-    pr.add_argument("--n", type=int, default=4000, help="probe images per case")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 400, 500, 600, 800],
+                    help="timesteps (default 100 200 300 400 500 600 800)")
+    pr.add_argument("--n", type=int, default=4000, help="probe images per case (default 4000)")
+    pr.add_argument("--seed", type=int, default=0, help="default 0")
     _common(pr)
     pr.set_defaults(fn=cmd_probe)
 
-    r = sub.add_parser("reproduce", help="the paper's experiment end to end (train, sample, score, probe)")
+    r = sub.add_parser("reproduce", help="the paper's experiment end to end (train, sample, score, probe)",
+                       description="Train the four networks, sample, score and probe them, beside the ideal score "
+                       f"and the ELS machine. The full study (3 seeds x 10,000 steps, 10,000 samples per network and "
+                       f"seed) took {FULL_TIME}, --quick {QUICK_TIME}, on this project's 2-core CPU (two rows at a "
+                       "time); --tiny takes seconds. Rerunning the same command resumes; Ctrl-C keeps finished rows.")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="the few-minute version: 5,000 training steps, 1 seed, 1,000 samples per network")
+                      help=f"the few-minute version ({QUICK_TIME} on a 2-core CPU): 5,000 training steps, 1 seed, "
+                           "1,000 samples per network")
     mode.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
     r.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
-    r.add_argument("--networks", default=None, help="comma list of none,identity,top1,softmax")
-    r.add_argument("--n-samples", type=int, default=None, help="samples per network and seed")
-    r.add_argument("--n-seeds", type=int, default=None, help="training seeds per network")
     r.add_argument("--workers", type=int, default=None,
                    help="rows trained at once in separate processes (default 2 on a CPU with >= 2 cores, 1 on a GPU)")
-    r.add_argument("--pairs-sweep", default=None, help="e.g. 2,4,6,8: one study per pair count, one table")
-    r.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default ddim")
-    r.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; tiny: 8)")
-    r.add_argument("--eta", type=float, default=None, help="DDIM eta (default 1)")
-    _data_args(r)
-    _recipe_args(r)
+    r.add_argument("--pairs-sweep", default=None, help="e.g. 2,4,6,8: one study per pair count, one table "
+                   "(default: none, one study)")
+    _add_study_options(r, (RUN, SAMPLER, DATA, RECIPE), presets=True)
     _common(r)
     r.set_defaults(fn=cmd_reproduce)
+
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup()
+    stop = {"signal": "SIGINT"}
+
+    def on_term(signum, frame) -> None:
+        stop["signal"] = "SIGTERM"
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     try:
         return args.fn(args)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:
         print(f"fastscore {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"fastscore {args.command}: {stop['signal']}: {e or 'interrupted; nothing was saved'}", file=sys.stderr)
+        return 143 if stop["signal"] == "SIGTERM" else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":  # pragma: no cover

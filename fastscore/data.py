@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import _validate
+from .options import option
 
 DEFAULT_PALETTE: tuple[tuple[float, float, float], ...] = (
     (1.0, -1.0, -1.0),   # red
@@ -73,13 +74,13 @@ def border_positions(grid: int, n_pairs: int, gap: int = 3) -> tuple[tuple[Cell,
 class KVConfig:
     """Dataset configuration. Sizes in pixels; ``positions`` in cell units, ``((key_row, key_col),
     (value_row, value_col))`` per pair; ``None`` picks corners (<= 4 pairs) or the border layout."""
-    n_pairs: int = 4
-    palette: tuple[tuple[float, float, float], ...] = DEFAULT_PALETTE
-    image_size: int = 8
-    cell_size: int = 1
-    positions: tuple[tuple[Cell, Cell], ...] | None = None
-    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    tolerance: float = 0.4
+    n_pairs: int = option(4, "key-value pairs per image")
+    palette: tuple[tuple[float, float, float], ...] = option(DEFAULT_PALETTE, "RGB colours in [-1, 1] of keys and values")
+    image_size: int = option(8, "image side in pixels")
+    cell_size: int = option(1, "cell side in pixels")
+    positions: tuple[tuple[Cell, Cell], ...] | None = option(None, "((key_row, key_col), (value_row, value_col)) per pair, in cells")
+    background: tuple[float, float, float] = option((0.0, 0.0, 0.0), "background RGB")
+    tolerance: float = option(0.4, "decoding tolerance: a cell decodes to a colour within this L-inf distance")
 
     def __post_init__(self) -> None:
         _validate.positive_int("n_pairs", self.n_pairs)

@@ -29,23 +29,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _validate, ops
+from .options import option
 
 ATTENTIONS = ("none", "identity", "top1", "softmax")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of a ``ScoreNet`` (JSON-serialisable)."""
-    attention: str = "none"
-    width: int = 64
-    attn_dim: int = 64
-    image_channels: int = 3
-    image_size: int = 8
-    T: int = 1000
-    temperature: float = 1.0
-    gumbel: bool = True
-    coord_channels: bool = False
-    attn_patch: bool = False
+    """Hyper-parameters of a ``ScoreNet`` (JSON-serialisable); the one declaration of each."""
+    attention: str = option("none", "attention layer after the CNN: none, identity, top1 or softmax")
+    width: int = option(64, "CNN channels (the width of the embedding z)")
+    attn_dim: int = option(64, "query/key width of the learned projections (ScoreNet's default: its width)")
+    image_channels: int = option(3, "image channels")
+    image_size: int = option(8, "image side in pixels")
+    T: int = option(1000, "diffusion timesteps the time embedding covers")
+    temperature: float = option(1.0, "top-1 surrogate temperature")
+    gumbel: bool = option(True, "Gumbel noise in the top-1 surrogate while training")
+    coord_channels: bool = option(False, "two coordinate input channels (row, col in [-1, 1])")
+    attn_patch: bool = option(False, "queries, keys and values also see the raw 3x3 neighbourhood (softmax, top-1)")
 
     def __post_init__(self) -> None:
         _validate.choice("attention", self.attention, ATTENTIONS)
@@ -55,6 +56,7 @@ class ModelConfig:
         _validate.positive_int("image_size", self.image_size)
         _validate.positive_int("T", self.T, minimum=2)
         _validate.finite_float("temperature", self.temperature, minimum=0.0, strict=True)
+        object.__setattr__(self, "temperature", float(self.temperature))
         if not all(isinstance(b, bool) for b in (self.gumbel, self.coord_channels, self.attn_patch)):
             raise TypeError("gumbel, coord_channels and attn_patch must be bools")
         if self.attn_patch and self.attention not in ("softmax", "top1"):
@@ -76,15 +78,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, T: int) -> torch.Tensor:
 class ScoreNet(nn.Module):
     """eps-prediction score network; see the module docstring. ``backend`` picks the ops' path."""
 
-    def __init__(self, attention: str = "none", width: int = 64, *, attn_dim: int | None = None,
-                 image_channels: int = 3, image_size: int = 8, T: int = 1000, temperature: float = 1.0,
-                 gumbel: bool = True, coord_channels: bool = False, attn_patch: bool = False,
-                 backend: str = "auto") -> None:
+    def __init__(self, attention: str = "none", width: int = 64, *, backend: str = "auto", **options) -> None:
+        """``options``: the other ``ModelConfig`` fields (``attn_dim``, default ``width``; ``image_size``,
+        ``attn_patch``, ...)."""
         super().__init__()
-        self.config = ModelConfig(attention, width, attn_dim or width, image_channels, image_size, T,
-                                  float(temperature), gumbel, coord_channels, attn_patch)
+        self.config = ModelConfig(attention, width, **{"attn_dim": width, **options})
         self.backend = _validate.choice("backend", backend, ops.BACKENDS)
-        c, w = image_channels, width
+        c, w = self.config.image_channels, width
+        coord_channels, attn_patch = self.config.coord_channels, self.config.attn_patch
         cin = c + (2 if coord_channels else 0)
         self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 2 * w))
         self.conv1 = nn.Conv2d(cin, w, 3, padding=1)
@@ -193,7 +194,4 @@ class ScoreNet(nn.Module):
 
 def build_model(config: ModelConfig, backend: str = "auto") -> ScoreNet:
     """A fresh ``ScoreNet`` from a ``ModelConfig``."""
-    c = config
-    return ScoreNet(c.attention, c.width, attn_dim=c.attn_dim, image_channels=c.image_channels,
-                    image_size=c.image_size, T=c.T, temperature=c.temperature, gumbel=c.gumbel,
-                    coord_channels=c.coord_channels, attn_patch=c.attn_patch, backend=backend)
+    return ScoreNet(backend=backend, **config.to_dict())

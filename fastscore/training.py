@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import _validate
+from .options import option
 from .schedule import Schedule, make_schedule
 
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
@@ -27,16 +28,16 @@ class TrainConfig:
 
     Loss weighting over t: with probability ``t_focus_prob`` a training timestep is drawn uniformly
     from ``t_focus = (lo, hi)`` (inclusive) instead of from [0, T); the default draws all uniformly."""
-    steps: int = 3000
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    lr_schedule: str = "onecycle"
-    ema: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 0
-    t_focus: tuple[int, int] | None = None
-    t_focus_prob: float = 0.0
+    steps: int = option(3000, "training steps")
+    batch_size: int = option(128, "training batch size")
+    lr: float = option(2e-3, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    lr_schedule: str = option("onecycle", "learning-rate schedule: onecycle, cosine or constant")
+    ema: float = option(0.999, "EMA decay of the weights (0: off)")
+    grad_clip: float = option(1.0, "gradient-norm clip (0: off)")
+    seed: int = option(0, "seed of the batches, timesteps and noise drawn in training")
+    t_focus: tuple[int, int] | None = option(None, "draw training timesteps from [LO, HI] with probability t_focus_prob")
+    t_focus_prob: float = option(0.0, "probability of drawing a timestep from t_focus (0: all t uniformly)")
 
     def __post_init__(self) -> None:
         _validate.positive_int("steps", self.steps)

@@ -9,6 +9,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from fastscore.ops import patch_triton_interpreter  # noqa: E402
+
+patch_triton_interpreter()   # the interpreter's NumPy >= 2.4 workaround (a no-op elsewhere)
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 

@@ -1,6 +1,12 @@
+import dataclasses
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +64,154 @@ def test_t_focus_must_be_two_integers(capsys):
 def test_console_entry_point():
     r = subprocess.run([sys.executable, "-m", "fastscore", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "fastscore" in r.stdout
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fastscore "), err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_a_bad_study_option_is_named_as_on_the_command_line(tmp_path, capsys):
+    assert main(["reproduce", "--tiny", "--colours", "1", "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    _one_line_error(capsys, "--colours must be >= 2")
+    assert main(["train", "--colours", "9", "--out", str(tmp_path / "m.safetensors"), "--quiet"]) == 2
+    _one_line_error(capsys, "--colours must be <= 8")
+    assert not (tmp_path / "s").exists()
+
+
+def test_reproduce_help_shows_every_default_and_the_run_times(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "50 min 28 s" in out and "6 min 3 s" in out
+    for text in ("--networks A,B,... comma list of the trained networks: none,identity,top1,softmax (default "
+                 "none,top1,identity,softmax)", "--n-samples N_SAMPLES samples per network and seed (default 10000; "
+                 "--quick: 1000; --tiny: 48)", "--n-seeds N_SEEDS training seeds per network (default 3;",
+                 "--device DEVICE where to compute", "--backend {auto,triton,torch} the fused ops' path"):
+        assert text in out
+    from fastscore.study.config import StudyConfig
+    for f in dataclasses.fields(StudyConfig):   # every generated option states its default
+        if f.metadata.get("cli"):
+            assert re.search(re.escape(f.metadata["cli"]) + r"[ ,].*?\(default ", out), f.name
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if a command gets as far as building its dataset or loading a checkpoint."""
+    import fastscore.checkpoint
+    import fastscore.data
+
+    def boom(*a, **k):
+        raise AssertionError("work started before the output was checked")
+    monkeypatch.setattr(fastscore.data, "make_dataset", boom)
+    monkeypatch.setattr(fastscore.checkpoint, "load_model", boom)
+
+
+def test_train_and_sample_check_the_output_before_any_work(tmp_path, capsys, no_work):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = [(str(tmp_path / "adir"), ["--force"], "is a directory"),
+             (str(tmp_path / "afile"), [], "exists"),
+             (str(tmp_path / "afile" / "m.safetensors"), [], "not a directory")]
+    if Path("/sys").is_dir() and not os.access("/sys", os.W_OK):
+        cases.append(("/sys/m.safetensors", [], "not writable"))
+    for out, extra, words in cases:
+        assert main(["train", "--out", out, "--quiet", *extra]) == 2
+        _one_line_error(capsys, "fastscore train: error:", words)
+        assert main(["sample", str(tmp_path / "m.safetensors"), "--out", out, "--quiet", *extra]) == 2
+        _one_line_error(capsys, "fastscore sample: error:", words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+
+
+@pytest.mark.parametrize("device, words", [("tpu", "--device must be a torch device"),
+                                           ("cuda", "--device 'cuda' is not available"),
+                                           ("cuda:7", "--device 'cuda:7' is not available")])
+def test_an_unusable_device_is_one_line_and_leaves_nothing(tmp_path, capsys, device, words, no_work):
+    import torch
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the device")
+    out = tmp_path / "study"
+    assert main(["reproduce", "--tiny", "--device", device, "--out", str(out), "--quiet"]) == 2
+    _one_line_error(capsys, words)
+    assert not out.exists()
+    assert main(["train", "--device", device, "--out", str(tmp_path / "m.safetensors"), "--quiet"]) == 2
+    _one_line_error(capsys, words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reproduce_refuses_an_output_it_cannot_use(tmp_path, capsys, no_work):
+    (tmp_path / "afile").write_text("x")
+    assert main(["reproduce", "--tiny", "--out", str(tmp_path / "afile"), "--quiet"]) == 2
+    _one_line_error(capsys, "is a file, not a directory")
+    # the issue's scenario: a study.json fastscore did not write, the user's file beside it
+    proj = tmp_path / "proj"
+    (proj / "checkpoints").mkdir(parents=True)
+    (proj / "study.json").write_text("{}")
+    (proj / "checkpoints" / "mine.pt").write_text("x")
+    assert main(["reproduce", "--tiny", "--out", str(proj), "--force", "--quiet"]) == 2
+    _one_line_error(capsys, f"{proj / 'study.json'} is not a fastscore study.json")
+    assert (proj / "checkpoints" / "mine.pt").read_text() == "x" and (proj / "study.json").read_text() == "{}"
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Processes of session ``sid`` still alive (Linux /proc)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if d.name.isdigit() and int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads sessions from /proc")
+def test_reproduce_stops_on_sigint_and_sigterm_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "fastscore", "reproduce", "--tiny", "--out", str(out), "--workers", "2"]
+    stops = [(signal.SIGINT, False, 130), (signal.SIGTERM, True, 143)]   # the main process alone; the group
+    for sig, group, code in stops:
+        rows_before = len(list((out / "rows").glob("*.json"))) if (out / "rows").exists() else 0
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while len(list((out / "rows").glob("*.json"))) <= rows_before and p.poll() is None:  # mid-run
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert p.poll() is None, "the study ended before it could be interrupted"
+        t0 = time.monotonic()
+        os.killpg(p.pid, sig) if group else p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+        assert time.monotonic() - t0 < 10 and p.returncode == code
+        last = [l for l in err.splitlines() if l.startswith("fastscore reproduce")]
+        assert len(last) == 1 and "kept" in last[0] and "resume" in last[0] and "Traceback" not in err, err
+        time.sleep(0.5)
+        assert _session_processes(p.pid) == []   # no worker left behind
+        assert not list(out.rglob("*.tmp"))
+    r = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    runs = json.loads((out / "invocations.json").read_text())
+    assert [bool(x.get("interrupted")) for x in runs] == [True, True, False]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["wall_seconds"] == pytest.approx(sum(x["seconds"] for x in runs))
+    assert len(doc["rows"]) == 6 and sum(x["rows_run"] for x in runs) == 6
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parent.parent / "scripts").glob("*.py")))
+def test_scripts_do_nothing_on_import_and_explain_themselves(script, capsys):
+    import runpy
+    ns = runpy.run_path(str(Path(__file__).parent.parent / "scripts" / script), run_name="not_main")
+    assert callable(ns["main"]) and capsys.readouterr().out == ""
+    with pytest.raises(SystemExit) as e:
+        ns["main"](["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_docs_hold_no_code():
+    docs = Path(__file__).parent.parent / "docs"
+    assert not list(docs.glob("*.py"))

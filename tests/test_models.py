@@ -118,3 +118,20 @@ def test_attn_patch_feeds_the_raw_neighbourhood_to_the_projections(attention, se
         m.attend(torch.randn(2, 16, 8, 8))
     with pytest.raises(ValueError, match="attn_patch"):
         ModelConfig("identity", attn_patch=True)
+
+
+def test_every_setting_is_declared_once_with_its_help():
+    import dataclasses
+
+    from fastscore.data import KVConfig
+    from fastscore.training import TrainConfig
+    for cls in (ModelConfig, TrainConfig, KVConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+    # ScoreNet takes the config's fields by name: nothing is re-declared in its signature
+    m = ScoreNet("softmax", 16, attn_dim=8, image_size=12, coord_channels=True, temperature=0.5)
+    assert m.config == ModelConfig("softmax", 16, attn_dim=8, image_size=12, coord_channels=True, temperature=0.5)
+    assert ScoreNet("softmax", 16).config.attn_dim == 16          # attn_dim defaults to the width
+    assert build_model(m.config).config == m.config
+    with pytest.raises(TypeError, match="attn_dims"):
+        ScoreNet("softmax", 16, attn_dims=8)

@@ -1,10 +1,10 @@
 """Search for the conditions under which attention learns to coordinate pairs (issue 6).
 
 Each configuration trains a network on the key-value data and runs the coordination probe
-(fastscore.experiment.coordination_probe); optionally it also samples and scores. Rows are
+(fastscore.probe.coordination_probe); optionally it also samples and scores. Rows are
 appended to docs/coordination_search.json, and docs/coordination_search.md is rebuilt from all rows.
 
-    python docs/coordination_search.py NAME [--attention softmax] [--steps 3000] [--t-focus 50,400]
+    python scripts/coordination_search.py NAME [--attention softmax] [--steps 3000] [--t-focus 50,400]
         [--t-focus-prob 0.7] [--colours 4] [--pairs 4] [--image-size 8] [--width 64] [--attn-dim 64]
         [--batch 128] [--lr 2e-3] [--coord-channels] [--samples 0] [--seed 0]
 """
@@ -19,13 +19,13 @@ import torch
 
 from fastscore.checkpoint import atomic_write_text
 from fastscore.data import KVConfig, make_dataset, palette_of_size
-from fastscore.experiment import coordination_probe
 from fastscore.metrics import analytic_random_consistency, score
 from fastscore.models import ScoreNet
+from fastscore.probe import coordination_probe
 from fastscore.sampling import sample
 from fastscore.training import TrainConfig, train
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent / "docs"
 ROWS = HERE / "coordination_search.json"
 TABLE = HERE / "coordination_search.md"
 PROBE_T = (100, 200, 300, 400)
@@ -76,7 +76,7 @@ def rebuild_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + FINDINGS
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("name")
     p.add_argument("--attention", default="softmax")
@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--attn-patch", action="store_true")
     p.add_argument("--samples", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     cfg = KVConfig(n_pairs=a.pairs, palette=palette_of_size(a.colours), image_size=a.image_size)
     images, contents = make_dataset(cfg, 5000, 0)
     focus = tuple(int(x) for x in a.t_focus.split(",")) if a.t_focus else None

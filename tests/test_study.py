@@ -1,54 +1,12 @@
+import dataclasses
 import json
 
 import pytest
-import torch
-import torch.nn as nn
 
-from fastscore.data import KVConfig
-from fastscore.experiment import StudyConfig, coordination_probe, coordination_verdict, pairs_sweep, reproduce
-from fastscore.models import ScoreNet
-from fastscore.schedule import make_schedule
-
-
-class CopyOracle(nn.Module):
-    """Denoises pair 1's value cell by averaging it with pair 0's value when their keys look equal:
-    a hand-built network that uses the other pair. Elsewhere predicts eps = 0 (x0_hat = x_t / sqrt(ab))."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg, self.ab = cfg, make_schedule("linear", 1000).alpha_bar.float()
-        self.config = type("C", (), {"T": 1000})()
-
-    def forward(self, x, t):
-        ab = self.ab[t].view(-1, 1, 1, 1)
-        x0 = x / ab.sqrt()
-        (k0, v0), (k1, v1) = self.cfg.positions[:2]
-        same = ((x0[:, :, k0[0], k0[1]] - x0[:, :, k1[0], k1[1]]).abs().amax(1) < 0.8).view(-1, 1)
-        mixed = torch.where(same, (x0[:, :, v0[0], v0[1]] + x0[:, :, v1[0], v1[1]]) / 2, x0[:, :, v1[0], v1[1]])
-        x0 = x0.clone()
-        x0[:, :, v1[0], v1[1]] = mixed
-        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-
-
-def test_probe_gives_exactly_zero_for_a_local_network():
-    torch.manual_seed(0)
-    m = ScoreNet("none", 8).eval()
-    rows = coordination_probe(m, KVConfig(), [100, 400], n=200)
-    for r in rows:
-        assert r["gap"] == 0.0 and r["changed"] == 0.0 and r["matched"].k == r["unmatched"].k
-
-
-def test_probe_detects_a_network_that_uses_the_other_pair():
-    cfg = KVConfig()
-    rows = coordination_probe(CopyOracle(cfg), cfg, [200], n=1000)
-    assert rows[0]["gap"] > 0.01 and rows[0]["gap_ci95"][0] > 0 and rows[0]["changed"] > 0
-
-
-def test_probe_bad_input():
-    with pytest.raises(ValueError, match="n_pairs"):
-        coordination_probe(ScoreNet("none", 4), KVConfig(n_pairs=1), [10])
-    with pytest.raises(ValueError, match="t"):
-        coordination_probe(ScoreNet("none", 4), KVConfig(), [1000], n=4)
+from fastscore.models import ModelConfig
+from fastscore.study import StudyConfig, coordination_verdict, pairs_sweep, reproduce
+from fastscore.study.files import MANIFEST, StudyDir
+from fastscore.training import TrainConfig
 
 
 @pytest.mark.slow
@@ -77,8 +35,15 @@ def test_tiny_study_resumes_and_protects_its_directory(tmp_path):
     with pytest.raises(FileExistsError):
         reproduce(other, out, progress=False)
     assert (out / "rows" / "softmax-seed0.json").read_text() == row
+    # --force replaces the study's own files only: a file the user put among them survives
+    (out / "checkpoints" / "mine.pt").write_bytes(b"user data")
+    written = set((out / MANIFEST).read_text().split())
+    assert written == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {MANIFEST, "checkpoints/mine.pt"}
     reproduce(other, out, progress=False, force=True)
     assert not (out / "rows" / "softmax-seed0.json").exists()
+    assert not (out / "checkpoints" / "softmax-seed0.safetensors").exists()
+    assert (out / "checkpoints" / "mine.pt").read_bytes() == b"user data"
+    assert json.loads((out / "study.json").read_text()) == other.to_dict()
 
 
 def test_study_config_validation():
@@ -92,6 +57,68 @@ def test_study_config_validation():
         StudyConfig(n_pairs=6)
     with pytest.raises(ValueError, match="mode"):
         StudyConfig.preset("huge")
+    with pytest.raises(ValueError, match="n_colours must be >= 2"):
+        StudyConfig(n_colours=1)
+    with pytest.raises(ValueError, match="n_colours must be <= 8"):
+        StudyConfig(n_colours=9)
+
+
+def test_force_never_replaces_a_study_json_fastscore_did_not_write(tmp_path):
+    # the issue's scenario: an empty JSON object named study.json beside the user's checkpoints/
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "mine.pt").write_bytes(b"x")
+    (tmp_path / "study.json").write_text("{}")
+    cfg = StudyConfig.preset("tiny", networks=("none",), analytic=())
+    with pytest.raises(ValueError, match=r"study\.json is not a fastscore study\.json of this version \(missing"):
+        reproduce(cfg, tmp_path, progress=False, force=True)
+    assert (tmp_path / "checkpoints" / "mine.pt").read_bytes() == b"x"
+    assert (tmp_path / "study.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "mine.pt", "study.json"]
+
+
+def test_invalid_study_json_is_reported_with_its_path(tmp_path):
+    (tmp_path / "study.json").write_text("")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'study.json'} is not valid JSON"):
+        reproduce(StudyConfig.preset("tiny"), tmp_path, progress=False, force=True)
+    assert (tmp_path / "study.json").read_text() == ""
+
+
+def test_a_study_without_manifest_is_resumed_but_never_force_replaced(tmp_path):
+    cfg = StudyConfig.preset("tiny", networks=("none",), analytic=())
+    (tmp_path / "study.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "old.json").write_text("{}")
+    other = StudyConfig.preset("tiny", networks=("softmax",), analytic=())
+    with pytest.raises(FileExistsError, match="manifest"):
+        reproduce(other, tmp_path, progress=False, force=True)
+    assert (tmp_path / "rows" / "old.json").exists()
+
+
+def test_a_study_from_before_the_manifest_adopts_its_own_files_on_resume(tmp_path):
+    cfg = StudyConfig.preset("tiny", networks=("none",), analytic=())
+    (tmp_path / "study.json").write_text(json.dumps(cfg.to_dict()))
+    for rel in ("rows/none-seed0.json", "checkpoints/none-seed0.safetensors", "checkpoints/mine.pt", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    StudyDir(tmp_path).prepare(cfg, force=False)   # resume: the files under the study's own names are its
+    assert set(StudyDir(tmp_path).written()) - {""} == \
+        {"study.json", "rows/none-seed0.json", "checkpoints/none-seed0.safetensors"}
+    other = StudyConfig.preset("tiny", networks=("softmax",), analytic=())
+    StudyDir(tmp_path).prepare(other, force=True)   # so no stale row of the old config survives a replacement
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+        ["checkpoints/mine.pt", MANIFEST, "notes.txt", "study.json"]
+    assert json.loads((tmp_path / "study.json").read_text()) == other.to_dict()
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path):
+    cfg = StudyConfig.preset("tiny", networks=("none",), analytic=())
+    for kw, words in ((dict(device="tpu"), "device"), (dict(workers=0), "workers"), (dict(backend="cuda"), "backend")):
+        with pytest.raises(ValueError, match=words):
+            reproduce(cfg, tmp_path / "new", progress=False, **kw)
+        assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        reproduce(cfg, tmp_path / "file" / "study", progress=False)
 
 
 def test_force_never_deletes_a_directory_that_is_not_a_study(tmp_path):
@@ -111,6 +138,29 @@ def test_force_never_deletes_a_directory_that_is_not_a_study(tmp_path):
 def test_study_config_rejects_bad_options_up_front(kw):
     with pytest.raises((ValueError, TypeError)):
         StudyConfig.preset("tiny", **kw)
+
+
+def test_each_component_setting_is_declared_once():
+    # a study field that re-declares a component's setting has that setting's help, and the component
+    # config is built from it by name: change the field, and exactly that setting changes
+    sources = {f.name: f.metadata["source"] for f in dataclasses.fields(StudyConfig) if "source" in f.metadata}
+    assert {n for n, (cls, _) in sources.items() if cls is ModelConfig} == \
+        {"width", "attn_dim", "attn_patch", "temperature", "coord_channels"}
+    assert sources["train_steps"] == (TrainConfig, "steps") and sources["batch_size"] == (TrainConfig, "batch_size")
+    for name, (cls, field) in sources.items():
+        own = next(f for f in dataclasses.fields(cls) if f.name == field)
+        mine = next(f for f in dataclasses.fields(StudyConfig) if f.name == name)
+        assert mine.metadata["help"] == own.metadata["help"] or name == "attn_dim"
+    base = StudyConfig()
+    for name, value in (("width", 24), ("attn_dim", 8), ("temperature", 0.5), ("coord_channels", True)):
+        m = StudyConfig(**{name: value}).model_config("softmax")
+        assert getattr(m, name) == value
+        assert {k: v for k, v in m.to_dict().items() if k != name} == \
+            {k: v for k, v in base.model_config("softmax").to_dict().items() if k != name}
+    tc = StudyConfig(train_steps=7, batch_size=3, lr=1e-3, ema=0.5).train_config(4)
+    assert (tc.steps, tc.batch_size, tc.lr, tc.ema, tc.seed) == (7, 3, 1e-3, 0.5, 4)
+    assert StudyConfig(image_size=10, n_pairs=3).model_config("none").image_size == 10
+    assert StudyConfig(image_size=10, n_pairs=3).data_config().n_pairs == 3
 
 
 def test_study_recipe_reaches_the_networks_and_training():

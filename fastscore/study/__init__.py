@@ -1,0 +1,25 @@
+"""The study built on the library: the four score networks (and the analytic models) trained,
+sampled, scored and probed; tables, figures, resumable runs, sweeps.
+
+``reproduce(config, out)`` writes to ``out``: ``study.json`` (the config; a different config in the
+same directory is refused without ``force``), ``rows/*.json`` (one finished row each, the unit of
+resumption), ``checkpoints/*.safetensors``, ``samples/*.safetensors``, ``results.json`` (every
+number, config, versions, device), ``results.md`` (the tables), PNG figures (with matplotlib
+installed), ``invocations.json`` (wall time per invocation) and ``manifest.txt`` (every file it
+wrote: all that ``force`` may remove). Every file is written atomically.
+
+One module per job: ``config`` (``StudyConfig``), ``files`` (the directory, manifest, resumption),
+``rows`` (``RunContext`` and one row), ``parallel`` (worker processes), ``report`` (pooled numbers,
+markdown), ``figures``, ``run`` (``reproduce``), ``sweep`` (``pairs_sweep``). The coordination
+probe is ``fastscore.probe``.
+"""
+from ..probe import coordination_probe, format_probe
+from .config import ANALYTIC, LABELS, PAPER, StudyConfig
+from .report import coordination_verdict, own_marginal_chance, results_markdown, summarise
+from .rows import RunContext
+from .run import Interrupted, reproduce
+from .sweep import pairs_sweep, sweep_table
+
+__all__ = ["ANALYTIC", "LABELS", "PAPER", "Interrupted", "RunContext", "StudyConfig", "coordination_probe",
+           "coordination_verdict", "format_probe", "own_marginal_chance", "pairs_sweep", "reproduce",
+           "results_markdown", "summarise", "sweep_table"]

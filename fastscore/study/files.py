@@ -1,0 +1,187 @@
+"""A study's directory: what it holds, how it is resumed, and what ``force`` may remove.
+
+``out/study.json`` is the config (a different config is refused without ``force``);
+``rows/<net>-seed<s>.json`` one finished row each (the unit of resumption); ``checkpoints/``,
+``samples/``, ``figures/``; ``results.json``/``results.md``; ``invocations.json`` (wall time per
+invocation). ``manifest.txt`` lists, one relative path a line, every file the study wrote, appended
+after each atomic write (an ``O_APPEND`` write of one line, safe from several worker processes).
+``force`` removes only the files in the manifest: nothing a user put in the directory is touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..checkpoint import atomic_write, atomic_write_text, check_writable, load_tensors, save_model, save_tensors
+from .config import StudyConfig
+
+MANIFEST = "manifest.txt"
+FIGURES = ("samples", "consistency", "loss", "attention")   # figures/<name>.png (figures.py)
+
+
+def row_name(net: str, seed: int) -> str:
+    return f"{net}-seed{seed}"
+
+
+def read_study_json(path: Path) -> dict:
+    """The config saved in ``path``; ValueError naming the file if it is not a fastscore study.json."""
+    try:
+        have = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it is not a fastscore study") from None
+    if not isinstance(have, dict):
+        raise ValueError(f"{path} is not a fastscore study.json (not a JSON object); choose another --out")
+    fields = set(StudyConfig.__dataclass_fields__)
+    if set(have) != fields:
+        raise ValueError(f"{path} is not a fastscore study.json of this version (missing {sorted(fields - set(have))}"
+                         f", unknown {sorted(set(have) - fields)}); choose another --out")
+    try:
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in have.items()}
+        StudyConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a fastscore study.json (invalid config: {e}); choose another --out") from None
+    return have
+
+
+@dataclass(frozen=True)
+class StudyDir:
+    """The output directory of one study; every write goes through here and into the manifest."""
+    path: Path
+
+    def prepare(self, config: StudyConfig, force: bool) -> None:
+        """Make a new study directory, or resume one with the same config; with ``force``, replace a
+        study of another config (its manifest's files only). Refuses any other directory."""
+        out, want = self.path, config.to_dict()
+        check_writable(out, directory=True)
+        study = out / "study.json"
+        if out.exists() and any(out.iterdir()):
+            if not study.exists():  # never delete anything in a directory the study did not make
+                raise FileExistsError(f"{out} exists, is not empty and is not a fastscore study; choose another --out")
+            have = read_study_json(study)
+            if have == want:
+                if not (out / MANIFEST).exists():
+                    self._adopt(config)
+                return  # resume
+            if not (out / MANIFEST).exists():
+                raise FileExistsError(f"{out} holds a study without a manifest (written by an older fastscore), so "
+                                      "what it wrote cannot be told apart: remove it yourself or choose another --out")
+            if not force:
+                raise FileExistsError(f"{out} holds a study with another config; pass --force (force=True) to "
+                                      "replace it (only the files it wrote are removed), or choose another --out")
+            self.remove_written()
+        out.mkdir(parents=True, exist_ok=True)
+        self.write_text("study.json", json.dumps(want, indent=2))
+
+    def _adopt(self, config: StudyConfig) -> None:
+        """A study from before the manifest, resumed: record the files it has under the names this
+        config writes (so a later ``force`` removes them, and no stale row survives a replacement)."""
+        names = [row_name(n, s) for n, s in config.jobs()]
+        rels = (["study.json", "results.json", "results.md", "invocations.json"]
+                + [f"{d}/{n}.{ext}" for n in names
+                   for d, ext in (("rows", "json"), ("samples", "safetensors"), ("checkpoints", "safetensors"))]
+                + [f"figures/{f}.png" for f in FIGURES])
+        for rel in rels:
+            if (self.path / rel).is_file():
+                self._record(rel)
+
+    def written(self) -> list[str]:
+        m = self.path / MANIFEST
+        return list(dict.fromkeys(m.read_text().split("\n"))) if m.exists() else []
+
+    def remove_written(self) -> None:
+        """Remove every file in the manifest, then the manifest, then folders left empty."""
+        root = self.path.resolve()
+        dirs: set[Path] = set()
+        for rel in self.written():
+            if not rel:
+                continue
+            p = (self.path / rel)
+            if root not in p.resolve().parents:   # a manifest entry that points outside: never follow it
+                continue
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+            dirs.update(q for q in p.parents if root in q.resolve().parents)
+        (self.path / MANIFEST).unlink(missing_ok=True)
+        for d in sorted(dirs, key=lambda q: -len(q.parts)):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+
+    def _record(self, rel: str) -> None:
+        fd = os.open(self.path / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, (rel + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def _write(self, rel: str, write: Callable[[Path], Any]) -> Path:
+        self._record(rel)   # before the write: a file is never on disk without its manifest line
+        write(self.path / rel)
+        return self.path / rel
+
+    def write_text(self, rel: str, text: str) -> Path:
+        return self._write(rel, lambda p: atomic_write_text(p, text, overwrite=True))
+
+    def write_json(self, rel: str, doc: Any, indent: int | None = None) -> Path:
+        return self.write_text(rel, json.dumps(doc, indent=indent))
+
+    def write_with(self, rel: str, write: Callable[[str], None]) -> Path:
+        """``write(tmp_path)`` then an atomic move to ``rel`` (figures)."""
+        return self._write(rel, lambda p: atomic_write(p, write, overwrite=True))
+
+    def save_model(self, rel: str, model, **kw) -> Path:
+        return self._write(rel, lambda p: save_model(p, model, overwrite=True, **kw))
+
+    def save_samples(self, name: str, x: torch.Tensor, config: StudyConfig) -> Path:
+        """Samples as a file ``fastscore score`` can read (it records the dataset and training set)."""
+        return self._write(f"samples/{name}.safetensors", lambda p: save_tensors(
+            p, {"samples": x}, {"kind": "samples", "data": config.data_config().to_dict(),
+                                "extra": {"n_train": config.n_train, "data_seed": config.data_seed}}, overwrite=True))
+
+    def load_samples(self, name: str) -> torch.Tensor | None:
+        path = self.path / "samples" / f"{name}.safetensors"
+        return load_tensors(path, "samples")[0]["samples"] if path.exists() else None
+
+    def checkpoint(self, net: str, seed: int) -> Path:
+        return self.path / "checkpoints" / f"{row_name(net, seed)}.safetensors"
+
+    def row_path(self, net: str, seed: int) -> Path:
+        return self.path / "rows" / f"{row_name(net, seed)}.json"
+
+    def finished_rows(self, jobs: list[tuple[str, int]]) -> dict:
+        """The rows of ``jobs`` already saved: ``{(net, seed): row}``."""
+        return {(n, s): json.loads(self.row_path(n, s).read_text()) for n, s in jobs if self.row_path(n, s).exists()}
+
+    def record_invocation(self, seconds: float, rows_run: int, interrupted: bool = False) -> list[dict]:
+        """Append this invocation's wall time to ``invocations.json``; the study's wall time is their sum
+        (an interrupted invocation counts too). A results.json written before this file existed
+        contributes its recorded wall time."""
+        path = self.path / "invocations.json"
+        if path.exists():
+            runs = json.loads(path.read_text())
+        elif (self.path / "results.json").exists():
+            runs = [{"seconds": json.loads((self.path / "results.json").read_text())["wall_seconds"],
+                     "rows_run": None}]
+        else:
+            runs = []
+        runs.append({"seconds": seconds, "rows_run": rows_run, **({"interrupted": True} if interrupted else {})})
+        self.write_json("invocations.json", runs, indent=1)
+        return runs
+
+
+def versions(device: torch.device) -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:  # pragma: no cover
+        tv = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"fastscore": __version__, "torch": torch.__version__, "triton": tv, "python": platform.python_version(),
+            "device": str(device), "device_name": name, "threads": torch.get_num_threads()}

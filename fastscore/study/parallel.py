@@ -1,0 +1,157 @@
+"""Rows in worker processes, with one progress bar, and a clean stop on Ctrl-C or SIGTERM.
+
+Workers are spawned processes of a ``ProcessPoolExecutor``, each with ``cpu_count // workers``
+threads. They ignore SIGINT (Ctrl-C reaches the whole process group; only the parent decides) and
+turn SIGTERM into ``SystemExit``, so a stopped worker unwinds its ``finally`` blocks (no temporary
+files left). When the parent is interrupted it terminates the workers, kills any that do not stop
+within ``STOP_SECONDS``, and never waits on the pool (``shutdown(wait=True)`` would hang on
+workers still finishing their rows). Finished rows are saved by then; the rerun resumes."""
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import signal
+import sys
+import time
+from typing import Any
+
+import torch
+
+from .config import LABELS
+from .rows import RunContext, run_row
+
+STOP_SECONDS = 3.0
+# relative cost of a row (CPU, width 64, 10k steps; measured in the full run: top-1 ~630 s, softmax
+# ~510 s, identity ~345 s, CNN ~320 s per row on one thread; the analytic rows sample only)
+COST = {"top1": 4, "softmax": 3, "identity": 2, "none": 1}
+
+
+def default_workers(device: torch.device) -> int:
+    """Two rows at a time on a CPU with >= 2 cores (small convs scale poorly across threads: two
+    single-threaded trainings do ~1.4x the work of one two-threaded one); one on a GPU."""
+    return 2 if device.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+
+
+class QueueBar:
+    """Progress from a worker process: counts locally, sends to the parent's queue every 0.5 s."""
+
+    def __init__(self, queue) -> None:
+        self.queue, self.pending, self.last = queue, 0.0, time.perf_counter()
+
+    def update(self, n: float = 1) -> None:
+        self.pending += n
+        if time.perf_counter() - self.last > 0.5:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.queue.put(self.pending)
+        self.pending, self.last = 0.0, time.perf_counter()
+
+
+_QUEUE: Any = None
+
+
+def _sigterm_exit(signum, frame) -> None:
+    sys.exit(128 + signum)
+
+
+def _init_worker(queue, threads: int) -> None:
+    global _QUEUE
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _sigterm_exit)
+    torch.set_num_threads(threads)
+    from ..ops import patch_triton_interpreter
+    patch_triton_interpreter()   # spawned workers do not run the CLI's set-up
+    _QUEUE = queue
+
+
+def _worker_row(ctx: RunContext, net: str, seed: int) -> dict:
+    try:
+        if _QUEUE is None:
+            return run_row(ctx, net, seed)
+        _QUEUE.put(("start", net, seed))
+        bar = QueueBar(_QUEUE)
+        ctx.bar = bar
+        row = run_row(ctx, net, seed)
+        bar.flush()
+        _QUEUE.put(("end", net, seed))
+        return row
+    except SystemExit as e:
+        # SIGTERM: the row's finally blocks have run (no temporary files left); leave now, instead of
+        # reporting the exit to the pool and waiting for the next row
+        os._exit(e.code if isinstance(e.code, int) else 1)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _stop(pool) -> None:
+    """Terminate the pool's workers now (SIGTERM, then SIGKILL after ``STOP_SECONDS``)."""
+    procs = list(getattr(pool, "_processes", {}).values())   # the executor has no public kill
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + STOP_SECONDS
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_parallel(ctx: RunContext, todo: list[tuple[str, int]], workers: int, done: dict) -> None:
+    """Run the rows ``todo`` in ``workers`` processes; each finished row is added to ``done`` as it
+    arrives (so an interrupted run knows what it kept). A failed row raises here, after the rows
+    still running are stopped (rows finished before stay saved for the rerun)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    mpc = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    bar, running = ctx.bar, []  # type: Any, list[tuple[str, int]]
+    queue = mpc.Queue() if bar is not None else None
+
+    def drain() -> None:
+        assert queue is not None
+        while True:
+            try:
+                msg = queue.get_nowait()
+            except queue_mod.Empty:
+                break
+            if isinstance(msg, tuple):
+                (running.append if msg[0] == "start" else running.remove)(msg[1:])
+            else:
+                bar.update(msg)
+        bar.set_description("reproduce [" + "; ".join(f"{LABELS[n]}, seed {s}" for n, s in running) + "]")
+
+    pool = cf.ProcessPoolExecutor(workers, mp_context=mpc, initializer=_init_worker, initargs=(queue, threads))
+    try:
+        # longest rows first, so the last row does not run alone on one core while the others idle
+        order = sorted(todo, key=lambda j: -COST.get(j[0], 0))
+        portable = ctx.portable()
+        # submit spawns the workers: with SIGINT ignored meanwhile, they start ignoring it (an ignored
+        # signal survives exec, and Python then installs no KeyboardInterrupt handler), so a Ctrl-C to
+        # the process group while they import torch prints no traceback from them
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            futures = {pool.submit(_worker_row, portable, net, s): (net, s) for net, s in order}
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        pending = set(futures)
+        while pending:
+            finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                done[futures[f]] = f.result()
+            if queue is not None:
+                drain()
+    except BaseException:
+        _stop(pool)
+        raise
+    finally:
+        if queue is not None:
+            queue.cancel_join_thread()   # never block exit on progress messages nobody reads
+    pool.shutdown(wait=True)
