@@ -1,7 +1,7 @@
 """Groundwork for the creativity study (issue 16): how much of the rule a training set covers, the
 exact references for consistent-and-novel samples, and the two analytic anchors.
 
-    python docs/creativity_groundwork.py [--anchors] [--figures DIR]
+    python scripts/creativity_groundwork.py [--anchors] [--figures DIR]
 
 Prints markdown: per setting (pairs, colours) and number of training images, the distinct consistent
 contents the training set shows (data seed 0; the range over data seeds 0-9 in brackets), the exact
@@ -75,11 +75,15 @@ def anchors(figures: Path | None) -> None:
         plot_novelty_curve(curves, refs, figures / "anchors-novelty-curve.png", overwrite=True)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--anchors", action="store_true", help="also sample the ELS machine and the ideal score")
     ap.add_argument("--figures", type=Path, default=None, help="folder for the figures (with --anchors)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     coverage_table()
     if a.anchors:
         anchors(a.figures)
+
+
+if __name__ == "__main__":
+    main()
