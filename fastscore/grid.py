@@ -82,6 +82,9 @@ def _convert(config_cls: type, name: str, value: Any) -> Any:
     if name not in fields:
         raise ValueError(f"unknown study setting {name!r}; expected one of {sorted(fields)}")
     default = getattr(config_cls(), name)
+    optional = "None" in str(fields[name].type)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
+        return None
     if isinstance(value, str) and not isinstance(default, str):
         value = _from_text(name, value, default)
     if isinstance(default, bool):
@@ -96,9 +99,7 @@ def _convert(config_cls: type, name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a number, got {value!r}")
         return float(value)
-    if isinstance(default, tuple) or (default is None and name == "t_focus"):
-        if value is None or value == "none":
-            return None
+    if isinstance(default, tuple):
         if isinstance(value, str):
             return (value,)
         return tuple(value)
@@ -124,9 +125,7 @@ def _from_text(name: str, text: str, default: Any) -> Any:
             return float(t)
         except ValueError:
             raise ValueError(f"{name} must be a number, got {text!r}") from None
-    if isinstance(default, tuple) or default is None:
-        if t.lower() == "none":
-            return None
+    if isinstance(default, tuple):
         parts = [p for p in t.split("+") if p]
         sample = default[0] if isinstance(default, tuple) and default else 0
         return tuple(_from_text(name, p, sample) if not isinstance(sample, str) else p for p in parts)
