@@ -1,0 +1,198 @@
+"""A sweep's grid: study settings crossed into cells, read from a TOML file or from CLI lists.
+
+A grid is ``base`` settings shared by every cell and ``axes``, each a study setting with a list of
+values; the cells are the Cartesian product of the axes, in the order the axes are given (the last
+axis varies fastest). Settings are the fields of the study configuration (``n_pairs``, ``n_colours``,
+``n_train``, ``width``, ``lr``, ``t_focus``, ``networks``, ...), checked by name and converted to the
+field's type, so a typo fails before any work. A TOML file looks like::
+
+    preset = "quick"                      # optional: "full" (default), "quick" or "tiny"
+    [base]
+    networks = ["none", "softmax"]
+    n_seeds = 2
+    [grid]
+    n_train = [8, 64, 512, 5000]
+    lr = [1e-3, 2e-3]
+
+On the command line the same is ``--set networks=none,softmax --set n_seeds=2 --grid n_train=8,64,512,5000
+--grid lr=1e-3,2e-3``. A cell's name lists its axis values (``n_train=8,lr=0.001``); its directory
+name is the same with filesystem-safe separators, so a rerun finds the same cell again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+PRESETS = ("full", "quick", "tiny")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: its axis values (``point``) and every setting it overrides (``settings``)."""
+    point: tuple[tuple[str, Any], ...]
+    settings: Mapping[str, Any] = field(hash=False)
+
+    @property
+    def name(self) -> str:
+        return ",".join(f"{k}={_show(v)}" for k, v in self.point) or "base"
+
+    @property
+    def dirname(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.=+-]", "_", self.name.replace(",", "__"))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """``base`` settings, ``axes`` (setting -> values, in order) and the study ``preset`` they start from."""
+    base: Mapping[str, Any] = field(default_factory=dict)
+    axes: Mapping[str, tuple] = field(default_factory=dict)
+    preset: str = "full"
+
+    def cells(self) -> list[Cell]:
+        names = list(self.axes)
+        out = []
+        for values in itertools.product(*(self.axes[n] for n in names)):
+            point = tuple(zip(names, values))
+            out.append(Cell(point, {**self.base, **dict(point)}))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "base": dict(self.base), "grid": {k: list(v) for k, v in self.axes.items()}}
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return "+".join(_show(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _fields(config_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_cls)}
+
+
+def _convert(config_cls: type, name: str, value: Any) -> Any:
+    """``value`` (a TOML value or a CLI string) as the type of ``config_cls``'s field ``name``."""
+    fields = _fields(config_cls)
+    if name not in fields:
+        raise ValueError(f"unknown study setting {name!r}; expected one of {sorted(fields)}")
+    default = getattr(config_cls(), name)
+    optional = "None" in str(fields[name].type)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
+        return None
+    if isinstance(value, str) and not isinstance(default, str):
+        value = _from_text(name, value, default)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            return (value,)
+        return tuple(value)
+    return value
+
+
+def _from_text(name: str, text: str, default: Any) -> Any:
+    """A CLI string for a field whose default is ``default``: ``true``/``false``, numbers, ``a+b`` tuples."""
+    t = text.strip()
+    if isinstance(default, bool):
+        if t.lower() in ("true", "1", "yes", "on"):
+            return True
+        if t.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {text!r}")
+    if isinstance(default, int):
+        try:
+            return int(t)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {text!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(t)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {text!r}") from None
+    if isinstance(default, tuple):
+        parts = [p for p in t.split("+") if p]
+        sample = default[0] if isinstance(default, tuple) and default else 0
+        return tuple(_from_text(name, p, sample) if not isinstance(sample, str) else p for p in parts)
+    return t
+
+
+def _split_assignment(option: str, text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ValueError(f"{option} expects NAME=VALUE[,VALUE...], got {text!r}")
+    name, _, values = text.partition("=")
+    return name.strip().replace("-", "_"), values
+
+
+def from_cli(config_cls: type, sets: Sequence[str] = (), grids: Sequence[str] = (), preset: str = "full") -> Grid:
+    """A grid from ``--set NAME=VALUE`` (lists of a tuple field: ``a,b``) and ``--grid NAME=V1,V2,...``.
+
+    In ``--grid``, a tuple setting's values are separated by commas and each value's items by ``+``
+    (``--grid t_focus=50+400,none``)."""
+    base: dict[str, Any] = {}
+    for s in sets:
+        name, values = _split_assignment("--set", s)
+        default = getattr(config_cls(), name, None) if name in _fields(config_cls) else None
+        text = values.replace(",", "+") if isinstance(default, tuple) else values
+        base[name] = _convert(config_cls, name, text)
+    axes: dict[str, tuple] = {}
+    for g in grids:
+        name, values = _split_assignment("--grid", g)
+        if name in axes:
+            raise ValueError(f"--grid {name} given twice")
+        axes[name] = tuple(_convert(config_cls, name, v) for v in values.split(",") if v.strip())
+        if not axes[name]:
+            raise ValueError(f"--grid {name} has no values")
+    return _checked(config_cls, Grid(base, axes, preset))
+
+
+def from_toml(config_cls: type, path: str | Path) -> Grid:
+    """A grid from a TOML file (see the module docstring). Needs Python >= 3.11 (``tomllib``) or the
+    ``tomli`` package."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError("reading a sweep file needs Python >= 3.11 or `pip install tomli`; "
+                                      "or give the grid as --grid/--set options") from None
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    unknown = set(doc) - {"preset", "base", "grid"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; expected preset, [base], [grid]")
+    base = {k: _convert(config_cls, k, v) for k, v in doc.get("base", {}).items()}
+    axes = {}
+    for k, vs in doc.get("grid", {}).items():
+        if not isinstance(vs, list) or not vs:
+            raise ValueError(f"{path}: grid.{k} must be a non-empty list, got {vs!r}")
+        axes[k] = tuple(_convert(config_cls, k, v) for v in vs)
+    return _checked(config_cls, Grid(base, axes, doc.get("preset", "full")))
+
+
+def _checked(config_cls: type, grid: Grid) -> Grid:
+    if grid.preset not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}, got {grid.preset!r}")
+    both = set(grid.base) & set(grid.axes)
+    if both:
+        raise ValueError(f"settings both fixed and swept: {sorted(both)}")
+    return grid

@@ -1,0 +1,91 @@
+"""fastscore sweep: cells resumable, a finished sweep rerun does nothing, two gloo ranks = one process."""
+import json
+import os
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+
+from fastscore import grid, sweep
+from fastscore.experiment import StudyConfig
+
+pytestmark = pytest.mark.slow
+SETS = ["networks=none", "analytic=", "n_seeds=2", "train_steps=12"]
+AXES = ["n_train=8,64"]
+
+
+def _grid():
+    return grid.from_cli(StudyConfig, SETS, AXES, "tiny")
+
+
+def _mtimes(root):
+    return {p: os.stat(p).st_mtime_ns for p in sorted(map(str, root.rglob("*.safetensors")))}
+
+
+def _comparable(result):
+    return json.dumps(result["rows"], sort_keys=True)
+
+
+def test_sweep_writes_one_row_per_cell_network_seed_and_a_rerun_trains_nothing(tmp_path):
+    out = tmp_path / "sw"
+    res = sweep.run(_grid(), out, progress=False, workers=1)
+    assert [(r["n_train"], r["seed"]) for r in res["rows"]] == [(8, 0), (8, 1), (64, 0), (64, 1)]
+    assert all(r["final_loss"] is not None and r["valid"]["n"] == 48 for r in res["rows"])
+    assert {(p["n_train"], tuple(p["seeds"])) for p in res["pooled"]} == {(8, (0, 1)), (64, (0, 1))}
+    for name in ("sweep.md", "sweep.csv", "sweep-results.json"):
+        assert (out / name).stat().st_size > 0
+    assert len((out / "sweep.csv").read_text().splitlines()) == 1 + 4
+    before = _mtimes(out)
+    assert len(before) == 8   # a checkpoint and a sample file per cell and seed
+    again = sweep.run(_grid(), out, progress=False, workers=1)
+    assert _mtimes(out) == before and _comparable(again) == _comparable(res)
+
+
+def test_sweep_refuses_a_foreign_directory_and_another_grid_without_force(tmp_path):
+    (tmp_path / "mine.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a fastscore sweep"):
+        sweep.run(_grid(), tmp_path, progress=False)
+    out = tmp_path / "sw"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"kind": "fastscore-sweep", "grid": {"other": 1}}))
+    with pytest.raises(FileExistsError, match="another grid"):
+        sweep.run(_grid(), out, progress=False)
+
+
+def test_a_bad_cell_fails_before_any_cell_runs(tmp_path):
+    g = grid.from_cli(StudyConfig, SETS, ["n_pairs=4,1"], "tiny")
+    with pytest.raises(ValueError, match="n_pairs"):
+        sweep.run(g, tmp_path / "sw", progress=False)
+    assert not (tmp_path / "sw").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, out, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+    torch.set_num_threads(1)
+    res = sweep.run(_grid(), out, progress=False, workers=1)
+    if rank == 0:
+        queue.put(_comparable(res))
+
+
+def test_two_gloo_ranks_give_the_single_process_sweep(tmp_path):
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _comparable(sweep.run(_grid(), tmp_path / "one", progress=False, workers=1))
+    finally:
+        torch.set_num_threads(threads)
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path / "two"), queue), nprocs=2, join=True,
+                       start_method="spawn")
+    assert queue.get(timeout=60) == single
+    cells = sorted(p.name for p in (tmp_path / "two" / "cells").iterdir())
+    assert len(cells) == 2
