@@ -1,4 +1,4 @@
-"""The ``fastscore`` command line: train, sample, score, probe, reproduce.
+"""The ``fastscore`` command line: train, sample, score, probe, reproduce, sweep.
 
 The study's options are generated from ``StudyConfig``'s fields (name, help and default declared
 once, ``fastscore.options``). Every error is one line on stderr and exit code 2, checked before any
@@ -109,8 +109,9 @@ def _device_option(p: argparse.ArgumentParser) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     _device_option(p)
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
-                   help="the fused ops' path: auto (Triton kernels on CUDA, the torch reference elsewhere), "
-                        "triton or torch (default auto)")
+                   help="the ops' path: auto (on CUDA the fastest measured per op: SDPA for softmax and identity "
+                        "attention, torch for top-1, the Triton kernel for the reverse step; the torch reference "
+                        "elsewhere), triton (always our kernels) or torch (default auto)")
     p.add_argument("--force", action="store_true", help="replace an existing output (reproduce: only the files its study wrote)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -203,6 +204,27 @@ def cmd_reproduce(a) -> int:
     return 0
 
 
+def cmd_sweep(a) -> int:
+    from .study import StudyConfig, grid, run_sweep
+    from .study.sweep import cell_config
+    if a.file and (a.grid or a.set or a.preset):
+        raise ValueError("give the grid either as a TOML file or as --grid/--set/--preset options, not both")
+    if a.file:
+        g = grid.from_toml(StudyConfig, a.file)
+    else:
+        if not a.grid:
+            raise ValueError("nothing to sweep: give a TOML file or at least one --grid NAME=V1,V2,...")
+        g = grid.from_cli(StudyConfig, a.set, a.grid, a.preset or "full")
+    for cell in g.cells():                       # every cell's settings checked before any work
+        cell_config(g, cell)
+    _check_start(a, directory=True)
+    res = run_sweep(g, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
+                    workers=a.workers)
+    if res is not None:                          # rank 0 (or the only process)
+        print((Path(a.out) / "sweep.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import ATTENTIONS, ModelConfig
     from .options import help_of
@@ -266,6 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_options(r, (RUN, SAMPLER, DATA, RECIPE), presets=True)
     _common(r)
     r.set_defaults(fn=cmd_reproduce)
+
+    w = sub.add_parser("sweep", help="a grid of studies: one per cell, one table (torchrun for several GPUs)",
+                       description="Cross study settings into a grid; each cell is one study (as reproduce) in "
+                       "OUT/cells/<cell>/, resumable per cell; a finished sweep rerun trains nothing. One table "
+                       "(sweep.md, sweep.csv, sweep-results.json) and a figure. Several processes or GPUs: "
+                       "torchrun --nproc-per-node N -m fastscore sweep ... (each rank takes every N-th cell; "
+                       "rank 0 writes the tables). Settings are StudyConfig's field names (n_pairs, n_colours, "
+                       "n_train, width, attn_dim, lr, t_focus, networks, n_seeds, train_steps, ...).")
+    w.add_argument("file", nargs="?", default=None, help="a TOML sweep file: preset = ..., [base], [grid]")
+    w.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="a swept setting and its values (repeat for more axes; tuple values joined by +, "
+                        "e.g. t_focus=50+400,none)")
+    w.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting fixed for every cell (tuples comma-separated, e.g. networks=none,softmax)")
+    w.add_argument("--preset", choices=("full", "quick", "tiny"), default=None,
+                   help="the study preset the cells start from (default full)")
+    w.add_argument("--out", default="runs/sweep", help="output directory (default runs/sweep)")
+    w.add_argument("--workers", type=int, default=None,
+                   help="rows of a cell trained at once in separate processes (default as reproduce)")
+    _common(w)
+    w.set_defaults(fn=cmd_sweep)
 
     return p
 

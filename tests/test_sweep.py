@@ -4,10 +4,8 @@ import os
 import socket
 
 import pytest
-import torch.multiprocessing as mp
 
-from fastscore import grid, sweep
-from fastscore.experiment import StudyConfig
+from fastscore.study import StudyConfig, grid, sweep
 
 pytestmark = pytest.mark.slow
 SETS = ["networks=none", "analytic=", "n_seeds=2", "train_steps=12"]
@@ -59,33 +57,34 @@ def test_a_bad_cell_fails_before_any_cell_runs(tmp_path):
     assert not (tmp_path / "sw").exists()
 
 
+def _cli(args, **env):
+    import subprocess
+    import sys
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    r = subprocess.run([sys.executable, *args], env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _cli_args(out):
+    return ["sweep", "--preset", "tiny", *sum((["--set", x] for x in SETS), []), *sum((["--grid", x] for x in AXES), []),
+            "--workers", "1", "--quiet", "--out", str(out)]
+
+
+def test_torchrun_with_two_gloo_ranks_gives_the_single_process_sweep(tmp_path):
+    """``torchrun --nproc-per-node 2 -m fastscore sweep`` on a CPU: each rank runs one cell, rank 0 merges,
+    and the table equals the one a single process writes."""
+    _cli(["-m", "fastscore", *_cli_args(tmp_path / "one")])
+    r = _cli(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+              "-m", "fastscore", *_cli_args(tmp_path / "two")])
+    one = json.loads((tmp_path / "one" / "sweep-results.json").read_text())
+    two = json.loads((tmp_path / "two" / "sweep-results.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert _comparable(two) == _comparable(one)
+    assert r.stdout.count("# fastscore sweep") == 1          # only rank 0 prints the table
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, out, queue):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    import torch
-    torch.set_num_threads(1)
-    res = sweep.run(_grid(), out, progress=False, workers=1)
-    if rank == 0:
-        queue.put(_comparable(res))
-
-
-def test_two_gloo_ranks_give_the_single_process_sweep(tmp_path):
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = _comparable(sweep.run(_grid(), tmp_path / "one", progress=False, workers=1))
-    finally:
-        torch.set_num_threads(threads)
-    queue = mp.get_context("spawn").Queue()
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path / "two"), queue), nprocs=2, join=True,
-                       start_method="spawn")
-    assert queue.get(timeout=60) == single
-    cells = sorted(p.name for p in (tmp_path / "two" / "cells").iterdir())
-    assert len(cells) == 2

@@ -10,7 +10,7 @@ wrote: all that ``force`` may remove). Every file is written atomically.
 
 One module per job: ``config`` (``StudyConfig``), ``files`` (the directory, manifest, resumption),
 ``rows`` (``RunContext`` and one row), ``parallel`` (worker processes), ``report`` (pooled numbers,
-markdown), ``figures``, ``run`` (``reproduce``), ``sweep`` (``pairs_sweep``). The coordination
+markdown), ``figures``, ``run`` (``reproduce``), ``grid`` (a sweep's cells), ``sweep`` (``run_sweep``: a grid of studies over torchrun ranks; ``pairs_sweep``). The coordination
 probe is ``fastscore.probe``.
 """
 from ..probe import coordination_probe, format_probe
@@ -19,7 +19,8 @@ from .report import coordination_verdict, own_marginal_chance, results_markdown,
 from .rows import RunContext
 from .run import Interrupted, reproduce
 from .sweep import pairs_sweep, sweep_table
+from .sweep import run as run_sweep
 
 __all__ = ["ANALYTIC", "LABELS", "PAPER", "Interrupted", "RunContext", "StudyConfig", "coordination_probe",
            "coordination_verdict", "format_probe", "own_marginal_chance", "pairs_sweep", "reproduce",
-           "results_markdown", "summarise", "sweep_table"]
+           "results_markdown", "run_sweep", "summarise", "sweep_table"]

@@ -1,17 +1,234 @@
-"""Sweeps: one study per setting, one table. ``pairs_sweep`` varies the number of key-value pairs."""
+"""Sweeps: one study per setting, one table.
+
+``run`` (``fastscore sweep``) runs a grid of studies (``fastscore.study.grid``): each cell is one study
+(``reproduce``) in ``out/cells/<cell>/``; a cell whose ``results.json`` holds its config is finished
+and is not run again, so a finished sweep rerun trains nothing and only rewrites the tables. Under
+``torchrun --nproc-per-node N -m fastscore sweep ...`` every rank takes every N-th cell (longest
+first) and rank 0 writes the merged ``sweep.json``, ``sweep.md``, ``sweep.csv`` and ``sweep.png``:
+one row per cell, network and seed, with 95% Wilson intervals, and pooled rows per cell and network.
+
+``pairs_sweep`` (``reproduce --pairs-sweep``) varies the number of key-value pairs, growing the image
+where the pairs do not fit.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import csv
+import io
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from .. import distributed
 from ..checkpoint import atomic_write_text
 from ..data import KVConfig, palette_of_size
+from ..metrics import Rate
 from .config import LABELS, StudyConfig
-from .figures import sweep_figure
+from .figures import _save, pyplot, sweep_figure
+from .grid import Cell, Grid
 from .report import fmt
 from .run import reproduce
 
+RATES = ("valid", "consistent", "consistent_among_valid", "novel")
+
+
+def cell_config(grid: Grid, cell: Cell):
+    """The study configuration of ``cell`` (the preset, then the base settings, then the cell's values);
+    validated here, so a bad value fails before any cell runs."""
+    return replace(StudyConfig.preset(grid.preset), **dict(cell.settings))
+
+
+def _cost(config) -> float:
+    """Relative work of a cell: training image-passes plus sampling image-passes, over all seeds."""
+    per_net = 3 * config.train_steps * config.batch_size + config.n_samples * config.steps
+    return float(per_net * len(config.networks) * config.n_seeds)
+
+
+def _finished(path: Path, config) -> dict | None:
+    """The results of a finished cell study at ``path`` with this ``config``, else None."""
+    res = path / "results.json"
+    if not res.exists():
+        return None
+    doc = json.loads(res.read_text())
+    return doc if doc.get("config") == config.to_dict() else None
+
+
+def _prepare(out: Path, grid: Grid, force: bool) -> None:
+    """Refuse another sweep's directory (without ``force``) and any non-empty directory that is not a
+    sweep; ``force`` only rewrites ``sweep.json``: cells of the old grid are never deleted."""
+    spec = out / "sweep.json"
+    want = json.loads(json.dumps({"kind": "fastscore-sweep", "grid": grid.to_dict()}))  # as it reads back
+    if spec.exists():
+        try:
+            have = json.loads(spec.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{spec} is not valid JSON ({e}); is this a fastscore sweep?") from None
+        if not isinstance(have, dict) or have.get("kind") != "fastscore-sweep":
+            raise FileExistsError(f"{spec} was not written by fastscore sweep; choose another --out")
+        if have.get("grid") != want["grid"] and not force:
+            raise FileExistsError(f"{out} holds a sweep over another grid; pass --force to run this grid there "
+                                  "(finished cells of either grid are kept), or choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists, is not empty and is not a fastscore sweep; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(spec, json.dumps(want, indent=1), overwrite=True)
+
+
+def _rows(cell: Cell, doc: dict) -> list[dict]:
+    """One flat row per network and seed of a finished cell, with the chance level."""
+    chance = doc["summary"]["baseline"]["analytic_consistent"]
+    return [{"cell": cell.name, **{k: _plain(v) for k, v in cell.point}, "network": r["network"], "seed": r["seed"],
+             "chance": chance, "final_loss": r["losses"][-1] if r.get("losses") else None,
+             **{k: r["rates"][k] for k in RATES}} for r in doc["rows"]]
+
+
+def _plain(v: Any) -> Any:
+    return "+".join(map(str, v)) if isinstance(v, (tuple, list)) else v
+
+
+def run(grid: Grid, out: str | Path, *, device: str | torch.device = "cpu", backend: str = "auto",
+        force: bool = False, progress: bool = True, workers: int | None = None,
+        run_cell: Callable[..., dict] | None = None) -> dict | None:
+    """Run (or resume) every cell of ``grid`` under ``out``; returns the merged document on rank 0
+    (``None`` on other ranks). ``run_cell(config, path, device=, backend=, force=, progress=, workers=)``
+    runs one study (default: ``reproduce``)."""
+    if run_cell is None:
+        run_cell = reproduce
+    out = Path(out)
+    cells = grid.cells()
+    configs = {c.name: cell_config(grid, c) for c in cells}          # every cell checked before any work
+    rank = distributed.init(device)
+    dev = rank.device(device)
+    if rank.is_root:
+        _prepare(out, grid, force)
+    distributed.barrier(rank)
+    order = sorted(cells, key=lambda c: -_cost(configs[c.name]))     # longest first balances the ranks
+    mine = distributed.shard(order, rank)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(_cost(configs[c.name]) for c in mine), desc=f"sweep rank {rank.rank}"
+                   if rank.world > 1 else "sweep", unit="img", unit_scale=True, dynamic_ncols=True,
+                   position=rank.rank)
+    docs = {}
+    for c in mine:
+        path = out / "cells" / c.dirname
+        doc = _finished(path, configs[c.name])
+        if doc is None:
+            if bar is not None:
+                bar.set_description(f"sweep [{c.name}]")
+            with contextlib.redirect_stdout(io.StringIO()):   # the per-cell tables go to files, not the terminal
+                doc = run_cell(configs[c.name], path, device=dev, backend=backend, force=force, progress=False,
+                               workers=workers)
+        docs[c.name] = {"rows": _rows(c, doc), "wall_seconds": doc.get("wall_seconds", 0.0)}
+        if bar is not None:
+            bar.update(_cost(configs[c.name]))
+    if bar is not None:
+        bar.close()
+    merged = distributed.gather_to_root(docs, rank)
+    distributed.finish(rank)
+    if merged is None:
+        return None
+    per_cell = {k: v for part in merged for k, v in part.items()}
+    result = {"grid": grid.to_dict(), "cells": [c.name for c in cells], "world_size": rank.world,
+              "rows": [r for c in cells for r in per_cell[c.name]["rows"]],
+              "wall_seconds": {c.name: per_cell[c.name]["wall_seconds"] for c in cells}}
+    result["pooled"] = pooled(result["rows"])
+    _write(out, grid, result)
+    return result
+
+
+def pooled(rows: list[dict]) -> list[dict]:
+    """Per cell and network: every rate pooled over seeds (counts summed, Wilson interval)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["cell"], r["network"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        pooled_rates = {k: Rate(sum(r[k]["k"] for r in rs), sum(r[k]["n"] for r in rs)).to_dict() for k in RATES}
+        out.append({**{k: v for k, v in rs[0].items() if k not in RATES + ("seed", "final_loss")}, "seeds": [r["seed"] for r in rs],
+                    **pooled_rates})
+    return out
+
+
+def _pct(d: dict) -> str:
+    if not d["n"]:
+        return "n/a"
+    lo, hi = d["ci95"]
+    return f"{100 * d['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def markdown(grid: Grid, result: dict) -> str:
+    """The merged table: pooled rows per cell and network, then one row per seed."""
+    axes = list(grid.axes)
+    head = axes + ["network", "seeds", "chance"] + list(RATES)
+    lines = ["# fastscore sweep", "", f"preset {grid.preset}; base settings: "
+             + (", ".join(f"{k}={_plain(v)}" for k, v in grid.base.items()) or "none") + "; "
+             f"{len(result['cells'])} cells, {result['world_size']} rank(s); 95% Wilson intervals.", "",
+             "## Pooled over seeds", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in result["pooled"]:
+        lines.append("| " + " | ".join([str(r[a]) for a in axes] + [r["network"], str(len(r["seeds"])),
+                                        f"{100 * r['chance']:.2f}%"] + [_pct(r[k]) for k in RATES]) + " |")
+    head = axes + ["network", "seed"] + list(RATES)
+    lines += ["", "## Per seed", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in result["rows"]:
+        lines.append("| " + " | ".join([str(r[a]) for a in axes] + [r["network"], str(r["seed"])]
+                                       + [_pct(r[k]) for k in RATES]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(grid: Grid, result: dict) -> str:
+    """One CSV line per cell, network and seed: each rate's k, n, rate and interval."""
+    axes = list(grid.axes)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["cell", *axes, "network", "seed", "chance"]
+               + [f"{k}_{p}" for k in RATES for p in ("k", "n", "rate", "lo", "hi")])
+    for r in result["rows"]:
+        w.writerow([r["cell"], *(r[a] for a in axes), r["network"], r["seed"], r["chance"]]
+                   + [x for k in RATES for x in (r[k]["k"], r[k]["n"], r[k]["rate"], *r[k]["ci95"])])
+    return buf.getvalue()
+
+
+def _write(out: Path, grid: Grid, result: dict) -> None:
+    atomic_write_text(out / "sweep-results.json", json.dumps(result, indent=1), overwrite=True)
+    atomic_write_text(out / "sweep.md", markdown(grid, result), overwrite=True)
+    atomic_write_text(out / "sweep.csv", csv_text(grid, result), overwrite=True)
+    figure(out / "sweep.png", grid, result)
+
+
+def figure(path: Path, grid: Grid, result: dict) -> str | None:
+    """Consistency among valid samples against the first numeric axis, one line per network (and per
+    value of the other axes), with chance; None without matplotlib or without a numeric axis."""
+    axis = next((a for a, vs in grid.axes.items() if all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           for v in vs)), None)
+    plt = pyplot()
+    if plt is None or axis is None:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    lines: dict[tuple, list] = {}
+    for r in result["pooled"]:
+        rest = tuple((a, r[a]) for a in grid.axes if a != axis)
+        lines.setdefault((r["network"], rest), []).append(r)
+    for (net, rest), rs in lines.items():
+        rs = sorted((r for r in rs if r["consistent_among_valid"]["n"]), key=lambda r: r[axis])
+        label = net + "".join(f", {a}={v}" for a, v in rest)
+        ys = [100 * r["consistent_among_valid"]["rate"] for r in rs]
+        lo = [y - 100 * r["consistent_among_valid"]["ci95"][0] for y, r in zip(ys, rs)]
+        hi = [100 * r["consistent_among_valid"]["ci95"][1] - y for y, r in zip(ys, rs)]
+        ax.errorbar([r[axis] for r in rs], ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    chance = sorted({(r[axis], r["chance"]) for r in result["pooled"]})
+    ax.plot([c[0] for c in chance], [100 * c[1] for c in chance], "k--", label="chance")
+    ax.set_xlabel(axis)
+    ax.set_ylabel("consistent among valid (%)")
+    if len(chance) > 1 and min(c[0] for c in chance) > 0 and max(c[0] for c in chance) / min(c[0] for c in chance) > 20:
+        ax.set_xscale("log")
+    ax.legend(fontsize=6)
+    return _save(plt, fig, path.name, path.parent)
 
 def pairs_sweep(config: StudyConfig, out: Path, pairs: Sequence[int], **kw) -> dict:
     """One study per number of pairs; writes ``out/pairs-K/`` per K and ``out/sweep.md``.
