@@ -10,8 +10,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 

@@ -108,7 +108,7 @@ class KVConfig:
                 raise ValueError(f"image_size/cell_size must be >= 4 cells, got {grid}")
             pos = corner_positions(grid, self.n_pairs) if self.n_pairs <= 4 else border_positions(grid, self.n_pairs)
         else:
-            pos = tuple((tuple(int(c) for c in kc), tuple(int(c) for c in vc)) for kc, vc in self.positions)
+            pos = tuple(((int(kc[0]), int(kc[1])), (int(vc[0]), int(vc[1]))) for kc, vc in self.positions)
             if len(pos) != self.n_pairs:
                 raise ValueError(f"positions must list n_pairs={self.n_pairs} pairs, got {len(pos)}")
         cells = [c for pair in pos for c in pair]
@@ -172,7 +172,7 @@ def _cell_masks(config: KVConfig) -> torch.Tensor:
     H = config.image_size
     s = config.cell_size
     m = torch.zeros(2, config.n_pairs, H, H, dtype=torch.bool)
-    for i, (kc, vc) in enumerate(config.positions):
+    for i, (kc, vc) in enumerate(config.positions or ()):   # set by __post_init__
         for j, (r, c) in enumerate((kc, vc)):
             m[j, i, r * s:(r + 1) * s, c * s:(c + 1) * s] = True
     return m.view(2 * config.n_pairs, H, H)

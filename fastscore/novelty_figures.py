@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -13,7 +13,7 @@ import itertools
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn

@@ -38,22 +38,22 @@ Also: ``calibrate_patch_sizes`` (the locality calibration of Kamb & Ganguli),
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _validate
-from . import ops
+from . import _validate, ops
 from .ops import softmax_attention
 from .schedule import Schedule
 
 PADDINGS = ("zeros", "circular")
 _TORCH_CHUNK = 2**24                    # logits materialised at once by a path that may build M x N
 
-PatchSizes = Union[int, Sequence[int], Callable[[int], int]]
+PatchSizes = int | Sequence[int] | Callable[[int], int]
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,8 @@ class _AnalyticScore(nn.Module):
     """Shared plumbing: training set (deduplicated), schedule, per-timestep dispatch."""
 
     kind = "analytic"
+    train_images: torch.Tensor      # buffers, registered in __init__
+    train_counts: torch.Tensor
 
     def __init__(self, train_images: torch.Tensor, schedule: Schedule, *, deduplicate: bool = True,
                  backend: str = "auto") -> None:
@@ -293,6 +295,8 @@ class ELSScore(_AnalyticScore):
         super().__init__(train_images, schedule, deduplicate=deduplicate, backend=backend)
         self.padding = _validate.choice("padding", padding, PADDINGS)
         _, H, W = self.image_shape
+        self._size_fn: Callable[[int], int] | None
+        self._sizes: list[int] | None
         if callable(patch_size) and not isinstance(patch_size, nn.Module):
             self._size_fn = patch_size
             self._sizes = None
@@ -315,6 +319,7 @@ class ELSScore(_AnalyticScore):
         if self._sizes is not None:
             return self._sizes[t]
         _, H, W = self.image_shape
+        assert self._size_fn is not None   # exactly one of _sizes / _size_fn is set in __init__
         return _check_patch_size(self._size_fn(int(t)), H, W, f"patch_size({t})")
 
     def table(self, k: int, device: torch.device, dtype: torch.dtype) -> list[tuple]:
@@ -423,7 +428,7 @@ def calibrate_patch_sizes(cnn_model: Callable, train_images: torch.Tensor, sched
     if not sizes:
         raise ValueError("sizes must name at least one patch size")
     for k in sizes:
-        _check_patch_size(k, *train.shape[2:], name="sizes")
+        _check_patch_size(k, int(train.shape[2]), int(train.shape[3]), name="sizes")
     ts = timesteps(schedule.T, steps) if t_values is None else sorted({int(t) for t in t_values}, reverse=True)
     if not ts or ts[-1] < 0 or ts[0] >= schedule.T:
         raise ValueError(f"t_values must be non-empty timesteps in [0, {schedule.T})")
@@ -557,7 +562,7 @@ class Agreement:
         from .metrics import Rate
         cells, cls = self.cells, self.pair_class
         key_ok, val_ok = cells[:, 0], cells[:, 1]
-        out = {"cell_r": correlation_summary(self.cell_r),
+        out: dict[str, Any] = {"cell_r": correlation_summary(self.cell_r),
                "cells": Rate(int(cells.sum()), int(cells.numel())).to_dict(), "cell_chance": self.cell_chance(),
                "content": Rate(int(cells.flatten(1).all(1).sum()), int(cells.shape[0])).to_dict(),
                "pairs": {}}

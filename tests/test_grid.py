@@ -1,8 +1,7 @@
 """Sweep grids: settings checked by name and type, cells in a stable order with stable names."""
 import pytest
 
-from fastscore.study import grid
-from fastscore.study import StudyConfig
+from fastscore.study import StudyConfig, grid
 
 
 def test_cli_grid_crosses_axes_in_order_with_the_last_varying_fastest():

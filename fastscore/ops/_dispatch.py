@@ -15,7 +15,7 @@ in float64, what the tests compare against). The rule, the same for every op:
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -65,7 +65,7 @@ def _interpreter_needs_patch() -> bool:
     (1,))``, which NumPy >= 2.4 rejects: ``range(0, n)`` over a kernel argument then fails."""
     import numpy as np
     try:
-        int(np.zeros(1, dtype=np.int32))  # type: ignore[arg-type]
+        int(np.zeros(1, dtype=np.int32))
         return False
     except TypeError:
         return True

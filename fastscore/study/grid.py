@@ -166,10 +166,10 @@ def from_toml(config_cls: type, path: str | Path) -> Grid:
     """A grid from a TOML file (see the module docstring). Needs Python >= 3.11 (``tomllib``) or the
     ``tomli`` package."""
     try:
-        import tomllib
+        import tomllib  # type: ignore[import-not-found,unused-ignore]  # Python >= 3.11; mypy targets 3.10
     except ModuleNotFoundError:  # pragma: no cover - Python 3.10
         try:
-            import tomli as tomllib  # type: ignore[no-redef]
+            import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
         except ModuleNotFoundError:
             raise ModuleNotFoundError("reading a sweep file needs Python >= 3.11 or `pip install tomli`; "
                                       "or give the grid as --grid/--set options") from None

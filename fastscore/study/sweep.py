@@ -134,7 +134,7 @@ def run(grid: Grid, out: str | Path, *, device: str | torch.device = "cpu", back
     if merged is None:
         return None
     per_cell = {k: v for part in merged for k, v in part.items()}
-    result = {"grid": grid.to_dict(), "cells": [c.name for c in cells], "world_size": rank.world,
+    result: dict[str, Any] = {"grid": grid.to_dict(), "cells": [c.name for c in cells], "world_size": rank.world,
               "rows": [r for c in cells for r in per_cell[c.name]["rows"]],
               "wall_seconds": {c.name: per_cell[c.name]["wall_seconds"] for c in cells}}
     result["pooled"] = pooled(result["rows"])
