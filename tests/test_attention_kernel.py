@@ -348,7 +348,7 @@ class _Recorder:
 
 
 def _launch_key(fn, args, kw) -> tuple:
-    dt = next(f"*{K._DTYPES[a.dtype]}" for a in args if isinstance(a, torch.Tensor) and a.dtype != torch.float32
+    dt = next(K._DTYPES[a.dtype] for a in args if isinstance(a, torch.Tensor) and a.dtype != torch.float32
               or isinstance(a, torch.Tensor) and a.dim() == 3)
     consts = tuple(sorted((k_, v_) for k_, v_ in kw.items() if k_ not in ("num_warps", "num_stages", "maxnreg")))
     return (fn.__name__, dt, consts, kw["num_warps"], kw["num_stages"], kw.get("maxnreg"))
@@ -396,7 +396,7 @@ def test_compile_configs_count():
     """One (BLOCK, num_warps, num_stages) per (kernel, BLOCK_D, dtype); EVEN_N / EVEN_D (and IDENTITY
     in the forward) are the only other axes: per feature block and dtype 8 forward + 1 preprocess +
     4 dk/dv + 4 dq + 4 fused identity backward (where it is launched) configurations."""
-    fused = sum(K.launch_params("identity_bwd", bd, dt) is not None
+    fused = sum(K.launch_config("identity_bwd", bd, dt) is not None
                 for bd in K._BLOCK_DS for dt in (torch.float32, torch.float16, torch.bfloat16))
     assert fused == 5 * 3 - 2  # float32 at BLOCK_D 128 and 256 takes the unfused backward
     assert len(K.compile_configs()) == 5 * 3 * (8 + 1 + 2 * 4) + 4 * fused

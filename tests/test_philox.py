@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastscore.kernels._common import philox_words
 from fastscore.ops import philox
 from fastscore.ops.reverse_step import StepCoefficients, reverse_step
 
@@ -15,13 +16,16 @@ NOISE_ONLY = StepCoefficients(1.0, 1.0, 0.0, 0.0, 1.0)  # x = eps = 0  ->  out =
 
 @triton.jit
 def _philox_words_kernel(out_ptr, c0_ptr, c1_ptr, seed, c2, c3, n, BLOCK: tl.constexpr):
-    """Dump ``tl.philox(seed, c0, c1, c2, c3)``: out (4, n) int64 words; c0, c1 (n,) int64 in [0, 2**32)."""
+    """Dump ``philox_words(seed, c0, c1, c2, c3)``: out (4, n) int64 words; c0, c1 (n,) int64 in [0, 2**32).
+
+    ``seed``, ``c2``, ``c3`` and ``n`` are left to the JIT's specialisation on purpose (a 1 arrives as a
+    Python int): ``kernels._common.philox_words`` must take both forms, and the GPU-compile guard
+    (tests/test_gpu_compile_guard.py) compiles this kernel with such values."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     c0 = tl.load(c0_ptr + offs, mask=mask, other=0).to(tl.uint32)
     c1 = tl.load(c1_ptr + offs, mask=mask, other=0).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed.to(tl.int64), c0, c1, tl.zeros([BLOCK], tl.uint32) + c2.to(tl.uint32),
-                               tl.zeros([BLOCK], tl.uint32) + c3.to(tl.uint32))
+    w0, w1, w2, w3 = philox_words(seed, c0, c1, c2, c3)
     tl.store(out_ptr + offs, w0.to(tl.int64), mask=mask)
     tl.store(out_ptr + n + offs, w1.to(tl.int64), mask=mask)
     tl.store(out_ptr + 2 * n + offs, w2.to(tl.int64), mask=mask)
