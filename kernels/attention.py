@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ALIGN, LOG2E, TL_ALIGN, TL_DTYPES, TL_LN2, TL_LOG2E, make_config
+from ._common import ALIGN, LOG2E, MAXNREG, TL_ALIGN, TL_DTYPES, TL_LN2, TL_LOG2E, make_config
 from ._common import config_key as config_key
 from ._common import feature_block as _pow2_block
 
@@ -386,10 +386,7 @@ KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "identity_bwd")
 _LAUNCH: dict[tuple[str, int, bool], tuple[int, int, int] | None] = {}
 
 
-#: ``.maxnreg`` for every attention kernel. Without it ptxas trades a few bytes of spill (4-64 B)
-#: for one more resident program per SM whenever a kernel sits just above an occupancy step (80,
-#: 96, 128, 168 registers); with an explicit cap of 255 it allocates what the kernel needs instead.
-MAXNREG = 255
+
 
 
 def _set_launch(kernel: str, sixteen: bool, table: dict[int, tuple[int, int, int] | None]) -> None:

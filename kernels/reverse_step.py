@@ -23,12 +23,14 @@ Programs tile the *global group* axis, so every Philox call serves four elements
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.random import uint_to_uniform_float
 
-from ._common import STREAM_NOISE, TL_DTYPES, make_config, philox_group
+from ._common import MAXNREG, STREAM_NOISE, TL_DTYPES, make_config, philox_group
 
 BLOCK = 1024        # elements per program (BLOCK // 4 Philox calls)
 NUM_WARPS = 4
@@ -37,6 +39,14 @@ NUM_STAGES = 1
 #: ``seed``, ``step``, ``sample_offset`` change at every call); annotated, so the JIT types them as the
 #: compile configurations do (i64 / i32) whatever their magnitude
 _INT_ARGS = ("seed", "sample_offset", "per_sample", "n_elements", "step")
+
+
+def _maxnreg(has_noise: bool, aligned4: bool, even16: bool) -> int | None:
+    """Register cap of a configuration (ptxas -v, benchmarks/compile_report.py): the noise path with
+    aligned groups and a ragged element count sits at 32 registers on sm_80, where ptxas spills 4 bytes
+    to keep full occupancy unless given a cap (``_common.MAXNREG``); with one it takes 32-40. Elsewhere
+    no cap: ptxas's own choice has no spill, and a cap would raise the unaligned path from ~50 to 80."""
+    return MAXNREG if has_noise and aligned4 and not even16 else None
 
 
 @triton.jit
@@ -58,7 +68,7 @@ def _reverse_step_kernel(
     coef_a, coef_b, coef_a_prev, coef_d, coef_sigma,  # fp32 step scalars (see module docstring)
     HAS_NOISE: tl.constexpr, CLIP_X0: tl.constexpr,
     SEED_FROM_PTR: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr, ALIGNED4: tl.constexpr,
-    BLOCK: tl.constexpr,
+    EVEN16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program writes ``BLOCK`` consecutive elements of ``out``.
 
@@ -69,9 +79,14 @@ def _reverse_step_kernel(
     ``base // 4 + pid * BLOCK // 4`` where ``base = sample_offset * per_sample``; local index
     ``k = e - base`` of global element ``e``, masked to ``0 <= k < n_elements``. ``ALIGNED4``
     (``base % 4 == 0``, e.g. ``per_sample % 4 == 0``) makes that ``[pid * BLOCK, (pid + 1) * BLOCK)``.
+    ``EVEN16``: ``n_elements`` arrives in units of 16 elements, so the compiler knows the mask is
+    constant over 16 elements and vectorises loads and stores (what the JIT's divisibility hint did
+    before the integers were unspecialised; without it the noise path spilled 4 bytes on sm_80).
     """
     pid = tl.program_id(0).to(tl.int64)
     n_elements = n_elements.to(tl.int64)
+    if EVEN16:
+        n_elements = n_elements * 16
     if HAS_NOISE:
         if OFFSET_FROM_PTR:
             base = tl.load(offset_ptr).to(tl.int64) * per_sample.to(tl.int64)
@@ -155,11 +170,12 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coef, seed, step: int, sa
     # unaligned: the first group may start up to 3 elements before the batch
     grid = (triton.cdiv(n + (0 if aligned4 else 3), BLOCK),)
     _reverse_step_kernel[grid](
-        xc, ec, dst, seed_ptr, off_ptr, seed_val, off_val, per, n, int(step),
+        xc, ec, dst, seed_ptr, off_ptr, seed_val, off_val, per, n // 16 if n % 16 == 0 else n, int(step),
         a, b, a_prev, d, sigma,
         HAS_NOISE=has_noise, CLIP_X0=bool(clip_x0),
         SEED_FROM_PTR=seed_ptr is not None, OFFSET_FROM_PTR=off_ptr is not None, ALIGNED4=aligned4,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        EVEN16=n % 16 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        maxnreg=_maxnreg(has_noise, aligned4, n % 16 == 0),
     )
     if out is not None and dst is not out:
         out.copy_(dst.view(out.shape))
@@ -184,18 +200,19 @@ def compile_configs() -> list[dict]:
             for clip in (False, True):
                 modes = [(s, o, al) for s in (False, True) for o in (False, True) for al in (True, False)] \
                     if has_noise else [(False, False, True)]
-                for seed_ptr, off_ptr, aligned4 in modes:
+                for (seed_ptr, off_ptr, aligned4), even16 in itertools.product(modes, (True, False)):
                     constexprs = {"HAS_NOISE": has_noise, "CLIP_X0": clip, "SEED_FROM_PTR": seed_ptr,
-                                  "OFFSET_FROM_PTR": off_ptr, "ALIGNED4": aligned4, "BLOCK": BLOCK}
+                                  "OFFSET_FROM_PTR": off_ptr, "ALIGNED4": aligned4, "EVEN16": even16,
+                                  "BLOCK": BLOCK}
                     if not seed_ptr:
                         constexprs["seed_ptr"] = None
                     if not off_ptr:
                         constexprs["offset_ptr"] = None
                     name = (f"reverse_step_{ty}" + ("_noise" if has_noise else "") + ("_clip" if clip else "")
                             + ("_seedptr" if seed_ptr else "") + ("_offptr" if off_ptr else "")
-                            + ("" if aligned4 else "_unaligned"))
+                            + ("" if aligned4 else "_unaligned") + ("" if even16 else "_ragged"))
                     configs.append(make_config(
                         name, _reverse_step_kernel, ty, constexprs, NUM_WARPS, NUM_STAGES,
                         pointers={k: v for k, v in pointers.items() if k not in constexprs},
-                        fp32=fp32, i64=i64, aligned=aligned))
+                        fp32=fp32, i64=i64, aligned=aligned, maxnreg=_maxnreg(has_noise, aligned4, even16)))
     return configs

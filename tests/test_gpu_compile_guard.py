@@ -137,10 +137,12 @@ def _specialised_ints(rec: dict) -> list[str]:
     constexpr_params = {p.name for p in fn.params if p.is_constexpr}
     bad = []
     for path, value in rec["constants"].items():
-        name = names[path[0]] if isinstance(path, tuple) else path
+        name = names[path[0]] if isinstance(path, tuple) and path[0] < len(names) else path
         if name not in constexpr_params and isinstance(value, int) and not isinstance(value, bool):
             bad.append(f"{name}={value} (constexpr)")
     for path, attrs in rec["attrs"].items():
+        if path[0] >= len(names):  # not an argument (triton >= 3.7 adds the custom pipeline's key)
+            continue
         name = names[path[0]]
         if not str(rec["signature"].get(name, "")).startswith("*") and attrs:
             bad.append(f"{name} ({attrs})")
@@ -255,9 +257,13 @@ def _start_guard(arch: int, cache_dir: Path) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def guard_runs(request):
-    """Both targets' guard processes, started together (two cores: half the wall time)."""
-    cache = Path(request.config.cache.mkdir(f"fastscore-triton-guard-{LAST_STAGE}"))
+def guard_runs(request, tmp_path_factory):
+    """Both targets' guard processes, started together (two cores: half the wall time). Their Triton
+    cache is their own, per triton version and last stage (triton 3.6 does not key its cache by the
+    stages run), kept in pytest's cache directory when there is one."""
+    name = f"fastscore-triton-guard-{triton.__version__}-{LAST_STAGE}"
+    cache_provider = getattr(request.config, "cache", None)
+    cache = Path(cache_provider.mkdir(name) if cache_provider else tmp_path_factory.mktemp(name))
     procs = {arch: _start_guard(arch, cache / str(arch)) for arch in (80, 90)}
     yield procs
     for p in procs.values():
