@@ -419,17 +419,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[in
     return b, n, d, v.shape[2]
 
 
+def _aligned(x: torch.Tensor | None) -> bool:
+    return x is not None and x.is_contiguous() and x.data_ptr() % 16 == 0
+
+
 def _prep(x: torch.Tensor) -> torch.Tensor:
     """``x`` as the kernels read it: itself when contiguous with 16-byte aligned data, else a contiguous
     copy (a fresh allocation, aligned). With integer arguments unspecialised, the compiled variant then
     depends on the shape and dtype only, never on the caller's layout: on a GPU a strided or offset
     input otherwise compiles a variant with other load layouts, whose dots may reduce in another
     order (FINDINGS.md: dq changed bitwise with the input strides on an H100)."""
-    return x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.contiguous(memory_format=torch.contiguous_format)
-
-
-def _aligned(x: torch.Tensor | None) -> bool:
-    return x is not None and x.is_contiguous() and x.data_ptr() % 16 == 0
+    return x if _aligned(x) else x.clone(memory_format=torch.contiguous_format)  # a contiguous x too
 
 
 def _buffer(given: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, requires_cuda
+from conftest import DEVICE, requires_cuda
 from fastscore.kernels import attention as K
 from fastscore.ops import _attention_triton as T  # noqa: F401  (registers ops, interpreter fix)
 from fastscore.ops.attention import identity_attention, softmax_attention, softmax_attention_reference
 
-DEV = "cuda" if HAS_CUDA else "cpu"
+DEV = DEVICE
 interpret = pytest.mark.interpret
 ERRORS: dict[str, float] = {}  # largest kernel error seen per quantity (printed with -s)
 
@@ -196,13 +196,13 @@ def test_nan_input_gives_nan_rows(seed):
     q[0, 3] = float("nan")
     out, lse = K.attention_forward(q, k, v, 0.5)
     assert torch.isnan(out[0, 3]).all() and torch.isnan(lse[0, 3])
-    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask = torch.ones(2, 20, dtype=torch.bool, device=DEV)
     mask[0, 3] = False
     assert torch.isfinite(out[mask]).all()
     k[1, 5] = float("nan")  # a NaN key touches every query row of its sequence
     out, _ = K.attention_forward(q, k, v, 0.5)
     assert torch.isnan(out[1]).all()
-    z = torch.randn(1, 9, 4)
+    z = torch.randn(1, 9, 4, device=DEV)
     z[0, 2, 1] = float("nan")
     oz, _ = K.identity_forward(z, 0.5)
     assert torch.isnan(oz).all()
@@ -218,7 +218,8 @@ def test_nan_input_gives_nan_rows(seed):
     (lambda q, k, v: (q[..., :0], k[..., :0], v), ValueError, "D"),
     (lambda q, k, v: (q[0], k, v), ValueError, "q"),
     (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float32"),  # triton path only
-    (lambda q, k, v: (torch.randn(1, 4, 300), torch.randn(1, 4, 300), v[:1, :4]), ValueError, "D"),
+    (lambda q, k, v: (torch.randn(1, 4, 300, device=v.device), torch.randn(1, 4, 300, device=v.device), v[:1, :4]),
+     ValueError, "D"),
 ])
 def test_bad_input_raises_before_launch(monkeypatch, bad, exc, word):
     def boom(*a, **kw):
@@ -241,18 +242,18 @@ def test_bad_scale_and_identity_input():
 
 @interpret
 def test_opcheck():
-    args = [torch.randn(2, 9, 8, requires_grad=True), torch.randn(2, 9, 8, requires_grad=True),
-            torch.randn(2, 9, 5, requires_grad=True), 0.3]
+    args = [torch.randn(2, 9, 8, device=DEV, requires_grad=True), torch.randn(2, 9, 8, device=DEV, requires_grad=True),
+            torch.randn(2, 9, 5, device=DEV, requires_grad=True), 0.3]
     torch.library.opcheck(torch.ops.fastscore.attention_fwd.default, args)
     torch.library.opcheck(torch.ops.fastscore.identity_attention_fwd.default,
-                          [torch.randn(2, 9, 8, requires_grad=True), 0.3])
+                          [torch.randn(2, 9, 8, device=DEV, requires_grad=True), 0.3])
 
 
 @interpret
 def test_torch_compile_fullgraph(seed):
     """A small module using both ops traces without graph breaks (aot_eager: no C++ compiler)."""
-    lin = torch.nn.Linear(8, 24)
-    x = torch.randn(2, 10, 8)
+    lin = torch.nn.Linear(8, 24).to(DEV)
+    x = torch.randn(2, 10, 8, device=DEV)
 
     def f(x):
         q, k, v = lin(x).chunk(3, dim=-1)
@@ -303,8 +304,8 @@ if given is not None:
     def test_property_random_shapes(B, N, NK, D, DV, scale, identity, s):
         torch.manual_seed(s)
         if identity:
-            z = torch.randn(B, N, D)
-            do = torch.randn(B, N, D)
+            z = torch.randn(B, N, D, device=DEV)
+            do = torch.randn(B, N, D, device=DEV)
             out, lse = K.identity_forward(z, scale, out=_nan_like(z))
             dz = K.identity_backward(z, out, lse, do, scale, dz=_nan_like(z))
             z64 = z.double().requires_grad_()

@@ -10,7 +10,7 @@ from fastscore.kernels._common import philox_words
 from fastscore.ops import philox
 from fastscore.ops.reverse_step import StepCoefficients, reverse_step
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE
 NOISE_ONLY = StepCoefficients(1.0, 1.0, 0.0, 0.0, 1.0)  # x = eps = 0  ->  out = z
 
 

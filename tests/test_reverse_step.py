@@ -6,12 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import requires_cuda
+from conftest import DEVICE, requires_cuda
 from fastscore.kernels import reverse_step as kernel_mod
 from fastscore.ops import StepCoefficients, ddim_coefficients, noise_like, reverse_step, reverse_step_reference
 from fastscore.schedule import make_schedule
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCHED = make_schedule("linear", T=1000)
 AB = SCHED.alpha_bar.tolist()
 
@@ -243,7 +242,7 @@ def test_bad_input_raises_before_launch(no_launch, case):
 
 
 def test_no_launch_fixture_can_fail(no_launch):
-    x = torch.zeros(2, 3)
+    x = torch.zeros(2, 3, device=DEVICE)
     with pytest.raises(AssertionError, match="launched"):
         reverse_step(x, x.clone(), GOOD, seed=1, step=0, backend="triton")
 
