@@ -186,12 +186,11 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coef, seed, step: int, sa
 def compile_configs() -> list[dict]:
     """Every configuration ``reverse_step`` can launch (``_common.make_config`` form).
 
-    The three tensor pointers carry the 16-byte divisibility that the JIT infers for fresh torch
-    allocations (unaligned pointers compile an unvectorised variant); the integers are typed as their
+    The pointers carry the 16-byte divisibility that the JIT infers for fresh torch allocations
+    (unaligned pointers compile an unvectorised variant); the integers are typed as their
     annotations say, as the JIT does (they are never specialised by value).
     """
     pointers = {"x_ptr": None, "eps_ptr": None, "out_ptr": None, "seed_ptr": "i64", "offset_ptr": "i64"}
-    aligned = ("x_ptr", "eps_ptr", "out_ptr")
     i64 = ("seed", "sample_offset", "per_sample", "n_elements")
     fp32 = ("coef_a", "coef_b", "coef_a_prev", "coef_d", "coef_sigma")
     configs = []
@@ -213,6 +212,7 @@ def compile_configs() -> list[dict]:
                             + ("" if aligned4 else "_unaligned") + ("" if even16 else "_ragged"))
                     configs.append(make_config(
                         name, _reverse_step_kernel, ty, constexprs, NUM_WARPS, NUM_STAGES,
-                        pointers={k: v for k, v in pointers.items() if k not in constexprs},
-                        fp32=fp32, i64=i64, aligned=aligned, maxnreg=_maxnreg(has_noise, aligned4, even16)))
+                        pointers={k: v for k, v in pointers.items() if k not in constexprs}, fp32=fp32, i64=i64,
+                        aligned=tuple(k for k in pointers if k not in constexprs),
+                        maxnreg=_maxnreg(has_noise, aligned4, even16)))
     return configs

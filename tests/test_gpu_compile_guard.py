@@ -39,6 +39,8 @@ import pytest
 import triton
 import triton.language as tl
 
+from fastscore.kernels._common import TARGETS
+
 ROOT = Path(__file__).resolve().parents[1]
 LAST_STAGE = "ptx"   # the last compile stage run: everything before ptxas
 
@@ -100,7 +102,8 @@ class compile_only:
 
     def _record(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):
         self.compiled.append({"fn": fn.jit_function, "signature": dict(compile["signature"]),
-                              "constants": dict(compile["constants"]), "attrs": dict(compile["configs"][0])})
+                              "constants": dict(compile["constants"]), "attrs": dict(compile["configs"][0]),
+                              "num_warps": compile["num_warps"], "num_stages": compile["num_stages"]})
         return False  # go on compiling
 
     def __enter__(self):
@@ -147,6 +150,32 @@ def _specialised_ints(rec: dict) -> list[str]:
         if not str(rec["signature"].get(name, "")).startswith("*") and attrs:
             bad.append(f"{name} ({attrs})")
     return bad
+
+
+def _by_name(fn, d: dict) -> dict:
+    """{argument name: value} from a JIT / ``ASTSource`` dict keyed by argument paths or names."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(key, tuple):
+            if key[0] >= len(fn.arg_names):  # not an argument (triton >= 3.7 adds the custom pipeline's key)
+                continue
+            key = fn.arg_names[key[0]]
+        out[key] = value
+    return out
+
+
+def _variant(fn, signature: dict, constants: dict, attrs: dict, num_warps: int, num_stages: int) -> str:
+    """A canonical string of one compiled variant: what the JIT compiled, or a ``compile_configs()`` entry."""
+    attrs = {k: sorted(map(tuple, v)) for k, v in _by_name(fn, attrs).items() if v}
+    return repr((fn.__name__, sorted(signature.items()), sorted(_by_name(fn, constants).items(), key=str),
+                 sorted(attrs.items()), num_warps, num_stages))
+
+
+def _listed_variants() -> set[str]:
+    """Every configuration the kernel modules list for the ahead-of-time compile report."""
+    from fastscore.kernels import attention, reverse_step, top1
+    return {_variant(c["fn"], c["signature"], c["constexprs"], c["attrs"], c["num_warps"], c["num_stages"])
+            for mod in (attention, reverse_step, top1) for c in mod.compile_configs()}
 
 
 def _cases():
@@ -238,10 +267,15 @@ def main(arch: int, last: str = LAST_STAGE) -> int:
             except Exception as e:  # noqa: BLE001  (a compile failure is the finding)
                 row = {"launcher": launcher, "case": case, "error": f"{type(e).__name__}: {str(e)[-400:]}"}
             print(json.dumps(row), flush=True)
-        violations = sorted({f"{rec['fn'].__name__}: {', '.join(bad)}" for rec in guard.compiled[n_canary:]
-                             if rec["fn"].__name__ != "_philox_words_kernel" and (bad := _specialised_ints(rec))})
+        library = [rec for rec in guard.compiled[n_canary:] if rec["fn"].__name__ != "_philox_words_kernel"]
+        violations = sorted({f"{rec['fn'].__name__}: {', '.join(bad)}" for rec in library
+                             if (bad := _specialised_ints(rec))})
+        listed = _listed_variants()
+        unlisted = sorted({v for rec in library if (v := _variant(rec["fn"], rec["signature"], rec["constants"],
+                                                                   rec["attrs"], rec["num_warps"], rec["num_stages"]))
+                           not in listed})
     print(json.dumps({"summary": True, "arch": arch, "last_stage": last, "triton": triton.__version__,
-                      "variants": len(guard.compiled) - n_canary, "canary": canary,
+                      "variants": len(guard.compiled) - n_canary, "canary": canary, "unlisted": unlisted,
                       "per_kernel": dict(Counter(rec["fn"].__name__ for rec in guard.compiled[n_canary:])), "violations": violations}))
     return 0
 
@@ -264,7 +298,7 @@ def guard_runs(request, tmp_path_factory):
     name = f"fastscore-triton-guard-{triton.__version__}-{LAST_STAGE}"
     cache_provider = getattr(request.config, "cache", None)
     cache = Path(cache_provider.mkdir(name) if cache_provider else tmp_path_factory.mktemp(name))
-    procs = {arch: _start_guard(arch, cache / str(arch)) for arch in (80, 90)}
+    procs = {arch: _start_guard(arch, cache / str(arch)) for arch in TARGETS}
     yield procs
     for p in procs.values():
         if p.poll() is None:
@@ -279,7 +313,7 @@ def _result(proc: subprocess.Popen) -> tuple[list[dict], dict]:
     return [r for r in lines if not r.get("summary")], summary
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", sorted(TARGETS))
 def test_every_launcher_compiles_with_the_jit_specialisation(arch, guard_runs):
     """Every launcher, driven through the integer values that specialise, compiles for sm_``arch``
     (frontend to PTX) as the JIT compiles it on a GPU; no kernel specialises an integer argument; and
@@ -291,6 +325,8 @@ def test_every_launcher_compiles_with_the_jit_specialisation(arch, guard_runs):
     assert not failed, f"{len(failed)} of {len(rows)} cases do not compile for sm_{arch}:\n" + "\n".join(failed[:8])
     assert {r["launcher"] for r in rows} == {"reverse_step", "attention", "top1", "philox test kernel"}
     assert not summary["violations"], "integer arguments specialised by the JIT:\n" + "\n".join(summary["violations"])
+    assert not summary["unlisted"], ("variants the JIT compiled that compile_configs() does not list (so the "
+                                     "compile report does not check them):\n" + "\n".join(summary["unlisted"][:5]))
     assert summary["variants"] > 0
     assert "has no attribute 'to'" in summary["canary"], (
         f"the canary kernel did not fail as a GPU compile does ({summary['canary']}): triton "
