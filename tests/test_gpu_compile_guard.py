@@ -284,8 +284,8 @@ def main(arch: int, last: str = LAST_STAGE) -> int:
 # the tests
 # ----------------------------------------------------------------------------------------------
 def _start_guard(arch: int, cache_dir: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(cache_dir), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache_dir), CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, __file__, str(arch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
 
@@ -348,5 +348,7 @@ def test_compile_only_restores_the_driver_and_the_jit():
 
 
 if __name__ == "__main__":
-    os.environ.pop("TRITON_INTERPRET", None)  # the JIT, not the interpreter (set before the kernels are imported)
+    # the JIT, not the interpreter, for every kernel imported from here on ("0", not unset: conftest,
+    # imported by the Philox test module, sets it to "1" when unset and there is no GPU)
+    os.environ["TRITON_INTERPRET"] = "0"
     sys.exit(main(int(sys.argv[1]), *(sys.argv[2:3])))
