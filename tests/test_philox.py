@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastscore.kernels import _common
 from fastscore.kernels._common import philox_words
 from fastscore.ops import philox
 from fastscore.ops.reverse_step import StepCoefficients, reverse_step
@@ -91,6 +92,12 @@ def test_noise_moments_and_ks(seed):
     # each Philox word position alone is normal too (a layout bug would mix them up)
     for w in range(4):
         assert ks_statistic(z.view(-1, 4)[:, w]) < 1.95 / math.sqrt(n // 4)
+
+
+def test_kernel_and_torch_streams_share_their_constants():
+    """The kernels cannot import ``fastscore`` (layering), so the stream tags live in both places."""
+    assert (_common.STREAM_NOISE.value, _common.STREAM_GUMBEL.value) == (philox.STREAM_NOISE, philox.STREAM_GUMBEL)
+    assert philox.STREAM_NOISE != philox.STREAM_GUMBEL
 
 
 def test_ks_statistic_can_fail():
