@@ -10,9 +10,9 @@ ptxas's static shared memory.
     python benchmarks/compile_report.py [--jobs N] [--match SUBSTRING] [--targets 80,90]
 
 prints a table and writes ``benchmarks/results/compile_report.json``. The compile runs with
-``TRITON_INTERPRET`` unset: every compile runs in a freshly spawned worker process that removes it
-before importing Triton, so the result does not depend on the caller's environment, and the
-caller's environment (a pytest run under the interpreter, say) is left untouched.
+``TRITON_INTERPRET`` unset: every compile runs in a freshly spawned worker process started without
+it, so the result does not depend on the caller's environment (a pytest run under the interpreter, say),
+which is restored as soon as the workers have started.
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
+from fastscore.kernels._common import TARGETS
+
 MODULES = ("fastscore.kernels.attention", "fastscore.kernels.top1", "fastscore.kernels.reverse_step")
-TARGETS = {80: "sm_80", 90: "sm_90a"}
 #: dynamic shared memory a program may use (bytes): sm_80 163 KiB, sm_90 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 RESULTS = Path(__file__).resolve().parent / "results" / "compile_report.json"
@@ -43,17 +44,16 @@ _PTXAS_RE = {
 }
 
 
-def _ptxas() -> str:
-    import triton
-    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    return str(p) if p.exists() else "ptxas"
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for ``arch``: triton >= 3.7 bundles two (CUDA 12.x ``ptxas`` and
+    13.x ``ptxas-blackwell``, the one for sm_90 and up) and writes PTX of the version its ptxas for
+    that arch accepts, which the other one may reject (PTX 9.4 and ptxas 12.9 with triton 3.9)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(arch).path
 
 
 def _config_str(cfg: dict) -> str:
-    ptr = next((t for t in cfg["signature"].values() if isinstance(t, str) and t.startswith("*")
-                and t != "*fp32"), None) or next((t for t in cfg["signature"].values()
-                                                  if isinstance(t, str) and t.startswith("*")), "*?")
-    parts = [ptr[1:]]
+    parts = [cfg["dtype"]]
     for k, v in cfg["constexprs"].items():
         if isinstance(v, bool):
             parts.append(f"{k}={int(v)}")
@@ -103,7 +103,7 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
         with tempfile.TemporaryDirectory() as d:
             ptx = Path(d) / "k.ptx"
             ptx.write_text(k.asm["ptx"])
-            res = subprocess.run([_ptxas(), "-v", "--gpu-name", TARGETS[arch], str(ptx), "-o",
+            res = subprocess.run([_ptxas(arch), "-v", "--gpu-name", TARGETS[arch], str(ptx), "-o",
                                   str(Path(d) / "k.cubin")], capture_output=True, text=True)
         info = res.stdout + res.stderr
         for key, rx in _PTXAS_RE.items():
@@ -140,8 +140,16 @@ def run_report(match: str | None = None, archs=(80, 90), jobs: int | None = None
     work = [(m, i, a) for (m, i, _) in configs for a in archs]
     jobs = jobs or max(1, min(len(work), os.cpu_count() or 1))
     import multiprocessing as mp
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:  # never in-process: see docstring
-        rows = list(ex.map(_compile_one, work, chunksize=4))
+    # never in-process (see the module docstring); the workers are spawned without TRITON_INTERPRET,
+    # because unpickling ``_compile_one`` imports this module, and so Triton and the kernel helpers of
+    # ``kernels._common``, before any of its code runs
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            rows = list(ex.map(_compile_one, work, chunksize=4))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
     if write:
         import triton
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ pass a tensor as it is when it has unit feature stride, 8-aligned rows and 16-by
 otherwise copy it, padding D with zeros to a multiple of 8 (zero features change no score).
 Integer arguments are not specialised by the JIT, so the compiled variants are exactly
 ``compile_configs()``: per (kernel, BLOCK_D, dtype) one (BLOCK, num_warps, num_stages) from
-``launch_params`` (chosen from ``ptxas -v``: no spills on sm_80 / sm_90a), EVEN_N / EVEN_D as the
+``launch_config`` (chosen from ``ptxas -v``: no spills on sm_80 / sm_90a), EVEN_N / EVEN_D as the
 only other axes. Short sequences: when ``N * D`` is small one program handles several sequences
 (``seqs_per_prog``, a runtime argument). Offsets: the batch offset is int64; in-sequence offsets are
 int32 (a copy is made when a sequence's span would pass 2^31). Inputs may be float32, float16 or
@@ -36,9 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-MAX_BLOCK_D = 256
+from ._common import ALIGN, LOG2E, MAXNREG, TL_ALIGN, TL_DTYPES, TL_LN2, TL_LOG2E, make_config
+from ._common import config_key as config_key
+from ._common import feature_block as _pow2_block
+
+MAX_D = 256
 _INT32_MAX = 2**31 - 1
 
 
@@ -122,10 +124,10 @@ def _attn_fwd_kernel(
     float32, natural-log log-sum-exp of the scaled scores. qk_scale = scale * log2(e).
     IDENTITY: K is V (one load serves both).
     """
-    stride_qb, stride_qn, stride_kb, stride_kn = stride_qb * 8, stride_qn * 8, stride_kb * 8, stride_kn * 8
-    stride_vb, stride_vn, stride_ob, stride_on = stride_vb * 8, stride_vn * 8, stride_ob * 8, stride_on * 8
-    D = D * 8
-    DV = DV * 8
+    stride_qb, stride_qn, stride_kb, stride_kn = stride_qb * TL_ALIGN, stride_qn * TL_ALIGN, stride_kb * TL_ALIGN, stride_kn * TL_ALIGN
+    stride_vb, stride_vn, stride_ob, stride_on = stride_vb * TL_ALIGN, stride_vn * TL_ALIGN, stride_ob * TL_ALIGN, stride_on * TL_ALIGN
+    D = D * TL_ALIGN
+    DV = DV * TL_ALIGN
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -161,7 +163,7 @@ def _attn_fwd_kernel(
         acc = acc / l_i[:, None]
         _store_tile(_ptrs(O + b * stride_ob, offs_m, stride_on, offs_d), acc.to(O.dtype.element_ty),
                     offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        lse = (m_i + tl.math.log2(l_i)) * TL_LN2
         lse_ptrs = LSE + b * NQ + offs_m
         if EVEN_N:
             tl.store(lse_ptrs, lse)
@@ -183,8 +185,8 @@ def _attn_bwd_preprocess_kernel(
     batch / sequence strides and DV in units of 8 elements; DELTA: (B, NQ) contiguous float32.
     Memory-bound and cheap, so it is compiled once per feature block: rows and columns always masked.
     """
-    stride_ob, stride_on, stride_dob, stride_don = stride_ob * 8, stride_on * 8, stride_dob * 8, stride_don * 8
-    DV = DV * 8
+    stride_ob, stride_on, stride_dob, stride_don = stride_ob * TL_ALIGN, stride_on * TL_ALIGN, stride_dob * TL_ALIGN, stride_don * TL_ALIGN
+    DV = DV * TL_ALIGN
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -216,11 +218,11 @@ def _attn_bwd_dkdv_kernel(
     (B, NQ) contiguous float32 from the forward and the preprocess; DK: (B, NK, D) and DV_:
     (B, NK, DV) outputs. Unit feature strides; batch / sequence strides and D, DV in units of 8.
     """
-    stride_qb, stride_qn, stride_kb, stride_kn = stride_qb * 8, stride_qn * 8, stride_kb * 8, stride_kn * 8
-    stride_vb, stride_vn, stride_dob, stride_don = stride_vb * 8, stride_vn * 8, stride_dob * 8, stride_don * 8
-    stride_dkb, stride_dkn, stride_dvb, stride_dvn = stride_dkb * 8, stride_dkn * 8, stride_dvb * 8, stride_dvn * 8
-    D = D * 8
-    DV = DV * 8
+    stride_qb, stride_qn, stride_kb, stride_kn = stride_qb * TL_ALIGN, stride_qn * TL_ALIGN, stride_kb * TL_ALIGN, stride_kn * TL_ALIGN
+    stride_vb, stride_vn, stride_dob, stride_don = stride_vb * TL_ALIGN, stride_vn * TL_ALIGN, stride_dob * TL_ALIGN, stride_don * TL_ALIGN
+    stride_dkb, stride_dkn, stride_dvb, stride_dvn = stride_dkb * TL_ALIGN, stride_dkn * TL_ALIGN, stride_dvb * TL_ALIGN, stride_dvn * TL_ALIGN
+    D = D * TL_ALIGN
+    DV = DV * TL_ALIGN
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -239,7 +241,7 @@ def _attn_bwd_dkdv_kernel(
             offs_m = start_m + offs_m0
             q = _load_tile(_ptrs(q_base, offs_m, stride_qn, offs_d), offs_m, NQ, offs_d, D, EVEN_N, EVEN_D)
             do = _load_tile(_ptrs(do_base, offs_m, stride_don, offs_d), offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
-            lse2 = _load_row(LSE + b * NQ + offs_m, offs_m, NQ, EVEN_N) * 1.4426950408889634
+            lse2 = _load_row(LSE + b * NQ + offs_m, offs_m, NQ, EVEN_N) * TL_LOG2E
             delta = _load_row(DELTA + b * NQ + offs_m, offs_m, NQ, EVEN_N)
             qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
             pT = tl.math.exp2(qkT - lse2[None, :])
@@ -271,11 +273,11 @@ def _attn_bwd_dq_kernel(
     ``dS = P * (dO V^T - Delta)``, ``dQ += dS K``, finally ``dQ *= sm_scale``.
     Pointers as in ``_attn_bwd_dkdv_kernel``; DQ: (B, NQ, D) output with its strides.
     """
-    stride_qb, stride_qn, stride_kb, stride_kn = stride_qb * 8, stride_qn * 8, stride_kb * 8, stride_kn * 8
-    stride_vb, stride_vn, stride_dob, stride_don = stride_vb * 8, stride_vn * 8, stride_dob * 8, stride_don * 8
-    stride_dqb, stride_dqn = stride_dqb * 8, stride_dqn * 8
-    D = D * 8
-    DV = DV * 8
+    stride_qb, stride_qn, stride_kb, stride_kn = stride_qb * TL_ALIGN, stride_qn * TL_ALIGN, stride_kb * TL_ALIGN, stride_kn * TL_ALIGN
+    stride_vb, stride_vn, stride_dob, stride_don = stride_vb * TL_ALIGN, stride_vn * TL_ALIGN, stride_dob * TL_ALIGN, stride_don * TL_ALIGN
+    stride_dqb, stride_dqn = stride_dqb * TL_ALIGN, stride_dqn * TL_ALIGN
+    D = D * TL_ALIGN
+    DV = DV * TL_ALIGN
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -286,7 +288,7 @@ def _attn_bwd_dq_kernel(
         b = tl.minimum(b_first + s, B - 1).to(tl.int64)
         q = _load_tile(_ptrs(Q + b * stride_qb, offs_m, stride_qn, offs_d), offs_m, NQ, offs_d, D, EVEN_N, EVEN_D)
         do = _load_tile(_ptrs(DO + b * stride_dob, offs_m, stride_don, offs_d), offs_m, NQ, offs_d, DV, EVEN_N, EVEN_D)
-        lse2 = _load_row(LSE + b * NQ + offs_m, offs_m, NQ, EVEN_N) * 1.4426950408889634
+        lse2 = _load_row(LSE + b * NQ + offs_m, offs_m, NQ, EVEN_N) * TL_LOG2E
         delta = _load_row(DELTA + b * NQ + offs_m, offs_m, NQ, EVEN_N)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         k_base = K + b * stride_kb
@@ -327,9 +329,9 @@ def _identity_bwd_kernel(
     Z, DO, DZ: (B, N, D), unit feature stride, batch / sequence strides and D in units of 8;
     LSE, DELTA: (B, N) contiguous float32.
     """
-    stride_zb, stride_zn, stride_dob, stride_don = stride_zb * 8, stride_zn * 8, stride_dob * 8, stride_don * 8
-    stride_dzb, stride_dzn = stride_dzb * 8, stride_dzn * 8
-    D = D * 8
+    stride_zb, stride_zn, stride_dob, stride_don = stride_zb * TL_ALIGN, stride_zn * TL_ALIGN, stride_dob * TL_ALIGN, stride_don * TL_ALIGN
+    stride_dzb, stride_dzn = stride_dzb * TL_ALIGN, stride_dzn * TL_ALIGN
+    D = D * TL_ALIGN
     pid_j = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_j = pid_j * BLOCK + tl.arange(0, BLOCK)
@@ -342,7 +344,7 @@ def _identity_bwd_kernel(
         do_base = DO + b * stride_dob
         zj = _load_tile(_ptrs(z_base, offs_j, stride_zn, offs_d), offs_j, N, offs_d, D, EVEN_N, EVEN_D)
         doj = _load_tile(_ptrs(do_base, offs_j, stride_don, offs_d), offs_j, N, offs_d, D, EVEN_N, EVEN_D)
-        lse2_j = _load_row(LSE + b * N + offs_j, offs_j, N, EVEN_N) * 1.4426950408889634
+        lse2_j = _load_row(LSE + b * N + offs_j, offs_j, N, EVEN_N) * TL_LOG2E
         delta_j = _load_row(DELTA + b * N + offs_j, offs_j, N, EVEN_N)
         dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         dkq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
@@ -350,7 +352,7 @@ def _identity_bwd_kernel(
             offs_i = start_i + offs_i0
             zi = _load_tile(_ptrs(z_base, offs_i, stride_zn, offs_d), offs_i, N, offs_d, D, EVEN_N, EVEN_D)
             doi = _load_tile(_ptrs(do_base, offs_i, stride_don, offs_d), offs_i, N, offs_d, D, EVEN_N, EVEN_D)
-            lse2_i = _load_row(LSE + b * N + offs_i, offs_i, N, EVEN_N) * 1.4426950408889634
+            lse2_i = _load_row(LSE + b * N + offs_i, offs_i, N, EVEN_N) * TL_LOG2E
             delta_i = _load_row(DELTA + b * N + offs_i, offs_i, N, EVEN_N)
             # rows i, columns j: S[i, j] = qk_scale * z_i . z_j
             sij = tl.dot(zi, tl.trans(zj), input_precision=DOT_PRECISION) * qk_scale
@@ -372,9 +374,8 @@ def _identity_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # heuristics: one launch configuration per (kernel, feature block, dtype)
 # ----------------------------------------------------------------------------------------------
-ALIGN = 8  # elements: the kernels take batch / sequence strides and feature sizes in these units
 _BLOCK_DS = (16, 32, 64, 128, 256)
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DTYPES = TL_DTYPES
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "identity_bwd")
 
 #: (BLOCK, num_warps, num_stages) per (kernel, BLOCK_D, 16-bit inputs), chosen from ``ptxas -v``
@@ -385,10 +386,7 @@ KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "identity_bwd")
 _LAUNCH: dict[tuple[str, int, bool], tuple[int, int, int] | None] = {}
 
 
-#: ``.maxnreg`` for every attention kernel. Without it ptxas trades a few bytes of spill (4-64 B)
-#: for one more resident program per SM whenever a kernel sits just above an occupancy step (80,
-#: 96, 128, 168 registers); with an explicit cap of 255 it allocates what the kernel needs instead.
-MAXNREG = 255
+
 
 
 def _set_launch(kernel: str, sixteen: bool, table: dict[int, tuple[int, int, int] | None]) -> None:
@@ -413,12 +411,20 @@ _set_launch("identity_bwd", False,   {16: (16, 4, 1), 32: (16, 8, 1), 64: (16, 8
 _set_launch("identity_bwd", True,    {16: (32, 4, 1), 32: (16, 4, 1), 64: (32, 4, 1), 128: (32, 8, 1), 256: (16, 8, 1)})
 
 
-def block_d(d: int) -> int:
-    """Feature block: ``max(next_pow2(d), 16)``."""
-    return max(triton.next_power_of_2(int(d)), 16)
+def max_features(dtype: torch.dtype) -> int:
+    """Largest D, Dv the kernels take (any dtype): ``MAX_D``."""
+    return MAX_D
 
 
-def launch_params(kernel: str, bd: int, dtype: torch.dtype) -> tuple[int, int, int] | None:
+def feature_block(d: int, dv: int, dtype: torch.dtype = torch.float32) -> int:
+    """BLOCK_D = max(16, next_pow2(max(d, dv))); ValueError above ``max_features(dtype)``."""
+    if max(d, dv) > max_features(dtype):
+        raise ValueError(f"D: the Triton attention kernels support feature sizes up to {max_features(dtype)}, "
+                         f"got D={d}, Dv={dv}")
+    return _pow2_block(max(d, dv))
+
+
+def launch_config(kernel: str, bd: int, dtype: torch.dtype) -> tuple[int, int, int] | None:
     """(BLOCK, num_warps, num_stages) the launchers use for ``kernel`` at feature block ``bd``
     (None: ``kernel`` is not launched there)."""
     return _LAUNCH[(kernel, bd, dtype != torch.float32)]
@@ -449,18 +455,11 @@ def _check_dtype(*xs: torch.Tensor) -> None:
             raise TypeError(f"q, k, v: the Triton attention kernels take float32/float16/bfloat16, got {x.dtype}")
 
 
-def _check_d(d: int) -> int:
-    bd = block_d(d)
-    if bd > MAX_BLOCK_D:
-        raise ValueError(f"D: the Triton attention kernels support feature sizes up to {MAX_BLOCK_D}, got {d}")
-    return bd
-
-
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise (TypeError / ValueError) for what the kernels cannot take: dtypes other than
-    float32/float16/bfloat16, and feature sizes above ``MAX_BLOCK_D``."""
+    float32/float16/bfloat16, and feature sizes above ``MAX_D``."""
     _check_dtype(q, k, v)
-    _check_d(max(q.shape[2], v.shape[2]))
+    feature_block(q.shape[2], v.shape[2], q.dtype)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -553,11 +552,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     identity = q is k and k is v
     B, NQ, D = q.shape
     NK, DV = k.shape[1], v.shape[2]
-    bd = _check_d(max(D, DV))
+    bd = feature_block(D, DV, q.dtype)
     q = _prep(q)
     k, v = (q, q) if identity else (_prep(k), _prep(v))
     Dp, DVp = q.shape[2], v.shape[2]
-    blk, nw, ns = launch_params("fwd", bd, q.dtype)
+    blk, nw, ns = launch_config("fwd", bd, q.dtype)
     o = _buffer(out, B, NQ, DV, q)
     lse_buf = _rows(lse, B, NQ, q.device)
     n_blocks = triton.cdiv(NQ, blk)
@@ -578,7 +577,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def _delta(o: torch.Tensor, do: torch.Tensor, bd: int) -> torch.Tensor:
     """Delta = rowsum(o * do) (B, NQ) float32; ``o`` and ``do`` already prepared."""
     B, NQ, DVp = o.shape
-    blk, nw, ns = launch_params("bwd_preprocess", bd, o.dtype)
+    blk, nw, ns = launch_config("bwd_preprocess", bd, o.dtype)
     delta = torch.empty((B, NQ), device=o.device, dtype=torch.float32)
     n_blocks = triton.cdiv(NQ, blk)
     spp = _seqs_per_program(B, n_blocks, NQ, bd)
@@ -597,7 +596,7 @@ def attention_backward(q, k, v, out, lse, do, scale: float, dq=None, dk=None, dv
     _check_dtype(q, k, v, out, do)
     B, NQ, D = q.shape
     NK, DV = k.shape[1], v.shape[2]
-    bd = _check_d(max(D, DV))
+    bd = feature_block(D, DV, q.dtype)
     q, k, v, out, do = (_prep(x) for x in (q, k, v, out, do))
     lse = _rows_in(lse)
     Dp, DVp = q.shape[2], v.shape[2]
@@ -607,7 +606,7 @@ def attention_backward(q, k, v, out, lse, do, scale: float, dq=None, dk=None, dv
     even_d = Dp == bd and DVp == bd
     sizes = (B, NQ, NK, Dp // ALIGN, DVp // ALIGN, float(scale), float(scale) * LOG2E)
 
-    blk, nw, ns = launch_params("bwd_dkdv", bd, q.dtype)
+    blk, nw, ns = launch_config("bwd_dkdv", bd, q.dtype)
     n_blocks = triton.cdiv(NK, blk)
     spp = _seqs_per_program(B, n_blocks, max(NQ, NK), bd)
     _attn_bwd_dkdv_kernel[(n_blocks, triton.cdiv(B, spp))](
@@ -616,7 +615,7 @@ def attention_backward(q, k, v, out, lse, do, scale: float, dq=None, dk=None, dv
         BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=(NQ % blk == 0 and NK % blk == 0), EVEN_D=even_d,
         DOT_PRECISION=prec, num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
-    blk, nw, ns = launch_params("bwd_dq", bd, q.dtype)
+    blk, nw, ns = launch_config("bwd_dq", bd, q.dtype)
     n_blocks = triton.cdiv(NQ, blk)
     spp = _seqs_per_program(B, n_blocks, max(NQ, NK), bd)
     _attn_bwd_dq_kernel[(n_blocks, triton.cdiv(B, spp))](
@@ -637,8 +636,8 @@ def identity_backward(z, out, lse, do, scale: float, dz=None):
     """Backward of the identity case: Delta preprocess, then one fused kernel returning dz (B, N, D)."""
     _check_dtype(z, out, do)
     B, N, D = z.shape
-    bd = _check_d(D)
-    if launch_params("identity_bwd", bd, z.dtype) is None:  # unfused: dz = dq + dk + dv
+    bd = feature_block(D, D, z.dtype)
+    if launch_config("identity_bwd", bd, z.dtype) is None:  # unfused: dz = dq + dk + dv
         dq, dk, dv = attention_backward(z, z, z, out, lse, do, scale)
         res = dq.add_(dk).add_(dv)
         return res if dz is None else dz.copy_(res)
@@ -646,7 +645,7 @@ def identity_backward(z, out, lse, do, scale: float, dz=None):
     lse = _rows_in(lse)
     dz_buf = _buffer(dz, B, N, D, z)
     delta = _delta(out, do, bd)
-    blk, nw, ns = launch_params("identity_bwd", bd, z.dtype)
+    blk, nw, ns = launch_config("identity_bwd", bd, z.dtype)
     n_blocks = triton.cdiv(N, blk)
     spp = _seqs_per_program(B, n_blocks, N, bd)
     _identity_bwd_kernel[(n_blocks, triton.cdiv(B, spp))](
@@ -664,69 +663,46 @@ def identity_backward(z, out, lse, do, scale: float, dz=None):
 _KERNEL_FNS = {"fwd": _attn_fwd_kernel, "identity_fwd": _attn_fwd_kernel,
                "bwd_preprocess": _attn_bwd_preprocess_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel,
                "bwd_dq": _attn_bwd_dq_kernel, "identity_bwd": _identity_bwd_kernel}
-_FLOAT_ARGS = ("qk_scale", "sm_scale")
-_FP32_PTRS = ("LSE", "DELTA")
-_TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DATA = {"Q", "K", "V", "O", "DO", "DK", "DV_", "DQ", "Z", "DZ"}     # pointers of the data dtype
 
 
-def make_config(name: str, dt: str, constexprs: dict, num_warps: int, num_stages: int) -> dict:
-    """One ``triton.compiler.ASTSource`` configuration of kernel ``name`` (a key of ``_KERNEL_FNS``)
-    for pointer dtype ``dt``: every pointer is 16-byte aligned (``attrs``, as the launchers
-    guarantee); integers are plain i32 (not specialised by the JIT); floats fp32."""
+def kernel_config(name: str, dt: str, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """One compile configuration (``_common.make_config``) of kernel ``name`` (a key of ``_KERNEL_FNS``)
+    for data dtype ``dt``: every pointer 16-byte aligned (as the launchers guarantee), LSE / DELTA
+    float32, integers i32 (not specialised by the JIT), the two scales fp32."""
     fn = _KERNEL_FNS[name]
-    sig, attrs = {}, {}
-    for i, arg in enumerate(fn.arg_names):
-        if arg in constexprs:
-            sig[arg] = "constexpr"
-        elif arg.isupper() or arg == "DV_":
-            if arg in ("B", "NQ", "NK", "N", "D", "DV"):
-                sig[arg] = "i32"
-                continue
-            sig[arg] = "*fp32" if arg in _FP32_PTRS else f"*{dt}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg in _FLOAT_ARGS:
-            sig[arg] = "fp32"
-        else:
-            sig[arg] = "i32"
-    return {"name": f"attention.{name}", "fn": fn, "signature": sig, "constexprs": dict(constexprs),
-            "num_warps": num_warps, "num_stages": num_stages, "maxnreg": MAXNREG, "attrs": attrs}
+    args = set(fn.arg_names)
+    pointers = {a: None for a in _DATA & args} | {a: "fp32" for a in ("LSE", "DELTA") if a in args}
+    return make_config(f"attention.{name}", fn, dt, constexprs, num_warps, num_stages, pointers=pointers,
+                       fp32=tuple(a for a in ("qk_scale", "sm_scale") if a in args), aligned=tuple(pointers),
+                       maxnreg=MAXNREG)
 
 
 def compile_configs(dtypes=("fp32", "fp16", "bf16")) -> list[dict]:
     """Exactly the (kernel, constexprs, num_warps, num_stages) the launchers can launch, for ``dtypes``:
-    per (kernel, BLOCK_D, dtype) the one ``launch_params`` choice, with EVEN_N / EVEN_D (and IDENTITY
+    per (kernel, BLOCK_D, dtype) the one ``launch_config`` choice, with EVEN_N / EVEN_D (and IDENTITY
     for the forward) as the only other axes; the preprocess has none.
 
-    Each entry: ``{"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "maxnreg",
-    "attrs"}`` in the ``triton.compiler.ASTSource`` format of triton 3.6 (``maxnreg`` is a compile
-    option, like num_warps).
+    Each entry is a ``_common.make_config`` dict.
     """
     out = []
     flags = list(itertools.product((True, False), (True, False)))
     for dt, bd in itertools.product(dtypes, _BLOCK_DS):
-        tdt = _TORCH_DTYPE[dt]
+        tdt = next(t for t, name in _DTYPES.items() if name == dt)
         prec = _dot_precision(tdt)
-        blk, nw, ns = launch_params("fwd", bd, tdt)
+        blk, nw, ns = launch_config("fwd", bd, tdt)
         for identity, (even_n, even_d) in itertools.product((False, True), flags):
             c = dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d, IDENTITY=identity,
                      DOT_PRECISION=prec)
-            out.append(make_config("identity_fwd" if identity else "fwd", dt, c, nw, ns))
-        blk, nw, ns = launch_params("bwd_preprocess", bd, tdt)
-        out.append(make_config("bwd_preprocess", dt, dict(BLOCK_M=blk, BLOCK_D=bd), nw, ns))
+            out.append(kernel_config("identity_fwd" if identity else "fwd", dt, c, nw, ns))
+        blk, nw, ns = launch_config("bwd_preprocess", bd, tdt)
+        out.append(kernel_config("bwd_preprocess", dt, dict(BLOCK_M=blk, BLOCK_D=bd), nw, ns))
         for name in ("bwd_dkdv", "bwd_dq", "identity_bwd"):
-            if launch_params(name, bd, tdt) is None:
+            if launch_config(name, bd, tdt) is None:
                 continue
-            blk, nw, ns = launch_params(name, bd, tdt)
+            blk, nw, ns = launch_config(name, bd, tdt)
             for even_n, even_d in flags:
                 blocks = dict(BLOCK=blk) if name == "identity_bwd" else dict(BLOCK_M=blk, BLOCK_N=blk)
                 c = dict(**blocks, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d, DOT_PRECISION=prec)
-                out.append(make_config(name, dt, c, nw, ns))
+                out.append(kernel_config(name, dt, c, nw, ns))
     return out
-
-
-def config_key(cfg: dict) -> tuple:
-    """Hashable identity of a configuration: kernel function, pointer dtype, constexprs, warps, stages,
-    register cap."""
-    dt = next((t for a, t in cfg["signature"].items() if t.startswith("*") and a not in _FP32_PTRS), "*fp32")
-    return (cfg["fn"].__name__, dt, tuple(sorted(cfg["constexprs"].items())), cfg["num_warps"], cfg["num_stages"],
-            cfg.get("maxnreg"))

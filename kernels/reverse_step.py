@@ -12,7 +12,7 @@ and ``out`` share one dtype (float32, float16 or bfloat16).
 
 Noise stream (Philox4x32-10, identical to the torch reference ``fastscore.ops.philox``):
 element ``e = (sample_offset + i) * per_sample + j`` (global index in the whole sampling run)
-belongs to group ``g = e // 4``; one ``tl.philox`` call on the uint32 counter
+belongs to group ``g = e // 4``; one Philox call (``_common.philox_group``) on the uint32 counter
 ``(lo32(g), hi32(g), step, STREAM_NOISE = 0)`` with key ``(lo32(seed), hi32(seed))`` gives the
 four words of the group, and Box-Muller on word pairs (0, 1) and (2, 3) gives the four normals,
 element ``e`` taking normal ``e % 4``. Counters are built as uint32 explicitly, so the stream
@@ -23,17 +23,30 @@ Programs tile the *global group* axis, so every Philox call serves four elements
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.random import uint_to_uniform_float
 
-STREAM_NOISE = tl.constexpr(0)  # c3 of the noise stream (fastscore.ops.philox.STREAM_NOISE)
+from ._common import MAXNREG, STREAM_NOISE, TL_DTYPES, make_config, philox_group
+
 BLOCK = 1024        # elements per program (BLOCK // 4 Philox calls)
 NUM_WARPS = 4
 NUM_STAGES = 1
+#: integer arguments, never specialised by value (``_common``: a 1 would arrive as a Python int, and
+#: ``seed``, ``step``, ``sample_offset`` change at every call); annotated, so the JIT types them as the
+#: compile configurations do (i64 / i32) whatever their magnitude
+_INT_ARGS = ("seed", "sample_offset", "per_sample", "n_elements", "step")
 
-_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+def _maxnreg(has_noise: bool, aligned4: bool, even16: bool) -> int | None:
+    """Register cap of a configuration (ptxas -v, benchmarks/compile_report.py): the noise path with
+    aligned groups and a ragged element count sits at 32 registers on sm_80, where ptxas spills 4 bytes
+    to keep full occupancy unless given a cap (``_common.MAXNREG``); with one it takes 32-40. Elsewhere
+    no cap: ptxas's own choice has no spill, and a cap would raise the unaligned path from ~50 to 80."""
+    return MAXNREG if has_noise and aligned4 and not even16 else None
 
 
 @triton.jit
@@ -45,16 +58,17 @@ def _box_muller(u_r, u_th):
     return r * tl.cos(th), r * tl.sin(th)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_INT_ARGS)
 def _reverse_step_kernel(
     x_ptr, eps_ptr, out_ptr,        # (n_elements,) contiguous, one dtype
     seed_ptr, offset_ptr,           # 1-element int64 tensors (SEED_FROM_PTR / OFFSET_FROM_PTR) or None
-    seed, sample_offset,            # i64 scalars, used when the matching *_FROM_PTR is False
-    per_sample, n_elements, step,   # elements per sample, total elements, step index (< 2**31)
+    seed: tl.int64, sample_offset: tl.int64,  # used when the matching *_FROM_PTR is False
+    per_sample: tl.int64, n_elements: tl.int64,  # elements per sample, total elements
+    step: tl.int32,                 # step index (< 2**31)
     coef_a, coef_b, coef_a_prev, coef_d, coef_sigma,  # fp32 step scalars (see module docstring)
     HAS_NOISE: tl.constexpr, CLIP_X0: tl.constexpr,
     SEED_FROM_PTR: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr, ALIGNED4: tl.constexpr,
-    BLOCK: tl.constexpr,
+    EVEN16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program writes ``BLOCK`` consecutive elements of ``out``.
 
@@ -65,9 +79,14 @@ def _reverse_step_kernel(
     ``base // 4 + pid * BLOCK // 4`` where ``base = sample_offset * per_sample``; local index
     ``k = e - base`` of global element ``e``, masked to ``0 <= k < n_elements``. ``ALIGNED4``
     (``base % 4 == 0``, e.g. ``per_sample % 4 == 0``) makes that ``[pid * BLOCK, (pid + 1) * BLOCK)``.
+    ``EVEN16``: ``n_elements`` arrives in units of 16 elements, so the compiler knows the mask is
+    constant over 16 elements and vectorises loads and stores (what the JIT's divisibility hint did
+    before the integers were unspecialised; without it the noise path spilled 4 bytes on sm_80).
     """
     pid = tl.program_id(0).to(tl.int64)
     n_elements = n_elements.to(tl.int64)
+    if EVEN16:
+        n_elements = n_elements * 16
     if HAS_NOISE:
         if OFFSET_FROM_PTR:
             base = tl.load(offset_ptr).to(tl.int64) * per_sample.to(tl.int64)
@@ -79,11 +98,7 @@ def _reverse_step_kernel(
             key = seed.to(tl.int64)
         G: tl.constexpr = BLOCK // 4
         g = base // 4 + pid * G + tl.arange(0, G).to(tl.int64)        # global Philox groups
-        c0 = (g & 0xFFFFFFFF).to(tl.uint32)
-        c1 = (g >> 32).to(tl.uint32)
-        c2 = tl.zeros([G], dtype=tl.uint32) + step.to(tl.uint32)
-        c3 = tl.zeros([G], dtype=tl.uint32) + STREAM_NOISE
-        w0, w1, w2, w3 = tl.philox(key, c0, c1, c2, c3)
+        w0, w1, w2, w3 = philox_group(key, g, step, STREAM_NOISE)
         n0, n1 = _box_muller(uint_to_uniform_float(w0), uint_to_uniform_float(w1))
         n2, n3 = _box_muller(uint_to_uniform_float(w2), uint_to_uniform_float(w3))
         # (G, 2, 2) -> (BLOCK,): element 4 * r + 2 * i + j takes normal 2 * i + j of group r
@@ -129,7 +144,7 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coef, seed, step: int, sa
     so a captured CUDA graph can change them between replays). ``sigma == 0`` skips the noise.
     ``out`` may be ``x_t`` (in place). The caller validates ranges; this checks only layout.
     """
-    if x_t.dtype not in _TL_DTYPES or eps.dtype != x_t.dtype or eps.shape != x_t.shape:
+    if x_t.dtype not in TL_DTYPES or eps.dtype != x_t.dtype or eps.shape != x_t.shape:
         raise ValueError("x_t and eps must share shape and a float32/float16/bfloat16 dtype")
     a, b, a_prev, d, sigma = (float(c) for c in coef)
     n = x_t.numel()
@@ -155,11 +170,12 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coef, seed, step: int, sa
     # unaligned: the first group may start up to 3 elements before the batch
     grid = (triton.cdiv(n + (0 if aligned4 else 3), BLOCK),)
     _reverse_step_kernel[grid](
-        xc, ec, dst, seed_ptr, off_ptr, seed_val, off_val, per, n, int(step),
+        xc, ec, dst, seed_ptr, off_ptr, seed_val, off_val, per, n // 16 if n % 16 == 0 else n, int(step),
         a, b, a_prev, d, sigma,
         HAS_NOISE=has_noise, CLIP_X0=bool(clip_x0),
         SEED_FROM_PTR=seed_ptr is not None, OFFSET_FROM_PTR=off_ptr is not None, ALIGNED4=aligned4,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        EVEN16=n % 16 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        maxnreg=_maxnreg(has_noise, aligned4, n % 16 == 0),
     )
     if out is not None and dst is not out:
         out.copy_(dst.view(out.shape))
@@ -168,43 +184,35 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coef, seed, step: int, sa
 
 
 def compile_configs() -> list[dict]:
-    """Every configuration ``reverse_step`` can launch, in triton 3.6 ``ASTSource`` form.
+    """Every configuration ``reverse_step`` can launch (``_common.make_config`` form).
 
-    Each dict also carries ``attrs`` (``ASTSource(..., attrs=...)``): the 16-byte alignment that
-    the JIT infers for the three tensor pointers and ``n_elements`` in the usual case (fresh torch
-    allocations, element counts that are multiples of 16); compiling without it gives the
-    unvectorised variant the JIT uses for odd sizes.
+    The pointers carry the 16-byte divisibility that the JIT infers for fresh torch allocations
+    (unaligned pointers compile an unvectorised variant); the integers are typed as their
+    annotations say, as the JIT does (they are never specialised by value).
     """
-    names = list(_reverse_step_kernel.arg_names)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ("x_ptr", "eps_ptr", "out_ptr", "n_elements")}
+    pointers = {"x_ptr": None, "eps_ptr": None, "out_ptr": None, "seed_ptr": "i64", "offset_ptr": "i64"}
+    i64 = ("seed", "sample_offset", "per_sample", "n_elements")
+    fp32 = ("coef_a", "coef_b", "coef_a_prev", "coef_d", "coef_sigma")
     configs = []
-    for ty in _TL_DTYPES.values():
+    for ty in TL_DTYPES.values():
         for has_noise in (False, True):
             for clip in (False, True):
                 modes = [(s, o, al) for s in (False, True) for o in (False, True) for al in (True, False)] \
                     if has_noise else [(False, False, True)]
-                for seed_ptr, off_ptr, aligned4 in modes:
-                    sig = {
-                        "x_ptr": f"*{ty}", "eps_ptr": f"*{ty}", "out_ptr": f"*{ty}",
-                        "seed_ptr": "*i64" if seed_ptr else "constexpr",
-                        "offset_ptr": "*i64" if off_ptr else "constexpr",
-                        "seed": "i64", "sample_offset": "i64", "per_sample": "i64", "n_elements": "i64",
-                        "step": "i32",
-                        "coef_a": "fp32", "coef_b": "fp32", "coef_a_prev": "fp32", "coef_d": "fp32",
-                        "coef_sigma": "fp32",
-                        "HAS_NOISE": "constexpr", "CLIP_X0": "constexpr", "SEED_FROM_PTR": "constexpr",
-                        "OFFSET_FROM_PTR": "constexpr", "ALIGNED4": "constexpr", "BLOCK": "constexpr",
-                    }
+                for (seed_ptr, off_ptr, aligned4), even16 in itertools.product(modes, (True, False)):
                     constexprs = {"HAS_NOISE": has_noise, "CLIP_X0": clip, "SEED_FROM_PTR": seed_ptr,
-                                  "OFFSET_FROM_PTR": off_ptr, "ALIGNED4": aligned4, "BLOCK": BLOCK}
+                                  "OFFSET_FROM_PTR": off_ptr, "ALIGNED4": aligned4, "EVEN16": even16,
+                                  "BLOCK": BLOCK}
                     if not seed_ptr:
                         constexprs["seed_ptr"] = None
                     if not off_ptr:
                         constexprs["offset_ptr"] = None
                     name = (f"reverse_step_{ty}" + ("_noise" if has_noise else "") + ("_clip" if clip else "")
                             + ("_seedptr" if seed_ptr else "") + ("_offptr" if off_ptr else "")
-                            + ("" if aligned4 else "_unaligned"))
-                    configs.append({"name": name, "fn": _reverse_step_kernel, "signature": sig,
-                                    "constexprs": constexprs, "attrs": dict(attrs),
-                                    "num_warps": NUM_WARPS, "num_stages": NUM_STAGES})
+                            + ("" if aligned4 else "_unaligned") + ("" if even16 else "_ragged"))
+                    configs.append(make_config(
+                        name, _reverse_step_kernel, ty, constexprs, NUM_WARPS, NUM_STAGES,
+                        pointers={k: v for k, v in pointers.items() if k not in constexprs}, fp32=fp32, i64=i64,
+                        aligned=tuple(k for k in pointers if k not in constexprs),
+                        maxnreg=_maxnreg(has_noise, aligned4, even16)))
     return configs

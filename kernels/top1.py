@@ -20,6 +20,11 @@ Gumbel noise ``g_ij = -log(-log(u))`` with ``u`` = Philox4x32-10 keyed by ``seed
 element index ``e = (b * N + i) * N + j``: counter ``(e // 4 low 32 bits, e // 4 high bits, 0,
 STREAM_GUMBEL = 1)``, word ``e % 4``, ``tl.uint_to_uniform_float``, clamped to [1e-10, 1 - 1e-7].
 
+Determinism: no atomics anywhere, and every kernel reads contiguous tensors with 16-byte aligned
+data (``_prep`` copies any other layout; ``_buffer`` / ``_finish`` do the same for given outputs) and
+unspecialised integers, so one input shape and dtype always runs the same compiled variant with the
+same reduction order, whatever the caller's strides: dq, dk, dv repeat bit for bit.
+
 Precision: scores and all accumulations in float32; float32 inputs use 3xTF32 dots (float32-level
 accuracy, so the argmax agrees with an fp32 eager matmul up to rounding-level near-ties), float16/bfloat16 inputs feed tensor cores in their own
 dtype (probabilities and dS are rounded to that dtype before their dots, as in flash attention).
@@ -42,13 +47,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import LOG2E, STREAM_GUMBEL, TL_DTYPES, make_config, philox_group
+from ._common import feature_block as _pow2_block
+
 MAX_D = 128
 MAX_D_FP32 = 64
-STREAM_GUMBEL = 1
-_LOG2E = 1.4426950408889634
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dk", "bwd_dv")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = tuple(TL_DTYPES)
 _BLOCK_DS = (16, 32, 64, 128)
+#: integer arguments, never specialised by value (see ``_common``): sizes and strides equal to 1 or
+#: divisible by 16 would otherwise compile extra variants (and a different variant for a strided
+#: input is a different reduction layout: see ``_prep``); ``seed`` is annotated int64, so its type
+#: does not depend on its magnitude either
+_INT_ARGS = ("seed", "N", "D", "DV", "n_blocks", "stride_ib", "stride_in",
+             *(f"stride_{t}{a}" for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv") for a in "bnd"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,11 +80,7 @@ def _dot(a, b):
 def _gumbel(seed, b, offs_m, offs_n, N):
     """Gumbel(0, 1) noise of shape (len(offs_m), len(offs_n)) for batch ``b`` (int64 scalar)."""
     e = (b * N + offs_m.to(tl.int64)[:, None]) * N + offs_n.to(tl.int64)[None, :]
-    grp = e // 4
-    c0 = (grp & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (grp >> 32).to(tl.uint32)
-    zero = c0 * 0
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero + 1)  # c3 = STREAM_GUMBEL
+    r0, r1, r2, r3 = philox_group(seed, e // 4, 0, STREAM_GUMBEL)
     w = e % 4
     word = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
     u = tl.uint_to_uniform_float(word)
@@ -83,8 +91,8 @@ def _gumbel(seed, b, offs_m, offs_n, N):
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _top1_fwd_kernel(Q, K, V, Out, Idx, seed, N, D, DV,
+@triton.jit(do_not_specialize=_INT_ARGS)
+def _top1_fwd_kernel(Q, K, V, Out, Idx, seed: tl.int64, N, D, DV,
                      stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
                      stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od,
                      stride_ib, stride_in,
@@ -136,8 +144,8 @@ def _top1_fwd_kernel(Q, K, V, Out, Idx, seed, N, D, DV,
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _top1_bwd_preprocess_kernel(Q, K, V, DO, Lse, Delta, seed, N, D, DV, scale2,
+@triton.jit(do_not_specialize=_INT_ARGS)
+def _top1_bwd_preprocess_kernel(Q, K, V, DO, Lse, Delta, seed: tl.int64, N, D, DV, scale2,
                                 stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
                                 stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -183,8 +191,8 @@ def _top1_bwd_preprocess_kernel(Q, K, V, DO, Lse, Delta, seed, N, D, DV, scale2,
     tl.store(Delta + b * N + offs_m, delta, mask=mask_m)
 
 
-@triton.jit
-def _top1_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, seed, N, D, DV, scale2, inv_t,
+@triton.jit(do_not_specialize=_INT_ARGS)
+def _top1_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, seed: tl.int64, N, D, DV, scale2, inv_t,
                         stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
                         stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
                         stride_dqb, stride_dqn, stride_dqd,
@@ -226,8 +234,8 @@ def _top1_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, seed, N, D, DV, scale2, inv
              (dq * inv_t).to(DQ.dtype.element_ty), mask=mask_qd)
 
 
-@triton.jit
-def _top1_bwd_dk_kernel(Q, K, V, DO, Lse, Delta, DK, seed, N, D, DV, scale2, inv_t,
+@triton.jit(do_not_specialize=_INT_ARGS)
+def _top1_bwd_dk_kernel(Q, K, V, DO, Lse, Delta, DK, seed: tl.int64, N, D, DV, scale2, inv_t,
                         stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
                         stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
                         stride_dkb, stride_dkn, stride_dkd,
@@ -269,7 +277,7 @@ def _top1_bwd_dk_kernel(Q, K, V, DO, Lse, Delta, DK, seed, N, D, DV, scale2, inv
              (dk * inv_t).to(DK.dtype.element_ty), mask=mask_kd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_INT_ARGS)
 def _top1_bwd_dv_kernel(DO, SortedIdx, Perm, Bounds, DV_out, N, DV, n_blocks,
                         stride_dob, stride_don, stride_dod, stride_dvb, stride_dvn, stride_dvd,
                         BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -386,7 +394,7 @@ def feature_block(d: int, dv: int, dtype: torch.dtype = torch.float16) -> int:
     """BLOCK_D = max(16, next_pow2(max(d, dv))); ValueError above ``max_features(dtype)``."""
     if max(d, dv) > max_features(dtype):
         raise ValueError(f"top-1 kernels support D, Dv <= {max_features(dtype)} for {dtype}, got D={d}, Dv={dv}")
-    return max(16, triton.next_power_of_2(max(d, dv)))
+    return _pow2_block(max(d, dv))
 
 
 def launch_config(kernel: str, block_d: int, dtype: torch.dtype, gumbel: bool = False
@@ -411,6 +419,31 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[in
     return b, n, d, v.shape[2]
 
 
+def _aligned(x: torch.Tensor | None) -> bool:
+    return x is not None and x.is_contiguous() and x.data_ptr() % 16 == 0
+
+
+def _prep(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernels read it: itself when contiguous with 16-byte aligned data, else a contiguous
+    copy (a fresh allocation, aligned). With integer arguments unspecialised, the compiled variant then
+    depends on the shape and dtype only, never on the caller's layout: on a GPU a strided or offset
+    input otherwise compiles a variant with other load layouts, whose dots may reduce in another
+    order (FINDINGS.md: dq changed bitwise with the input strides on an H100)."""
+    return x if _aligned(x) else x.clone(memory_format=torch.contiguous_format)  # a contiguous x too
+
+
+def _buffer(given: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Where a kernel writes a result: ``given`` when the kernels can take it as it is (``_prep``), else a
+    fresh contiguous buffer that ``_finish`` copies into ``given``."""
+    return given if _aligned(given) else torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _finish(buf: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+    if given is None or given is buf:
+        return buf
+    return given.copy_(buf)
+
+
 def top1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gumbel: bool = False, seed: int = 0,
                  out: torch.Tensor | None = None, idx: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,15 +454,14 @@ def top1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gumbel: bool
     b, n, d, dv = _check_inputs(q, k, v)
     block_d = feature_block(d, dv, q.dtype)
     bm, bn, warps, stages = launch_config("fwd", block_d, q.dtype, gumbel)
-    if out is None:
-        out = torch.empty((b, n, dv), dtype=v.dtype, device=v.device)
-    if idx is None:
-        idx = torch.empty((b, n), dtype=torch.int64, device=q.device)
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    o_buf = _buffer(out, v, (b, n, dv), v.dtype)
+    i_buf = _buffer(idx, q, (b, n), torch.int64)
     _top1_fwd_kernel[(triton.cdiv(n, bm), b)](
-        q, k, v, out, idx, int(seed), n, d, dv,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *idx.stride(),
+        q, k, v, o_buf, i_buf, int(seed), n, d, dv,
+        *q.stride(), *k.stride(), *v.stride(), *o_buf.stride(), *i_buf.stride(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, GUMBEL=bool(gumbel), num_warps=warps, num_stages=stages)
-    return out, idx
+    return _finish(o_buf, out), _finish(i_buf, idx)
 
 
 def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
@@ -447,13 +479,11 @@ def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         raise ValueError(f"dout must have shape {tuple(v.shape)}, got {tuple(dout.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    dout = dout.to(v.dtype)
     block_d = feature_block(d, dvn, q.dtype)
-    scale2 = _LOG2E / float(temperature)
+    dout, q, k, v = _prep(dout.to(v.dtype)), _prep(q), _prep(k), _prep(v)
+    scale2 = LOG2E / float(temperature)
     inv_t = 1.0 / float(temperature)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+    dq_buf, dk_buf, dv_buf = (_buffer(g, x, tuple(x.shape), x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
     lse = torch.empty((b, n), dtype=torch.float32, device=q.device)
     delta = torch.empty((b, n), dtype=torch.float32, device=q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
@@ -468,70 +498,49 @@ def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     _top1_bwd_preprocess_kernel[(triton.cdiv(n, bm), b)](q, k, v, dout, lse, delta, seed, n, d, dvn, scale2,
                                                          *strides, **kw)
     bm, _, kw = meta("bwd_dq")
-    _top1_bwd_dq_kernel[(triton.cdiv(n, bm), b)](q, k, v, dout, lse, delta, dq, seed, n, d, dvn, scale2, inv_t,
-                                                 *strides, *dq.stride(), **kw)
+    _top1_bwd_dq_kernel[(triton.cdiv(n, bm), b)](q, k, v, dout, lse, delta, dq_buf, seed, n, d, dvn, scale2, inv_t,
+                                                 *strides, *dq_buf.stride(), **kw)
     _, bn, kw = meta("bwd_dk")
-    _top1_bwd_dk_kernel[(triton.cdiv(n, bn), b)](q, k, v, dout, lse, delta, dk, seed, n, d, dvn, scale2, inv_t,
-                                                 *strides, *dk.stride(), **kw)
+    _top1_bwd_dk_kernel[(triton.cdiv(n, bn), b)](q, k, v, dout, lse, delta, dk_buf, seed, n, d, dvn, scale2, inv_t,
+                                                 *strides, *dk_buf.stride(), **kw)
     # hard dv: sort each row of the index map, then one program per key block gathers its run
     bt, bn, warps, stages = launch_config("bwd_dv", block_d, q.dtype)
     sorted_idx, perm = torch.sort(idx, dim=1, stable=True)
     n_blocks = triton.cdiv(n, bn)
     edges = (torch.arange(n_blocks + 1, device=idx.device, dtype=torch.int64) * bn).clamp_(max=n)
     bounds = torch.searchsorted(sorted_idx.contiguous(), edges.expand(b, n_blocks + 1).contiguous())
-    _top1_bwd_dv_kernel[(n_blocks, b)](dout, sorted_idx.contiguous(), perm.contiguous(), bounds.contiguous(), dv,
-                                       n, dvn, n_blocks, *dout.stride(), *dv.stride(),
+    _top1_bwd_dv_kernel[(n_blocks, b)](dout, sorted_idx.contiguous(), perm.contiguous(), bounds.contiguous(), dv_buf,
+                                       n, dvn, n_blocks, *dout.stride(), *dv_buf.stride(),
                                        BLOCK_N=bn, BLOCK_T=bt, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
-    return dq, dk, dv
+    return _finish(dq_buf, dq), _finish(dk_buf, dk), _finish(dv_buf, dv)
 
 
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time compile configurations
 # ----------------------------------------------------------------------------------------------
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV_out"}          # pointers of the data dtype
+_OTHER = {"Idx": "i64", "Lse": "fp32", "Delta": "fp32", "SortedIdx": "i64", "Perm": "i64", "Bounds": "i64"}
+_FNS = {"fwd": _top1_fwd_kernel, "bwd_preprocess": _top1_bwd_preprocess_kernel, "bwd_dq": _top1_bwd_dq_kernel,
+        "bwd_dk": _top1_bwd_dk_kernel, "bwd_dv": _top1_bwd_dv_kernel}
 
 
-def _sig(names: str, ptr: str) -> dict[str, str]:
-    """Signature from a space-separated spec: ``name:type`` where type ``P`` means the data pointer."""
-    out = {}
-    for item in names.split():
-        name, ty = item.split(":")
-        out[name] = ptr if ty == "P" else ty
-    return out
-
-
-_S3 = "stride_{0}b:i32 stride_{0}n:i32 stride_{0}d:i32"
-_IN_STRIDES = " ".join(_S3.format(x) for x in ("q", "k", "v"))
-_SPECS = {
-    "fwd": (_top1_fwd_kernel, f"Q:P K:P V:P Out:P Idx:*i64 seed:i64 N:i32 D:i32 DV:i32 {_IN_STRIDES} "
-            + _S3.format("o") + " stride_ib:i32 stride_in:i32"),
-    "bwd_preprocess": (_top1_bwd_preprocess_kernel,
-                       f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
-                       f"{_IN_STRIDES} " + _S3.format("do")),
-    "bwd_dq": (_top1_bwd_dq_kernel,
-               f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 DQ:P seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
-               f"inv_t:fp32 {_IN_STRIDES} " + _S3.format("do") + " " + _S3.format("dq")),
-    "bwd_dk": (_top1_bwd_dk_kernel,
-               f"Q:P K:P V:P DO:P Lse:*fp32 Delta:*fp32 DK:P seed:i64 N:i32 D:i32 DV:i32 scale2:fp32 "
-               f"inv_t:fp32 {_IN_STRIDES} " + _S3.format("do") + " " + _S3.format("dk")),
-    "bwd_dv": (_top1_bwd_dv_kernel, "DO:P SortedIdx:*i64 Perm:*i64 Bounds:*i64 DV_out:P N:i32 DV:i32 n_blocks:i32 "
-               + _S3.format("do") + " " + _S3.format("dv")),
-}
-
-
-def make_config(kernel: str, dtype: torch.dtype, block_d: int, gumbel: bool,
-                cfg: tuple[int, int, int, int]) -> dict:
-    """One compile configuration (``triton.compiler.ASTSource`` format of triton 3.6) of ``kernel``
-    with ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages)`` as from ``launch_config``."""
+def kernel_config(kernel: str, dtype: torch.dtype, block_d: int, gumbel: bool,
+                  cfg: tuple[int, int, int, int]) -> dict:
+    """One compile configuration (``_common.make_config``) of ``kernel`` with
+    ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages)`` as from ``launch_config``: pointers 16-byte
+    aligned (``_prep`` and fresh allocations), ``seed`` int64, other integers i32, floats fp32."""
     bm, bn, warps, stages = cfg
-    fn, spec = _SPECS[kernel]
+    fn, ty = _FNS[kernel], TL_DTYPES[dtype]
     if kernel == "bwd_dv":
-        consts, name = {"BLOCK_N": bn, "BLOCK_T": bm, "BLOCK_D": block_d}, f"top1_{kernel}_{_PTR[dtype][1:]}_d{block_d}"
+        consts, name = {"BLOCK_N": bn, "BLOCK_T": bm, "BLOCK_D": block_d}, f"top1_{kernel}_{ty}_d{block_d}"
     else:
         consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "GUMBEL": bool(gumbel)}
-        name = f"top1_{kernel}_{_PTR[dtype][1:]}_d{block_d}_{'g' if gumbel else 'n'}"
-    return {"name": name, "fn": fn, "signature": {**_sig(spec, _PTR[dtype]), **{c: "constexpr" for c in consts}},
-            "constexprs": consts, "num_warps": warps, "num_stages": stages}
+        name = f"top1_{kernel}_{ty}_d{block_d}_{'g' if gumbel else 'n'}"
+    args = set(fn.arg_names)
+    pointers = {a: None for a in _DATA & args} | {a: t for a, t in _OTHER.items() if a in args}
+    return make_config(name, fn, ty, consts, warps, stages, pointers=pointers,
+                       fp32=tuple(a for a in ("scale2", "inv_t") if a in args), i64=("seed",) if "seed" in args else (),
+                       aligned=tuple(pointers))
 
 
 def compile_configs() -> list[dict]:
@@ -543,5 +552,5 @@ def compile_configs() -> list[dict]:
         if block_d > max_features(dtype):
             continue
         for gumbel in ((False,) if kernel == "bwd_dv" else (False, True)):
-            configs.append(make_config(kernel, dtype, block_d, gumbel, launch_config(kernel, block_d, dtype, gumbel)))
+            configs.append(kernel_config(kernel, dtype, block_d, gumbel, launch_config(kernel, block_d, dtype, gumbel)))
     return configs

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, requires_cuda
+from conftest import DEVICE, requires_cuda
 from fastscore.kernels import attention as K
 from fastscore.ops import attention as T  # noqa: F401  (registers the custom ops)
 from fastscore.ops.attention import identity_attention, softmax_attention, softmax_attention_reference
 
-DEV = "cuda" if HAS_CUDA else "cpu"
+DEV = DEVICE
 interpret = pytest.mark.interpret
 ERRORS: dict[str, float] = {}  # largest kernel error seen per quantity (printed with -s)
 
@@ -196,13 +196,13 @@ def test_nan_input_gives_nan_rows(seed):
     q[0, 3] = float("nan")
     out, lse = K.attention_forward(q, k, v, 0.5)
     assert torch.isnan(out[0, 3]).all() and torch.isnan(lse[0, 3])
-    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask = torch.ones(2, 20, dtype=torch.bool, device=DEV)
     mask[0, 3] = False
     assert torch.isfinite(out[mask]).all()
     k[1, 5] = float("nan")  # a NaN key touches every query row of its sequence
     out, _ = K.attention_forward(q, k, v, 0.5)
     assert torch.isnan(out[1]).all()
-    z = torch.randn(1, 9, 4)
+    z = torch.randn(1, 9, 4, device=DEV)
     z[0, 2, 1] = float("nan")
     oz, _ = K.identity_forward(z, 0.5)
     assert torch.isnan(oz).all()
@@ -218,7 +218,8 @@ def test_nan_input_gives_nan_rows(seed):
     (lambda q, k, v: (q[..., :0], k[..., :0], v), ValueError, "D"),
     (lambda q, k, v: (q[0], k, v), ValueError, "q"),
     (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float32"),  # triton path only
-    (lambda q, k, v: (torch.randn(1, 4, 300), torch.randn(1, 4, 300), v[:1, :4]), ValueError, "D"),
+    (lambda q, k, v: (torch.randn(1, 4, 300, device=v.device), torch.randn(1, 4, 300, device=v.device), v[:1, :4]),
+     ValueError, "D"),
 ])
 def test_bad_input_raises_before_launch(monkeypatch, bad, exc, word):
     def boom(*a, **kw):
@@ -241,18 +242,18 @@ def test_bad_scale_and_identity_input():
 
 @interpret
 def test_opcheck():
-    args = [torch.randn(2, 9, 8, requires_grad=True), torch.randn(2, 9, 8, requires_grad=True),
-            torch.randn(2, 9, 5, requires_grad=True), 0.3]
+    args = [torch.randn(2, 9, 8, device=DEV, requires_grad=True), torch.randn(2, 9, 8, device=DEV, requires_grad=True),
+            torch.randn(2, 9, 5, device=DEV, requires_grad=True), 0.3]
     torch.library.opcheck(torch.ops.fastscore.attention_fwd.default, args)
     torch.library.opcheck(torch.ops.fastscore.identity_attention_fwd.default,
-                          [torch.randn(2, 9, 8, requires_grad=True), 0.3])
+                          [torch.randn(2, 9, 8, device=DEV, requires_grad=True), 0.3])
 
 
 @interpret
 def test_torch_compile_fullgraph(seed):
     """A small module using both ops traces without graph breaks (aot_eager: no C++ compiler)."""
-    lin = torch.nn.Linear(8, 24)
-    x = torch.randn(2, 10, 8)
+    lin = torch.nn.Linear(8, 24).to(DEV)
+    x = torch.randn(2, 10, 8, device=DEV)
 
     def f(x):
         q, k, v = lin(x).chunk(3, dim=-1)
@@ -303,8 +304,8 @@ if given is not None:
     def test_property_random_shapes(B, N, NK, D, DV, scale, identity, s):
         torch.manual_seed(s)
         if identity:
-            z = torch.randn(B, N, D)
-            do = torch.randn(B, N, D)
+            z = torch.randn(B, N, D, device=DEV)
+            do = torch.randn(B, N, D, device=DEV)
             out, lse = K.identity_forward(z, scale, out=_nan_like(z))
             dz = K.identity_backward(z, out, lse, do, scale, dz=_nan_like(z))
             z64 = z.double().requires_grad_()
@@ -348,7 +349,7 @@ class _Recorder:
 
 
 def _launch_key(fn, args, kw) -> tuple:
-    dt = next(f"*{K._DTYPES[a.dtype]}" for a in args if isinstance(a, torch.Tensor) and a.dtype != torch.float32
+    dt = next(K._DTYPES[a.dtype] for a in args if isinstance(a, torch.Tensor) and a.dtype != torch.float32
               or isinstance(a, torch.Tensor) and a.dim() == 3)
     consts = tuple(sorted((k_, v_) for k_, v_ in kw.items() if k_ not in ("num_warps", "num_stages", "maxnreg")))
     return (fn.__name__, dt, consts, kw["num_warps"], kw["num_stages"], kw.get("maxnreg"))
@@ -396,7 +397,7 @@ def test_compile_configs_count():
     """One (BLOCK, num_warps, num_stages) per (kernel, BLOCK_D, dtype); EVEN_N / EVEN_D (and IDENTITY
     in the forward) are the only other axes: per feature block and dtype 8 forward + 1 preprocess +
     4 dk/dv + 4 dq + 4 fused identity backward (where it is launched) configurations."""
-    fused = sum(K.launch_params("identity_bwd", bd, dt) is not None
+    fused = sum(K.launch_config("identity_bwd", bd, dt) is not None
                 for bd in K._BLOCK_DS for dt in (torch.float32, torch.float16, torch.bfloat16))
     assert fused == 5 * 3 - 2  # float32 at BLOCK_D 128 and 256 takes the unfused backward
     assert len(K.compile_configs()) == 5 * 3 * (8 + 1 + 2 * 4) + 4 * fused

@@ -90,7 +90,7 @@ def test_reproduce_help_shows_every_default_and_the_run_times(capsys):
     for text in ("--networks A,B,... comma list of the trained networks: none,identity,top1,softmax (default "
                  "none,top1,identity,softmax)", "--n-samples N_SAMPLES samples per network and seed (default 10000; "
                  "--quick: 1000; --tiny: 48)", "--n-seeds N_SEEDS training seeds per network (default 3;",
-                 "--device DEVICE where to compute", "--backend {auto,triton,torch} the fused ops' path"):
+                 "--device DEVICE where to compute", "--backend {auto,triton,torch} the ops' path"):
         assert text in out
     from fastscore.study.config import StudyConfig
     for f in dataclasses.fields(StudyConfig):   # every generated option states its default

@@ -34,8 +34,7 @@ def _representative(cfg: dict) -> bool:
         return _seen["other"] % 4 == 0
     if c.get("EVEN_N", False) or c.get("EVEN_D", False):
         return False
-    ptrs = [t for a, t in cfg["signature"].items() if t.startswith("*") and a not in ("LSE", "DELTA")]
-    return ptrs[0] in ("*fp32", "*bf16")
+    return cfg["dtype"] in ("fp32", "bf16")
 
 
 def test_no_spills_and_smem_within_limits(tmp_path):

@@ -188,8 +188,8 @@ def test_auto_off_cuda_is_the_reference_for_every_op():
 
 
 @pytest.mark.interpret
-def test_forced_triton_raises_for_inputs_the_kernels_cannot_take_in_every_op():
-    q64 = torch.randn(1, 4, 3, dtype=torch.float64)
+def test_forced_triton_raises_for_inputs_the_kernels_cannot_take_in_every_op(device):
+    q64 = torch.randn(1, 4, 3, dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
         ops.softmax_attention(q64, q64, q64, backend="triton")
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
@@ -198,11 +198,11 @@ def test_forced_triton_raises_for_inputs_the_kernels_cannot_take_in_every_op():
         ops.top1_attention(q64, q64, q64, backend="triton")
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
         reverse_step(q64, q64, StepCoefficients(0.8, 0.6, 0.9, 0.1, 0.1), seed=0, step=0, backend="triton")
-    wide = torch.randn(1, 4, 300)
+    wide = torch.randn(1, 4, 300, device=device)
     with pytest.raises(ValueError, match="D"):
         ops.softmax_attention(wide, wide, wide, backend="triton")
     from fastscore.kernels import top1 as K
-    w = torch.randn(1, 4, K.max_features(torch.float32) + 1)
+    w = torch.randn(1, 4, K.max_features(torch.float32) + 1, device=device)
     with pytest.raises(ValueError, match="D, Dv <="):
         ops.top1_attention(w, w, w, backend="triton")
     with pytest.raises(ValueError, match="D, Dv <="):

@@ -6,22 +6,27 @@ import torch
 import triton
 import triton.language as tl
 
+from fastscore.kernels import _common
+from fastscore.kernels._common import philox_words
 from fastscore.ops import philox
 from fastscore.ops.reverse_step import StepCoefficients, reverse_step
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE
 NOISE_ONLY = StepCoefficients(1.0, 1.0, 0.0, 0.0, 1.0)  # x = eps = 0  ->  out = z
 
 
 @triton.jit
 def _philox_words_kernel(out_ptr, c0_ptr, c1_ptr, seed, c2, c3, n, BLOCK: tl.constexpr):
-    """Dump ``tl.philox(seed, c0, c1, c2, c3)``: out (4, n) int64 words; c0, c1 (n,) int64 in [0, 2**32)."""
+    """Dump ``philox_words(seed, c0, c1, c2, c3)``: out (4, n) int64 words; c0, c1 (n,) int64 in [0, 2**32).
+
+    ``seed``, ``c2``, ``c3`` and ``n`` are left to the JIT's specialisation on purpose (a 1 arrives as a
+    Python int): ``kernels._common.philox_words`` must take both forms, and the GPU-compile guard
+    (tests/test_gpu_compile_guard.py) compiles this kernel with such values."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     c0 = tl.load(c0_ptr + offs, mask=mask, other=0).to(tl.uint32)
     c1 = tl.load(c1_ptr + offs, mask=mask, other=0).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed.to(tl.int64), c0, c1, tl.zeros([BLOCK], tl.uint32) + c2.to(tl.uint32),
-                               tl.zeros([BLOCK], tl.uint32) + c3.to(tl.uint32))
+    w0, w1, w2, w3 = philox_words(seed, c0, c1, c2, c3)
     tl.store(out_ptr + offs, w0.to(tl.int64), mask=mask)
     tl.store(out_ptr + n + offs, w1.to(tl.int64), mask=mask)
     tl.store(out_ptr + 2 * n + offs, w2.to(tl.int64), mask=mask)
@@ -87,6 +92,12 @@ def test_noise_moments_and_ks(seed):
     # each Philox word position alone is normal too (a layout bug would mix them up)
     for w in range(4):
         assert ks_statistic(z.view(-1, 4)[:, w]) < 1.95 / math.sqrt(n // 4)
+
+
+def test_kernel_and_torch_streams_share_their_constants():
+    """The kernels cannot import ``fastscore`` (layering), so the stream tags live in both places."""
+    assert (_common.STREAM_NOISE.value, _common.STREAM_GUMBEL.value) == (philox.STREAM_NOISE, philox.STREAM_GUMBEL)
+    assert philox.STREAM_NOISE != philox.STREAM_GUMBEL
 
 
 def test_ks_statistic_can_fail():

@@ -73,24 +73,25 @@ def test_sample_needs_shape_for_plain_callables():
 
 
 @pytest.mark.interpret
-def test_triton_backend_is_batch_size_invariant_and_matches_torch(seed):
-    m = ScoreNet("none", 8, backend="triton").eval()
+def test_triton_backend_is_batch_size_invariant_and_matches_torch(seed, device):
+    m = ScoreNet("none", 8, backend="triton").to(device).eval()
     s = seed % 2**31
-    a = sample(m, 10, seed=s, steps=3, batch_size=10)
-    b = sample(m, 10, seed=s, steps=3, batch_size=3)
+    a = sample(m, 10, seed=s, steps=3, batch_size=10, device=device)
+    b = sample(m, 10, seed=s, steps=3, batch_size=3, device=device)
     m.backend = "torch"
-    c = sample(m, 10, seed=s, steps=3, batch_size=4)
+    c = sample(m, 10, seed=s, steps=3, batch_size=4, device=device)
     assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(a, c, atol=1e-4)
 
 
-def test_device_tensor_seed_and_offset_match_ints(seed):
+def test_device_tensor_seed_and_offset_match_ints(seed, device):
     from fastscore.ops import ddim_coefficients, reverse_step
-    x, e = torch.randn(3, 3, 5, 5), torch.randn(3, 3, 5, 5)
+    x, e = torch.randn(3, 3, 5, 5, device=device), torch.randn(3, 3, 5, 5, device=device)
     c = ddim_coefficients(0.4, 0.5, 1.0)
     for backend in ("torch", "triton"):
         a = reverse_step(x, e, c, seed=11, step=2, sample_offset=7, backend=backend)
-        b = reverse_step(x, e, c, seed=torch.tensor([11]), step=2, sample_offset=torch.tensor([7]), backend=backend)
+        b = reverse_step(x, e, c, seed=torch.tensor([11], device=device), step=2,
+                         sample_offset=torch.tensor([7], device=device), backend=backend)
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="sample_offset"):
         reverse_step(x, e, c, seed=1, step=0, sample_offset=torch.tensor([1.0]))
@@ -211,6 +212,7 @@ def fake_graphs(monkeypatch):
 
 
 @pytest.mark.interpret
+@pytest.mark.cpu_only   # CPU stand-ins for capture and replay; on CUDA the real graphs are tested below
 def test_graph_path_is_captured_once_and_replayed_across_calls(fake_graphs, seed):
     from fastscore import sampling
     m = ScoreNet("none", 8, backend="triton").eval()
