@@ -356,20 +356,21 @@ class EnsembleTrainer:
 
     def run(self, callback: Callable[[int], None] | None = None) -> None:
         """Run the remaining steps; ``callback(step)`` after each."""
+        done = self.step_host
         while self.step_host < self.steps:
             if self.use_graph and self.graph is None and self.steps - self.step_host > 3:
-                start = self.step_host
                 self._capture(3)
-                for s in range(start, self.step_host):
-                    callback(s) if callback is not None else None
-            if self.graph is not None:
+            if self.graph is not None and self.step_host < self.steps:
                 self.graph.replay()
                 self.step_host += 1
-            else:
+            elif self.step_host < self.steps:
                 self.step()
-            callback(self.step_host - 1) if callback is not None else None
+            if callback is not None:
+                for s in range(done, self.step_host):
+                    callback(s)
+            done = self.step_host
 
-    def results(self, seconds: float = 0.0) -> list[tuple[ScoreNet, ScoreNet | None, list[float]]]:
+    def results(self) -> list[tuple[ScoreNet, ScoreNet | None, list[float]]]:
         """Per member ``(raw model, EMA model or None, losses)``; new ScoreNets in eval mode."""
         losses = self.losses[:, :self.step_host].cpu().tolist()
         out = []

@@ -311,6 +311,29 @@ def test_bad_ensemble_arguments(data):
 
 # --- the CUDA graph (its eager twin is the reference) -----------------------------------------------
 
+def test_graph_run_loop_replays_the_captured_step_once_per_remaining_step(data, monkeypatch):
+    """The CPU stand-in for capture: warm-up steps run eagerly, then a 'graph' whose replay is the
+    step function; the run must do every step exactly once and equal the eager run."""
+    def fake_capture(self, warmup):
+        for _ in range(warmup):
+            self.step()
+        self.graph = type("G", (), {"replay": staticmethod(self._step)})()
+
+    models = _members("none", False, 2)
+    configs = _configs(9, 2)
+    eager = EnsembleTrainer(copy.deepcopy(models), data, configs, stream="device")
+    eager.run()
+    monkeypatch.setattr(EnsembleTrainer, "_capture", fake_capture)
+    tr = EnsembleTrainer(copy.deepcopy(models), data, configs, stream="device")
+    tr.use_graph = True
+    calls = []
+    tr.run(calls.append)
+    assert calls == list(range(9)) and tr.step_host == 9 and int(tr.k) == 9
+    assert torch.equal(tr.losses, eager.losses)
+    for n in tr.params:
+        assert torch.equal(tr.params[n], eager.params[n]) and torch.equal(tr.ema[n], eager.ema[n])
+
+
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention, patch", [("none", False), ("softmax", True)])
