@@ -381,6 +381,11 @@ class EnsembleTrainer:
         return out
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA raises ``torch.OutOfMemoryError``; the CPU allocator a plain RuntimeError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
 def _tick(step: int, members: int, callback, bar) -> None:
     if callback is not None:
         callback(step, members)
@@ -429,8 +434,8 @@ def train_ensemble(models: Sequence[ScoreNet], data: torch.Tensor, configs: Trai
                 tr.run(functools.partial(_tick, members=len(part), callback=callback, bar=bar))
                 outs = tr.results()
                 seconds = time.perf_counter() - t0
-            except (torch.OutOfMemoryError, MemoryError):
-                if size == 1:
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                if size == 1 or not _out_of_memory(e):
                     raise
                 size = math.ceil(size / 2)
                 tr = None

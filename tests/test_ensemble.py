@@ -214,14 +214,16 @@ def test_chunked_training_equals_unchunked(data, attention, patch):
         assert a.losses[0] == pytest.approx(b.losses[0], rel=1e-6)
 
 
-def test_an_ensemble_that_runs_out_of_memory_is_split_not_a_crash(data, monkeypatch):
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (test)"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory (test)")])
+def test_an_ensemble_that_runs_out_of_memory_is_split_not_a_crash(data, monkeypatch, error):
     real = EnsembleTrainer.run
     sizes = []
 
     def run(self, callback=None):
         sizes.append(len(self.configs))
         if len(self.configs) > 1:
-            raise torch.OutOfMemoryError("test: pretend the ensemble does not fit")
+            raise error
         return real(self, callback)
 
     monkeypatch.setattr(EnsembleTrainer, "run", run)
@@ -234,6 +236,15 @@ def test_an_ensemble_that_runs_out_of_memory_is_split_not_a_crash(data, monkeypa
     assert sizes == [3, 2, 1, 1, 1]   # halved until it fits, then the members one by one
     for a, b in zip(res, ref):
         assert _worst(a.raw_model, b.raw_model) == 0.0
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(data, monkeypatch):
+    def run(self, callback=None):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(EnsembleTrainer, "run", run)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        train_ensemble(_members("none", False, 2), data, _configs(2, 2), progress=False)
 
 
 def test_train_members_groups_architectures_and_keeps_the_order(data):
