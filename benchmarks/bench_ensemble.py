@@ -78,6 +78,7 @@ def main(argv=None) -> None:
     data, _ = make_dataset(KVConfig(palette=palette_of_size(2)), 2000, seed=0)
     rows = []
     for network in a.networks:
+        measure(network, 1, 2, device, data, 1)   # warm-up: first calls pay for kernel/primitive creation
         for M in a.sizes:
             for r in measure(network, M, a.steps, device, data, a.repeat):
                 r["note"] = a.note

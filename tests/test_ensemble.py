@@ -86,10 +86,11 @@ def test_patch_features_equal_unfold_on_gpu(seed):
 
 # --- the ensemble forward ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("members", ["vmap", "loop"])
 @pytest.mark.parametrize("attention, patch", NETS)
-def test_ensemble_forward_equals_each_member(seed, attention, patch):
+def test_ensemble_forward_equals_each_member(seed, attention, patch, members):
     models = _members(attention, patch, 3)
-    ens = EnsembleNet(models).train()
+    ens = EnsembleNet(models, members=members).train()
     x = torch.randn(3, 5, 3, 8, 8)
     t = torch.randint(0, 1000, (3, 5))
     seeds = [11, 12, 13]
@@ -111,8 +112,9 @@ def test_member_extracts_the_weights_without_touching_the_global_rng():
 
 # --- training: each member as if alone --------------------------------------------------------------
 
+@pytest.mark.parametrize("members", ["vmap", "loop"])
 @pytest.mark.parametrize("attention, patch", NETS)
-def test_first_step_gradients_equal_those_of_train_alone(data, attention, patch):
+def test_first_step_gradients_equal_those_of_train_alone(data, attention, patch, members):
     M = 3
     models = _members(attention, patch, M)
     configs = _configs(1, M)
@@ -123,7 +125,7 @@ def test_first_step_gradients_equal_those_of_train_alone(data, attention, patch)
             p.register_hook(lambda g, n=n, grads=grads: grads.__setitem__(n, g.detach().clone()))
         train(net, data, cfg, progress=False)
         alone.append(grads)
-    tr = EnsembleTrainer(models, data, configs)
+    tr = EnsembleTrainer(models, data, configs, members=members)
     stacked = {}
     for n, p in tr.params.items():
         p.register_hook(lambda g, n=n: stacked.__setitem__(n, g.detach().clone()))
@@ -155,13 +157,14 @@ def test_members_after_200_steps_agree_with_train_alone(data, attention, patch):
     assert all(r.raw_model is net for r, net in zip(res, models))   # like train: the given module is trained
 
 
+@pytest.mark.parametrize("members", ["vmap", "loop"])
 @pytest.mark.parametrize("attention, patch", [("none", False), ("softmax", True)])
-def test_members_after_40_steps_agree_with_train_alone(data, attention, patch):
+def test_members_after_40_steps_agree_with_train_alone(data, attention, patch, members):
     """The fast twin of the 200-step test (two members, width 4)."""
     models = _members(attention, patch, 2, width=4)
     configs = _configs(40, 2)
     alone = [train(net, data, cfg, progress=False) for net, cfg in zip(copy.deepcopy(models), configs)]
-    res = train_ensemble(models, data, configs, progress=False)
+    res = train_ensemble(models, data, configs, members=members, progress=False)
     for m in range(2):
         assert _worst(res[m].raw_model, alone[m].raw_model) < 1e-4, m
         assert _worst(res[m].model, alone[m].model) < 1e-4, m
@@ -316,6 +319,8 @@ def test_bad_ensemble_arguments(data):
         sample_ensemble(EnsembleNet(cnn), 2, seeds=[1])
     with pytest.raises(ValueError, match="multiple of the ensemble size"):
         Interleaved(EnsembleNet(cnn))(torch.zeros(3, 3, 8, 8), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="members"):
+        EnsembleNet(cnn, members="grouped")
     with pytest.raises(ValueError, match="x must have shape"):
         EnsembleNet(cnn)(torch.zeros(3, 2, 3, 8, 8), torch.zeros(3, 2, dtype=torch.int64))
 
