@@ -79,10 +79,12 @@ class EnsembleNet(nn.Module):
     ``x[m], t[m]`` as ``models[m]`` would. The parameters are ``nn.Parameter``s named like the
     ScoreNet's with ``.`` replaced by ``__``.
 
-    ``members``: how the per-member layers run: ``"vmap"`` (one batched call per layer: few launches,
-    for GPUs), ``"loop"`` (one call per member on views of the stacked parameters: on a CPU, oneDNN's
-    grouped convolutions that vmap produces were 1.5x slower than M plain ones), ``"auto"``: vmap on
-    CUDA, loop elsewhere. Both give the same function (tested).
+    ``members``: how the members run: ``"vmap"`` (one batched call per layer, attention folded into
+    the batch: few launches, for GPUs), ``"loop"`` (``ScoreNet.forward`` once per member on views of
+    the stacked parameters: on a CPU, which is compute-bound, oneDNN's grouped convolutions from vmap
+    were 1.5x slower than M plain ones and the folded attention fell out of cache); ``"auto"``: vmap
+    on CUDA, loop elsewhere. Both give the same function (tested); the optimiser and EMA are stacked
+    either way.
     """
 
     def __init__(self, models: Sequence[ScoreNet], *, members: str = "auto") -> None:
@@ -139,17 +141,15 @@ class EnsembleNet(nn.Module):
             raise ValueError(f"t must be an integer tensor of shape {tuple(x.shape[:2])}")
         if not t.is_cuda and t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.config.T):
             raise ValueError(f"t must lie in [0, T={self.config.T})")   # no check on CUDA: it would sync
+        stacked = self.parameters_by_name() if params is None else params
+        if self.members == "loop" or (self.members == "auto" and not x.is_cuda):
+            return self._loop(stacked, x, t, seeds)
         embed, qkv, proj, head = self._calls
-        p = {"net." + n: v for n, v in (self.parameters_by_name() if params is None else params).items()}
-        if self.members == "vmap" or (self.members == "auto" and x.is_cuda):
-            def run(call, *args):
-                return vmap(functional_call, in_dims=(None, 0, 0))(call, p, args)
-        else:
-            views = {n: v.unbind(0) for n, v in p.items()}   # unbind: one stacked gradient in backward
+        p = {"net." + n: v for n, v in stacked.items()}
 
-            def run(call, *args):
-                return torch.stack([functional_call(call, {n: v[m] for n, v in views.items()},
-                                                    tuple(a[m] for a in args)) for m in range(M)])
+        def run(call, *args):
+            return vmap(functional_call, in_dims=(None, 0, 0))(call, p, args)
+
         z = run(embed, x, t)                                                            # (M, B, w, H, W)
         cfg = self.config
         if cfg.attention != "none":
@@ -178,6 +178,20 @@ class EnsembleNet(nn.Module):
                 a = run(proj, a.view(M, B, N, d))
             z = z + a.reshape(M, B, N, w).transpose(2, 3).reshape(M, B, w, H, W)
         return run(head, z)
+
+
+    def _loop(self, stacked: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor,
+              seeds: Sequence[int] | None) -> torch.Tensor:
+        """ScoreNet.forward itself once per member, on views of the stacked parameters (``unbind``, whose
+        backward writes one stacked gradient; ``p[m]`` would write M full-size zero tensors)."""
+        M = len(self)
+        net = self._calls[0].net
+        net.train(self.training)
+        views = {n: v.unbind(0) for n, v in stacked.items()}
+        xs, ts = x.unbind(0), t.unbind(0)
+        seeds = [0] * M if seeds is None else list(seeds)
+        return torch.stack([functional_call(net, {n: v[m] for n, v in views.items()}, (xs[m], ts[m]),
+                                            {"seed": seeds[m]}) for m in range(M)])
 
 
 class Interleaved(nn.Module):
