@@ -71,17 +71,20 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 12])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     ap.add_argument("--note", default="", help="free text stored in every row (e.g. 'contended 2-core CPU')")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     data, _ = make_dataset(KVConfig(palette=palette_of_size(2)), 2000, seed=0)
     rows = []
     for network in a.networks:
         measure(network, 1, 2, device, data, 1)   # warm-up: first calls pay for kernel/primitive creation
         for M in a.sizes:
             for r in measure(network, M, a.steps, device, data, a.repeat):
-                r["note"] = a.note
+                r["note"], r["threads"] = a.note, torch.get_num_threads()
                 rows.append(r)
                 print(f"{network:8s} M={M:3d} {r['provider']:9s} {r['seconds']:8.2f} s  "
                       f"{r['value']:8.1f} model-steps/s" + (f"  x{r['speedup']:.2f}" if "speedup" in r else ""),
