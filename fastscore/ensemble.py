@@ -1,11 +1,14 @@
 """Ensembles: M score networks of one architecture trained in one step and sampled in one loop.
 
-The M members' parameters are stacked along a leading dimension (``torch.func.stack_module_state``)
-and the network runs once for all of them: the CNN, the projections and the head through
+The M members' parameters are stacked along a leading dimension (``torch.func.stack_module_state``),
+and so are the optimiser state, the EMA and the per-step hyper-parameters: one update serves all.
+On CUDA the network runs once for all members: the CNN, the projections and the head through
 ``torch.func.vmap`` over ``functional_call``, the attention op with the ensemble dimension folded into
-its batch dimension (the ops are ``torch.autograd.Function``s and Triton kernels, which have no vmap
-rule; attention is independent per image, so folding is exact). Top-1 attention with Gumbel noise in
-training is called once per member, because the noise is keyed by each member's own seed.
+its batch dimension (top-1's reference is an old-style ``torch.autograd.Function`` and the Triton
+paths have no vmap rule; attention is independent per image, so folding is exact). Top-1 attention
+with Gumbel noise in training is called once per member: the noise is keyed by each member's seed.
+On a CPU (compute-bound, launches cheap) ``ScoreNet.forward`` runs once per member on views of the
+stacked parameters instead (``EnsembleNet(members=...)``).
 
 Each member gets what ``fastscore.training.train`` gives it alone with the same ``TrainConfig``:
 - data stream: per member a ``torch.Generator`` seeded with ``config.seed`` draws, per step and in
@@ -438,8 +441,8 @@ def train_ensemble(models: Sequence[ScoreNet], data: torch.Tensor, configs: Trai
     ``stream``: ``"train"`` (CPU generators, equal to ``train`` on any device) or ``"device"``.
     ``cuda_graph``: default on for CUDA with the device stream (not for top-1 with Gumbel noise).
     ``chunk``: at most this many members per step (default all); an ensemble that runs out of memory
-    is split in halves and rerun, never a crash. ``members``: see ``EnsembleNet``.
-    ``callback(step, members)`` after every step.
+    is split in halves and rerun, never a crash (the failed attempt's steps are reported again).
+    ``members``: see ``EnsembleNet``. ``callback(step, members)`` after every step.
     """
     models = list(models)
     if isinstance(configs, TrainConfig):
