@@ -36,8 +36,9 @@ import functools
 import math
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,7 @@ from . import _validate, ops
 from .models import ModelConfig, ScoreNet, build_model
 from .sampling import SAMPLERS, initial_noise, step_coefficients, timesteps
 from .schedule import Schedule, make_schedule
-from .training import TrainConfig, TrainResult, _progress
+from .training import TrainConfig, TrainResult, _progress, make_lr_scheduler
 
 STREAMS = ("train", "device")
 MEMBER_MODES = ("auto", "vmap", "loop")
@@ -114,12 +115,17 @@ class EnsembleNet(nn.Module):
         self._calls = (_Call(base, ScoreNet.embed), _Call(base, _qkv), _Call(base, lambda net, a: net.proj(a)),
                        _Call(base, _head))
 
+    @property
+    def _template(self) -> ScoreNet:
+        """The meta-device copy of member 0 that the method templates run (not a submodule)."""
+        return cast(ScoreNet, self._calls[0].net)
+
     def __len__(self) -> int:
         return next(iter(self.stacked.values())).shape[0]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self._calls[0].net.image_shape
+        return self._template.image_shape
 
     def parameters_by_name(self) -> dict[str, torch.Tensor]:
         """The stacked parameters keyed by the ScoreNet's parameter names."""
@@ -128,7 +134,7 @@ class EnsembleNet(nn.Module):
     def member(self, m: int, params: dict[str, torch.Tensor] | None = None) -> ScoreNet:
         """A new ScoreNet (eval mode, on the parameters' device) with member ``m``'s weights (or ``params``'s)."""
         params = self.parameters_by_name() if params is None else params
-        net = copy.deepcopy(self._calls[0].net)    # on meta: building a fresh net would consume the global RNG
+        net = copy.deepcopy(self._template)    # on meta: building a fresh net would consume the global RNG
         net.load_state_dict({n: p[m].detach().clone() for n, p in params.items()}, assign=True)
         return net.eval()
 
@@ -224,12 +230,7 @@ def _schedule_table(config: TrainConfig) -> torch.Tensor:
     ``1 - min(ema, (1 + step) / (10 + step))``; lr and beta1 read from torch's own scheduler."""
     p = torch.zeros(1, requires_grad=True)
     opt = torch.optim.AdamW([p], lr=config.lr, weight_decay=config.weight_decay)
-    if config.lr_schedule == "onecycle":    # as train builds it
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps)
-    elif config.lr_schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
-    else:
-        sched = None
+    sched = make_lr_scheduler(opt, config)   # as train builds it
     group = opt.param_groups[0]
     rows = []
     with warnings.catch_warnings():
@@ -314,7 +315,7 @@ class EnsembleTrainer:
         self.ab = self.schedule.alpha_bar.to(dev, torch.float32)
         gen_dev = dev if stream == "device" else torch.device("cpu")
         self.gens = [torch.Generator(device=gen_dev).manual_seed(c.seed) for c in configs]
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
 
     def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_t (M, B, C, H, W), t (M, B), eps: each member's draws in train's order from its generator."""
@@ -458,6 +459,7 @@ def train_ensemble(models: Sequence[ScoreNet], data: torch.Tensor, configs: Trai
     results: list[TrainResult | None] = [None] * M
     bar = _progress(configs[0].steps * M, desc, progress)
     start = 0
+    tr: EnsembleTrainer | None
     try:
         while start < M:
             part = list(range(start, min(start + size, M)))
@@ -467,13 +469,13 @@ def train_ensemble(models: Sequence[ScoreNet], data: torch.Tensor, configs: Trai
                                      schedule=schedule, device=device, stream=stream, cuda_graph=cuda_graph,
                                      members=members)
                 tr.run(functools.partial(_tick, members=len(part), callback=callback, bar=bar))
-                outs = tr.results()
+                outs, where = tr.results(), tr.device
                 seconds = time.perf_counter() - t0
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
                 if size == 1 or not _out_of_memory(e):
                     raise
                 size = math.ceil(size / 2)
-                tr = None
+                tr = None   # free the failed group before retrying
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 warnings.warn(f"ensemble of {len(part)} ran out of memory; retrying in chunks of {size}",
@@ -482,7 +484,7 @@ def train_ensemble(models: Sequence[ScoreNet], data: torch.Tensor, configs: Trai
             for i, (raw, ema, losses) in zip(part, outs):
                 model = models[i]
                 with torch.no_grad():   # write back: like train, the given module ends trained
-                    model.to(tr.device).load_state_dict(raw.state_dict())
+                    model.to(where).load_state_dict(raw.state_dict())
                 model.eval()
                 results[i] = TrainResult(ema if ema is not None else model, model, losses, seconds / len(part))
             start += len(part)

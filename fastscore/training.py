@@ -79,6 +79,16 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         pe.lerp_(pm, 1 - decay)
 
 
+def make_lr_scheduler(opt: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``config.lr_schedule`` over ``config.steps`` steps for ``opt``: OneCycle (peak ``config.lr``),
+    cosine annealing, or None (constant). ``train`` and the ensemble engine build it here."""
+    if config.lr_schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
+    return None
+
+
 def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfig(), *,
           schedule: Schedule | None = None, device: str | torch.device | None = None,
           progress: bool = True, desc: str = "train", callback=None) -> TrainResult:
@@ -111,13 +121,7 @@ def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfi
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     ema = copy.deepcopy(model).eval() if config.ema > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched: torch.optim.lr_scheduler.LRScheduler | None
-    if config.lr_schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps)
-    elif config.lr_schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
-    else:
-        sched = None
+    sched = make_lr_scheduler(opt, config)
     ab = schedule.alpha_bar.to(device, torch.float32)
     losses: list[float] = []
     bar = _progress(config.steps, desc, progress)
