@@ -206,6 +206,8 @@ def report(g: Grid, out: str | Path, *, run_seconds: float | None = None) -> dic
         figures.insert(0, _curve(out / "creativity-curve.png", doc))
     doc["figures"] = figures
     doc["report_seconds"] = time.perf_counter() - t0
+    if run_seconds is not None:
+        doc["run_seconds"] = run_seconds + doc["report_seconds"]
     atomic_write_text(out / "creativity.json", json.dumps(doc, indent=1), overwrite=True)
     atomic_write_text(out / "creativity.md", markdown(doc), overwrite=True)
     return doc
@@ -247,7 +249,9 @@ def markdown(doc: dict) -> str:
              f"{', '.join(LABELS[a] for a in c['analytic']) or 'no analytic model'}. Device "
              f"{v.get('device_name', '?')} ({v.get('device', '?')}), torch {v.get('torch', '?')}; training and "
              f"sampling wall time {wall:.0f} s (sum over cells and invocations); this report "
-             f"{doc.get('report_seconds', 0):.0f} s.", "",
+             f"{doc.get('report_seconds', 0):.0f} s" + ("" if doc.get("run_seconds") is None else
+                                                      f"; the invocation that wrote it {doc['run_seconds']:.0f} s")
+             + ".", "",
              "*Copy*: a valid sample whose decoded content equals a training image's (copies are consistent). "
              "*New*: consistent and not a copy. Percentages are of valid samples, with 95% Wilson intervals "
              "(and the spread over seeds when there are several). Chances (exact) of consistent-and-new among valid: "
