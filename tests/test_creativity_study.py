@@ -27,17 +27,18 @@ def study(tmp_path_factory):
     return out, doc
 
 
-def _table(md: str) -> list[list[str]]:
-    """The rows of creativity.md's first table, as cells."""
-    block = md.split("\n\n| training images")[1].split("\n\n")[0]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:]]
+def _table(md: str) -> list[dict[str, str]]:
+    """The rows of creativity.md's first table, by column header."""
+    lines = ("| training images" + md.split("\n\n| training images")[1].split("\n\n")[0]).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
 
 
 @pytest.mark.slow
 def test_tiny_creativity_run_writes_the_table_and_figures_with_one_row_per_size_and_model(study):
     out, doc = study
     rows = _table((out / "creativity.md").read_text())
-    assert sorted((int(r[0]), r[4]) for r in rows) == sorted((n, LABELS[m]) for n in SIZES for m in MODELS)
+    assert sorted((int(r["training images"]), r["model"]) for r in rows) == sorted((n, LABELS[m]) for n in SIZES for m in MODELS)
     assert [c["n_train"] for c in doc["cells"]] == list(SIZES)
     assert json.loads((out / "creativity.json").read_text())["cells"] == json.loads(json.dumps(doc["cells"]))
     for name in ["creativity-curve.png"] + [f"creativity-novel-{m}.png" for m in ("els", "none", "softmax")]:
@@ -95,19 +96,23 @@ def test_verdicts_follow_the_stated_rules():
         return {"rates": {"novel_among_valid": {"k": novel_k, "n": valid_n, "rate": novel_k / valid_n, "ci95": [lo, hi]},
                           "novel_among_consistent": {"k": novel_k, "n": consistent_k,
                                                      "rate": novel_k / consistent_k if consistent_k else float("nan"),
-                                                     "ci95": [0, 1]}},
+                                                     "ci95": [novel_k / max(consistent_k, 1) / 2,
+                                                              min(1.0, 0.01 + novel_k / max(consistent_k, 1))]}},
                 "own_mosaic_chance": own}
     models = {"ideal": model(0, 100, 50, 0.1, 0.0, 0.04), "none": model(10, 100, 40, 0.04, 0.05, 0.17),
               "softmax": model(30, 100, 40, 0.1, 0.22, 0.39), "top1": model(12, 100, 40, 0.05, 0.06, 0.19),
               "identity": model(0, 100, 0, None, 0.0, 0.04)}
-    v = creativity.verdicts(models, chance=0.03)
+    v = creativity.verdicts(models, chance=0.03, rule_novel=0.3)
     assert v["ideal"]["verdict"] == "memorises"
     assert v["none"]["verdict"] == "creative" and v["none"]["above_cnn"] is None
     assert v["softmax"]["verdict"] == "creative" and v["softmax"]["above_cnn"] is True
     assert v["top1"]["verdict"] == "neither: not above the CNN"
     assert v["identity"]["verdict"] == "no consistent samples"
-    assert creativity.verdicts(models, chance=0.3)["softmax"]["verdict"] == \
+    assert creativity.verdicts(models, chance=0.3, rule_novel=0.3)["softmax"]["verdict"] == \
         "neither: not above uniform chance"
+    # copies of nearly everything, but a rule sampler would draw hardly any new content either: not memorising
+    few = creativity.verdicts(models, chance=0.03, rule_novel=0.003)["ideal"]
+    assert few["mostly_copies"] and not few["below_rule_novel"] and few["verdict"].startswith("neither: not above")
 
 
 def test_the_grid_sweeps_n_train_and_refuses_it_as_a_setting():
