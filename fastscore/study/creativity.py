@@ -88,8 +88,9 @@ def run(g: Grid, out: str | Path, *, device: str | torch.device = "cpu", backend
 
 
 def _cell_models(config, path: Path, figure: Path | None) -> dict:
-    """Novelty per model of one finished cell study at ``path``; with ``figure``, also writes
-    ``<figure>-<model>.png`` for the trained networks and the ELS machine (seed 0)."""
+    """Novelty per model of one finished cell study at ``path``, and its training set's ``coverage`` and
+    ``mosaic`` chance; with ``figure``, also writes ``<figure>-<model>.png`` for the trained networks and
+    the ELS machine (seed 0)."""
     from ..theory import agreement
     cfg = config.data_config()
     _, train = make_dataset(cfg, config.n_train, config.data_seed)
@@ -138,7 +139,8 @@ def _cell_models(config, path: Path, figure: Path | None) -> dict:
             assert x0 is not None       # loaded above
             m["agreement_with_els"] = agreement(cfg, x0, els).summary()
         models[name] = m
-    return {"models": models, "figures": figures}
+    return {"models": models, "figures": figures, "coverage": coverage(cfg, train),
+            "mosaic": float(mosaic_chance(cfg, train))}
 
 
 def verdicts(models: Mapping[str, dict], chance: float, rule_novel: float) -> dict[str, dict]:
@@ -200,10 +202,7 @@ def report(g: Grid, out: str | Path, *, run_seconds: float | None = None) -> dic
         fig = out / "creativity-novel" if plot and config.n_train == fig_n else None
         measured = _cell_models(config, path, fig)
         figures += measured["figures"]
-        _, train = make_dataset(config.data_config(), config.n_train, config.data_seed)
-        cov = coverage(config.data_config(), train)
-        mosaic = float(mosaic_chance(config.data_config(), train))
-        models = measured["models"]
+        cov, mosaic, models = measured["coverage"], measured["mosaic"], measured["models"]
         doc_cells.append({"cell": c.name, "n_train": config.n_train, "coverage": cov, "chance": cov["chance"],
                           "chance_exact": cov["chance_exact"], "mosaic_chance": mosaic, "wall_seconds":
                           res.get("wall_seconds", 0.0), "models": models,
