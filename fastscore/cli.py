@@ -85,12 +85,19 @@ def _add_study_options(p: argparse.ArgumentParser, groups: tuple[str, ...], pres
         made[group].add_argument(f.metadata["cli"], **kw)
 
 
+def _study_options(a) -> dict:
+    """The study settings the user gave on the command line (by field name)."""
+    from .study.config import DATA, RECIPE, RUN, SAMPLER
+    return {f.name: getattr(a, f.name) for f in _study_fields((DATA, RECIPE, RUN, SAMPLER))
+            if getattr(a, f.name, None) is not None}
+
+
 def _study_config(a, mode: str, **fixed):
     """The ``StudyConfig`` of preset ``mode`` with the options the user set; a bad value is reported
     under its option's name (``--colours``, not ``n_colours``)."""
     from .study.config import DATA, RECIPE, RUN, SAMPLER, StudyConfig
     fields = _study_fields((DATA, RECIPE, RUN, SAMPLER))
-    kw = {f.name: getattr(a, f.name) for f in fields if getattr(a, f.name, None) is not None}
+    kw = _study_options(a)
     try:
         return StudyConfig.preset(mode, **{**kw, **fixed})
     except (ValueError, TypeError) as e:
@@ -194,13 +201,36 @@ def cmd_probe(a) -> int:
 
 def cmd_reproduce(a) -> int:
     from .study import pairs_sweep, reproduce
-    cfg = _study_config(a, "quick" if a.quick else ("tiny" if a.tiny else "full"))
+    mode = "quick" if a.quick else ("tiny" if a.tiny else "full")
+    if a.out is None:
+        a.out = f"runs/{'creativity' if a.study == 'creativity' else 'reproduce'}"
+    if a.study == "creativity":
+        return _creativity(a, mode)
+    cfg = _study_config(a, mode)
     _check_start(a, directory=True)
     kw = dict(device=a.device, backend=a.backend, force=a.force, progress=not a.quiet, workers=a.workers)
     if a.pairs_sweep:
         pairs_sweep(cfg, Path(a.out), [int(p) for p in a.pairs_sweep.split(",")], **kw)
     else:
         reproduce(cfg, Path(a.out), **kw)
+    return 0
+
+
+def _creativity(a, mode: str) -> int:
+    """``reproduce --study creativity``: the sweep over the number of training images, then its report."""
+    from .study import creativity
+    if a.pairs_sweep:
+        raise ValueError("--pairs-sweep belongs to --study coordination; the creativity study sweeps --n-train")
+    if a.n_train is not None:
+        raise ValueError("--n-train: the creativity study sweeps the number of training images itself "
+                         f"({', '.join(map(str, creativity.SIZES[mode]))} here)")
+    _study_config(a, mode)                       # a bad value is reported under its option's name
+    g = creativity.grid(mode, **_study_options(a))
+    _check_start(a, directory=True)
+    doc = creativity.run(g, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
+                         workers=a.workers)
+    if doc is not None:                          # rank 0 (or the only process)
+        print((Path(a.out) / "creativity.md").read_text())
     return 0
 
 
@@ -280,7 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"the few-minute version ({QUICK_TIME} on a 2-core CPU): 5,000 training steps, 1 seed, "
                            "1,000 samples per network")
     mode.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
-    r.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
+    r.add_argument("--study", choices=("coordination", "creativity"), default="coordination",
+                   help="coordination: the four networks at one training set (results.md). creativity: are "
+                        "consistent samples new or copies? A sweep over the number of training images (8, 16, 32, "
+                        "64, 128, 256, 5000; --quick 16, 64, 256; --tiny 8, 32) of the CNN and softmax attention "
+                        "beside the ideal score and the ELS machine, without the probe; cells in OUT/cells/, "
+                        "creativity.md, creativity.json and figures in OUT (default coordination)")
+    r.add_argument("--out", default=None,
+                   help="output directory (default runs/reproduce; --study creativity: runs/creativity)")
     r.add_argument("--workers", type=int, default=None,
                    help="rows trained at once in separate processes (default 2 on a CPU with >= 2 cores, 1 on a GPU)")
     r.add_argument("--pairs-sweep", default=None, help="e.g. 2,4,6,8: one study per pair count, one table "

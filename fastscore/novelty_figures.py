@@ -106,6 +106,10 @@ def plot_novelty_curve(curves: Mapping[str, Mapping[int, Rate]], references: Map
         xs = sorted(ref)
         ax.plot(xs, [100 * ref[x] for x in xs], style, lw=1, label=label)
     ax.set_xscale("log")
+    # label the measured numbers of training images, not the log axis's crowded minor ticks
+    sizes = sorted({x for pts in curves.values() for x in pts})
+    ax.set_xticks(sizes, [str(x) for x in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("training images")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)

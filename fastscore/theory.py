@@ -548,10 +548,11 @@ class Agreement:
 
     def cell_chance(self) -> float:
         """Cell agreement expected if samples and reference were independent with their own colour
-        frequencies per cell: the mean over cells of sum_c p_sample(c) p_reference(c)."""
-        P = int(max(self.sample_colours.max(), self.reference_colours.max())) + 1
-        ps = F.one_hot(self.sample_colours, P).double().mean(0)             # (2, n_pairs, P)
-        pr = F.one_hot(self.reference_colours, P).double().mean(0)
+        frequencies per cell: the mean over cells of sum_c p_sample(c) p_reference(c). A cell without a
+        colour (-1) counts as one more category, as ``cells`` compares it."""
+        P = int(max(self.sample_colours.max(), self.reference_colours.max())) + 2
+        ps = F.one_hot(self.sample_colours + 1, P).double().mean(0)         # (2, n_pairs, P); class 0: no colour
+        pr = F.one_hot(self.reference_colours + 1, P).double().mean(0)
         return float((ps * pr).sum(-1).mean())
 
     def summary(self) -> dict:
