@@ -28,7 +28,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-
 from fastscore.kernels._common import TARGETS
 
 MODULES = ("fastscore.kernels.attention", "fastscore.kernels.top1", "fastscore.kernels.reverse_step")

@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE, requires_cuda
+
 from fastscore.kernels import attention as K
 from fastscore.ops import attention as T  # noqa: F401  (registers the custom ops)
 from fastscore.ops.attention import identity_attention, softmax_attention, softmax_attention_reference
@@ -290,7 +290,8 @@ def test_lse_and_no_quadratic_buffer(seed, monkeypatch):
 
 
 try:
-    from hypothesis import example, given, settings, strategies as st
+    from hypothesis import example, given, settings
+    from hypothesis import strategies as st
 except ImportError:  # pragma: no cover
     given = None
 

@@ -4,12 +4,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import requires_cuda
+
 from fastscore import ensemble as ens_mod
 from fastscore.data import KVConfig, make_dataset
-from fastscore.ensemble import (EnsembleNet, EnsembleTrainer, Interleaved, Member, sample_ensemble, train_ensemble,
-                                train_members)
+from fastscore.ensemble import (
+    EnsembleNet,
+    EnsembleTrainer,
+    Interleaved,
+    Member,
+    sample_ensemble,
+    train_ensemble,
+    train_members,
+)
 from fastscore.models import ModelConfig, ScoreNet, build_model, patch_features
 from fastscore.sampling import sample
 from fastscore.training import TrainConfig, train

@@ -5,13 +5,13 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from conftest import DEVICE
 
 from fastscore.kernels import _common
 from fastscore.kernels._common import philox_words
 from fastscore.ops import philox
 from fastscore.ops.reverse_step import StepCoefficients, reverse_step
 
-from conftest import DEVICE
 NOISE_ONLY = StepCoefficients(1.0, 1.0, 0.0, 0.0, 1.0)  # x = eps = 0  ->  out = z
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DEVICE, requires_cuda
+
 from fastscore.kernels import reverse_step as kernel_mod
 from fastscore.ops import StepCoefficients, ddim_coefficients, noise_like, reverse_step, reverse_step_reference
 from fastscore.schedule import make_schedule

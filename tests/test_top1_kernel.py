@@ -11,13 +11,12 @@ import os
 
 import pytest
 import torch
+from conftest import DEVICE, TRITON_RUNS, requires_cuda
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastscore.kernels import top1 as K
 from fastscore.ops.top1 import _Top1Reference, gumbel_noise, top1_attention
-
-from conftest import DEVICE, HAS_CUDA, TRITON_RUNS, requires_cuda
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")

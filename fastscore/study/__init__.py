@@ -10,7 +10,7 @@ wrote: all that ``force`` may remove). Every file is written atomically.
 
 One module per job: ``config`` (``StudyConfig``), ``files`` (the directory, manifest, resumption),
 ``rows`` (``RunContext`` and one row), ``parallel`` (worker processes), ``report`` (pooled numbers,
-markdown), ``figures``, ``run`` (``reproduce``), ``grid`` (a sweep's cells), ``sweep`` (``run_sweep``: a grid of studies over torchrun ranks; ``pairs_sweep``). The coordination
+markdown), ``figures``, ``run`` (``reproduce``), ``grid`` (a sweep's cells), ``sweep`` (``run_sweep``: a grid of studies over torchrun ranks; ``pairs_sweep``), ``creativity`` (``reproduce --study creativity``: a sweep over the number of training images, scored for copies and new consistent samples). The coordination
 probe is ``fastscore.probe``.
 """
 from ..probe import coordination_probe, format_probe
