@@ -84,6 +84,8 @@ def barrier(rank: Rank) -> None:
 
 
 def finish(rank: Rank) -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one: after a barrier, so that no rank tears
+    gloo down while another still has a collective in flight (seen as an abort at exit)."""
     if rank.world > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
