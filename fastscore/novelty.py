@@ -18,7 +18,7 @@ For samples of the key-value dataset and the training set's contents (a ``KVBatc
   training image, a new content at least one recoloured cell away (2.83 between red and green).
 
 Anchors: the ideal score (``fastscore.theory.IdealScore``) reproduces training images (novel 0); the
-ELS machine composes training patches into new contents at the mosaic chance (scripts/creativity_groundwork.py).
+ELS machine composes training patches into new contents at the mosaic chance (``python -m fastscore.scripts.creativity_groundwork``).
 """
 from __future__ import annotations
 

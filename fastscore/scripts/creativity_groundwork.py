@@ -1,7 +1,7 @@
 """Groundwork for the creativity study (issue 16): how much of the rule a training set covers, the
 exact references for consistent-and-novel samples, and the two analytic anchors.
 
-    python scripts/creativity_groundwork.py [--anchors] [--figures DIR]
+    python -m fastscore.scripts.creativity_groundwork [--anchors] [--figures DIR]
 
 Prints markdown: per setting (pairs, colours) and number of training images, the distinct consistent
 contents the training set shows (data seed 0; the range over data seeds 0-9 in brackets), the exact

@@ -1,7 +1,7 @@
 """Linear read-out of pair 1's own value and its neighbouring key colour from the CNN embedding z at
 pair 1's value cell, at several noise levels (least squares on 4,000 images, accuracy on 2,000).
 
-    python scripts/key_readout.py CHECKPOINT
+    python -m fastscore.scripts.key_readout CHECKPOINT
 """
 from __future__ import annotations
 

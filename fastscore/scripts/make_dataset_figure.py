@@ -1,6 +1,6 @@
 """Draws docs/dataset.png: training images of the study's default key-value dataset (needs matplotlib).
 
-    python scripts/make_dataset_figure.py [OUT.png]
+    python -m fastscore.scripts.make_dataset_figure [OUT.png]
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from fastscore.data import DEFAULT_NAMES, make_dataset
 from fastscore.study import StudyConfig
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -4,7 +4,7 @@ Each configuration trains a network on the key-value data and runs the coordinat
 (fastscore.probe.coordination_probe); optionally it also samples and scores. Rows are
 appended to docs/coordination_search.json, and docs/coordination_search.md is rebuilt from all rows.
 
-    python scripts/coordination_search.py NAME [--attention softmax] [--steps 3000] [--t-focus 50,400]
+    python -m fastscore.scripts.coordination_search NAME [--attention softmax] [--steps 3000] [--t-focus 50,400]
         [--t-focus-prob 0.7] [--colours 4] [--pairs 4] [--image-size 8] [--width 64] [--attn-dim 64]
         [--batch 128] [--lr 2e-3] [--coord-channels] [--samples 0] [--seed 0]
 """
@@ -25,7 +25,7 @@ from fastscore.probe import coordination_probe
 from fastscore.sampling import sample
 from fastscore.training import TrainConfig, train
 
-HERE = Path(__file__).resolve().parent.parent / "docs"
+HERE = Path(__file__).resolve().parents[2] / "docs"
 ROWS = HERE / "coordination_search.json"
 TABLE = HERE / "coordination_search.md"
 PROBE_T = (100, 200, 300, 400)

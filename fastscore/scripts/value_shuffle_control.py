@@ -2,7 +2,7 @@
 distribution gives by chance? Shuffles each pair's values across the valid samples (keeping every
 marginal) and recomputes consistency; also prints the value marginals.
 
-    python scripts/value_shuffle_control.py CHECKPOINT [N]
+    python -m fastscore.scripts.value_shuffle_control CHECKPOINT [N]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Theory vs networks: ELS machine and ideal score sampled from the same noise as trained nets.
 
-    python scripts/theory_compare.py CKPT [CKPT ...] [--n 500] [--patch-size 3 | --calibrate]
+    python -m fastscore.scripts.theory_compare CKPT [CKPT ...] [--n 500] [--patch-size 3 | --calibrate]
                                         [--out results/theory_compare.json] [--figure FILE.png]
 
 The training set is rebuilt from the first checkpoint's metadata (data config, ``n_train``,
