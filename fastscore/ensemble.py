@@ -24,7 +24,7 @@ Each member gets what ``fastscore.training.train`` gives it alone with the same 
   decay ``min(ema, (1 + step) / (10 + step))`` come from a per-member table computed once by
   stepping torch's own scheduler, and are read on the device at a device step counter, so the same
   step runs eagerly or replayed from a CUDA graph;
-- Top-1 Gumbel seed ``(seed * 1_000_003 + step) % 2**63`` per member, as ``train`` passes it.
+- Top-1 Gumbel seed ``training.gumbel_seed(seed, step)`` per member, as ``train`` passes it.
 Members may differ in every ``TrainConfig`` field except ``steps`` and ``batch_size`` (shapes).
 Summation orders differ from a single network's, so results agree up to float32 rounding that
 grows over training (not bitwise).
@@ -49,7 +49,7 @@ from . import _validate, ops
 from .models import ModelConfig, ScoreNet, build_model
 from .sampling import SAMPLERS, initial_noise, step_coefficients, timesteps
 from .schedule import Schedule, make_schedule
-from .training import TrainConfig, TrainResult, _progress, make_lr_scheduler
+from .training import TrainConfig, TrainResult, _progress, gumbel_seed, make_lr_scheduler
 
 STREAMS = ("train", "device")
 MEMBER_MODES = ("auto", "vmap", "loop")
@@ -341,7 +341,7 @@ class EnsembleTrainer:
         x_t, t, eps = self._draw()
         seeds = None
         if self.net.config.attention == "top1" and self.net.config.gumbel:
-            seeds = [(c.seed * 1_000_003 + self.step_host) % 2**63 for c in self.configs]
+            seeds = [gumbel_seed(c.seed, self.step_host) for c in self.configs]
         per = ((self.net(x_t, t, seeds=seeds) - eps) ** 2).mean(dim=(1, 2, 3, 4))       # (M,) member losses
         names = list(self.params)
         params = [self.params[n] for n in names]

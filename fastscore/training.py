@@ -79,6 +79,17 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         pe.lerp_(pm, 1 - decay)
 
 
+# top-1's Gumbel noise at training step `step` of a run seeded `seed`: a prime stride keeps the
+# streams of different seeds and steps apart
+GUMBEL_SEED_STRIDE = 1_000_003
+
+
+def gumbel_seed(seed: int, step: int) -> int:
+    """The Gumbel-noise seed that top-1 attention gets at training step ``step`` (``train`` and the
+    ensemble engine pass the same one, so a member sees what it would see alone)."""
+    return (seed * GUMBEL_SEED_STRIDE + step) % 2**63
+
+
 def make_lr_scheduler(opt: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
     """``config.lr_schedule`` over ``config.steps`` steps for ``opt``: OneCycle (peak ``config.lr``),
     cosine annealing, or None (constant). ``train`` and the ensemble engine build it here."""
@@ -139,7 +150,7 @@ def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfi
         eps = torch.randn((config.batch_size, *data.shape[1:]), generator=gen).to(device)
         a = ab[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * data[i] + (1 - a).sqrt() * eps
-        kwargs = {"seed": (config.seed * 1_000_003 + step) % 2**63} if _accepts_seed(model) else {}
+        kwargs = {"seed": gumbel_seed(config.seed, step)} if _accepts_seed(model) else {}
         loss = torch.mean((model(x_t, t, **kwargs) - eps) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()

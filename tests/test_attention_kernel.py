@@ -17,7 +17,6 @@ from fastscore.ops.attention import identity_attention, softmax_attention, softm
 
 DEV = DEVICE
 interpret = pytest.mark.interpret
-ERRORS: dict[str, float] = {}  # largest kernel error seen per quantity (printed with -s)
 
 
 def _nan_like(x: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
@@ -50,7 +49,6 @@ def _check(name: str, got: torch.Tensor, ref64: torch.Tensor, ref32: torch.Tenso
     err_torch = (ref32.double() - ref64).abs().max().item()
     ratio, floor = (4.0, max(floor, 1e-5)) if name.endswith("dz") else (2.0, floor)
     bound = ratio * err_torch + floor * max(1.0, ref64.abs().max().item()) + 1e-6 * magnitude
-    ERRORS[name] = max(ERRORS.get(name, 0.0), err)
     assert err <= bound, f"{name}: kernel error {err:.3e} > bound {bound:.3e} (torch fp32 error {err_torch:.3e})"
 
 
@@ -402,12 +400,6 @@ def test_compile_configs_count():
                 for bd in K._BLOCK_DS for dt in (torch.float32, torch.float16, torch.bfloat16))
     assert fused == 5 * 3 - 2  # float32 at BLOCK_D 128 and 256 takes the unfused backward
     assert len(K.compile_configs()) == 5 * 3 * (8 + 1 + 2 * 4) + 4 * fused
-
-
-def test_print_largest_errors():
-    """Runs last in this file: prints the largest errors seen (use -s to see them)."""
-    for k_, v_ in sorted(ERRORS.items()):
-        print(f"[max error vs fp64] {k_}: {v_:.3e}")
 
 
 # ------------------------------------------------------------------------------------------------

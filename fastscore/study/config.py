@@ -28,6 +28,8 @@ PROJECTED = ("softmax", "top1")
 
 # seeds derived from a row's seed s: model initialisation, the sampler's initial noise, the probe's images
 MODEL_SEED, SAMPLE_SEED, PROBE_SEED = 1000, 10_000, 20_000
+# seeds derived from the study's data_seed: the random-image baseline, the attention figure's image
+RANDOM_IMAGES_SEED, FIGURE_IMAGE_SEED = 1, 7
 
 PRESETS: dict[str, dict[str, Any]] = {"full": {},
            "quick": dict(train_steps=5000, n_samples=1000, n_seeds=1, probe_n=1000, n_random=2000),

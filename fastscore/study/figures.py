@@ -12,7 +12,7 @@ from ..checkpoint import atomic_write, load_model
 from ..data import make_dataset
 from ..metrics import score
 from ..schedule import make_schedule
-from .config import ANALYTIC, LABELS, StudyConfig
+from .config import ANALYTIC, FIGURE_IMAGE_SEED, LABELS, StudyConfig
 from .files import StudyDir
 
 # frame colours of a sample in samples.png (RGB in [0, 1])
@@ -112,7 +112,7 @@ def _attention_figure(plt, out: StudyDir, config: StudyConfig, nets: list[str], 
     att_nets = [n for n in nets if n not in ("none",) + ANALYTIC]
     if not att_nets:
         return None
-    x0, _ = make_dataset(cfg, 1, seed=config.data_seed + 7)
+    x0, _ = make_dataset(cfg, 1, seed=config.data_seed + FIGURE_IMAGE_SEED)
     assert cfg.positions is not None   # KVConfig fills in the default layout
     (vr, vc) = cfg.positions[1][1]
     H, s = cfg.image_size, cfg.cell_size

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validate
 from ..metrics import analytic_random_consistency, random_images, score
-from .config import LABELS, PAPER, StudyConfig
+from .config import LABELS, PAPER, RANDOM_IMAGES_SEED, StudyConfig
 from .figures import study_figures
 from .files import StudyDir, versions
 from .parallel import default_workers, run_parallel
@@ -50,7 +50,7 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
             bar.update(sum(row_total(n) for n, _ in done))
         ctx = RunContext(config, sd, device, backend, bar=bar, weights=weights).with_data()
         t0 = time.perf_counter()
-        rnd = score(cfg, random_images(cfg, config.n_random, seed=config.data_seed + 1), ctx.train_set).to_dict()
+        rnd = score(cfg, random_images(cfg, config.n_random, seed=config.data_seed + RANDOM_IMAGES_SEED), ctx.train_set).to_dict()
         an = analytic_random_consistency(cfg.n_pairs, cfg.n_colours)
         baseline = {"analytic_fraction": str(an), "analytic_consistent": float(an), "empirical": rnd,
                     "seconds": time.perf_counter() - t0}
