@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cfg = KVConfig(n_pairs=a.pairs, palette=palette_of_size(a.colours), image_size=a.image_size)
     images, contents = make_dataset(cfg, 5000, 0)
-    focus = tuple(int(x) for x in a.t_focus.split(",")) if a.t_focus else None
+    focus: tuple[int, int] | None = None
+    if a.t_focus:
+        lo, hi = (int(x) for x in a.t_focus.split(","))
+        focus = (lo, hi)
     tc = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, seed=a.seed, t_focus=focus,
                      t_focus_prob=a.t_focus_prob)
     torch.manual_seed(a.seed)

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     x0, b = make_dataset(cfg, 6000, 99)
     s = make_schedule("linear", 1000)
     g = torch.Generator().manual_seed(0)
+    assert cfg.positions is not None   # filled in by KVConfig.__post_init__
     (kr, kc), (vr, vc) = cfg.positions[1]
     out = {}
     for t in (100, 200, 400):
