@@ -13,8 +13,6 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
 from . import __version__
 
 # measured wall times (README "The two commands": this project's 2-core CPU, two rows at a time)
@@ -108,6 +106,7 @@ def _study_config(a, mode: str, **fixed):
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
+    import torch
     default = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", default=default,
                    help=f"where to compute: cpu, cuda or cuda:N (default {default}: this machine's)")
@@ -140,6 +139,7 @@ def cmd_train(a) -> int:
     _check_start(a)
     cfg = study.data_config()
     images, _ = make_dataset(cfg, study.n_train, study.data_seed)
+    import torch
     torch.manual_seed(a.seed)
     model = build_model(study.model_config(a.attention), backend=a.backend)
     tc = study.train_config(a.seed)
@@ -351,25 +351,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup()
     stop = {"signal": "SIGINT"}
+    pending: list[str] = []
 
     def on_term(signum, frame) -> None:
         stop["signal"] = "SIGTERM"
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+
+    def defer(signum, frame) -> None:   # while torch imports: an interrupt inside its C++ init aborts
+        pending.append(signal.Signals(signum).name)
+    main_thread = _main_thread()
+    previous = None
+    if main_thread:
+        previous = signal.signal(signal.SIGTERM, defer), signal.signal(signal.SIGINT, defer)
+    name = "fastscore"
     try:
+        try:
+            parser = build_parser()   # imports torch (seconds)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, on_term)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        if pending:
+            stop["signal"] = pending[0]
+            raise KeyboardInterrupt
+        args = parser.parse_args(argv)
+        name = f"fastscore {args.command}"
+        setup()
         return args.fn(args)
     except (ValueError, TypeError, OSError) as e:
-        print(f"fastscore {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"fastscore {args.command}: {stop['signal']}: {e or 'interrupted; nothing was saved'}", file=sys.stderr)
+        print(f"{name}: {stop['signal']}: {str(e) or 'interrupted; nothing was saved'}", file=sys.stderr)
         return 143 if stop["signal"] == "SIGTERM" else 130
     finally:
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
 
 
 def _main_thread() -> bool:

@@ -218,3 +218,22 @@ def test_scripts_do_nothing_on_import_and_explain_themselves(script, capsys):
 def test_docs_hold_no_code():
     docs = Path(__file__).parent.parent / "docs"
     assert not list(docs.glob("*.py"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.6])
+def test_an_interrupt_while_torch_imports_is_one_line_too(tmp_path, delay):
+    """Ctrl-C in the first second (torch still importing, where an interrupt inside its C++ init would
+    abort the process) gives the same one line and exit code 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "study"
+    p = subprocess.Popen([sys.executable, "-m", "fastscore", "reproduce", "--tiny", "--out", str(out), "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "SIGINT" in err and "Traceback" not in err
