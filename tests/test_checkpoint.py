@@ -20,7 +20,7 @@ def test_never_overwrites_silently(tmp_path):
     m = ScoreNet("none", 4)
     p = save_model(tmp_path / "m.safetensors", m)
     before = p.read_bytes()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match=r"m\.safetensors exists; pass overwrite=True \(--force"):
         save_model(p, ScoreNet("none", 4))
     assert p.read_bytes() == before
     save_model(p, ScoreNet("none", 8), overwrite=True)
@@ -37,7 +37,7 @@ def test_corrupt_and_mismatched_files(tmp_path):
     data = bytearray(p.read_bytes())
     trunc = tmp_path / "trunc.safetensors"
     trunc.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"trunc\.safetensors is not a readable safetensors file"):
         load_model(trunc)
     # weights of one architecture with the config of another
     tensors, meta = load_tensors(p)
@@ -49,7 +49,7 @@ def test_corrupt_and_mismatched_files(tmp_path):
     save_tensors(tmp_path / "s.safetensors", {"samples": torch.zeros(2)}, {"kind": "samples"})
     with pytest.raises(ValueError, match="expected a 'model'"):
         load_model(tmp_path / "s.safetensors")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"no such file: .*nope\.safetensors"):
         load_model(tmp_path / "nope.safetensors")
 
 
@@ -57,7 +57,7 @@ def test_loading_never_unpickles(tmp_path):
     import pickle
     evil = tmp_path / "evil.safetensors"
     evil.write_bytes(pickle.dumps({"x": 1}))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"evil\.safetensors is not a readable safetensors file"):
         load_model(evil)
 
 

@@ -76,13 +76,15 @@ def test_attention_weights_are_distributions():
         assert torch.allclose(w.sum(-1), torch.ones(2, 64))
 
 
-@pytest.mark.parametrize("kwargs, err", [
-    (dict(attention="linear"), ValueError), (dict(width=0), ValueError), (dict(width=2.0), TypeError),
-    (dict(temperature=0.0), ValueError), (dict(backend="cuda"), ValueError),
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(attention="linear"), ValueError, r"attention must be one of \['none', 'identity', 'top1', 'softmax'\], got 'linear'"),
+    (dict(width=0), ValueError, "width must be >= 1, got 0"), (dict(width=2.0), TypeError, "width must be an int, got float"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0.0, got 0.0"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of \['auto', 'triton', 'torch'\], got 'cuda'"),
 ])
-def test_bad_model_args(kwargs, err):
+def test_bad_model_args(kwargs, err, match):
     kw = dict(attention="none") | kwargs
-    with pytest.raises(err):
+    with pytest.raises(err, match=match):
         ScoreNet(**kw)
 
 

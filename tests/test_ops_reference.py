@@ -64,21 +64,21 @@ def test_gumbel_noise_distribution():
     assert abs(g.mean() - 0.5772156649) < 0.01 and abs(g.var() - math.pi**2 / 6) < 0.03
 
 
-@pytest.mark.parametrize("bad, err", [
-    (lambda q, k, v: (q.float(), k, v), TypeError),
-    (lambda q, k, v: (q[:, :, :2], k, v), ValueError),
-    (lambda q, k, v: (q, k[:1], v), ValueError),
-    (lambda q, k, v: (q, k, v[:, :2]), ValueError),
-    (lambda q, k, v: (q[0], k, v), ValueError),
-    (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError),
-    (lambda q, k, v: (q[:, :0], k, v), ValueError),
-    (lambda q, k, v: (q[..., :0], k[..., :0], v), ValueError),
+@pytest.mark.parametrize("bad, err, match", [
+    (lambda q, k, v: (q.float(), k, v), TypeError, "k has dtype torch.float64 but q has dtype torch.float32"),
+    (lambda q, k, v: (q[:, :, :2], k, v), ValueError, "q and k must share the feature size D, got 2 and 3"),
+    (lambda q, k, v: (q, k[:1], v), ValueError, "q, k, v must share the batch size, got 2, 1, 2"),
+    (lambda q, k, v: (q, k, v[:, :2]), ValueError, "k and v must share the sequence length, got 4 and 2"),
+    (lambda q, k, v: (q[0], k, v), ValueError, r"q must have 3 dimensions, got shape \(4, 3\)"),
+    (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, "q must be a floating-point tensor, got dtype torch.int64"),
+    (lambda q, k, v: (q[:, :0], k, v), ValueError, "q and k must have a sequence length N >= 1"),
+    (lambda q, k, v: (q[..., :0], k[..., :0], v), ValueError, "q and v must have a feature size D >= 1"),
 ])
-def test_attention_bad_input(bad, err):
+def test_attention_bad_input(bad, err, match):
     q, k, v = (t.detach() for t in _qkv(2, 4, 3))
-    with pytest.raises(err):
+    with pytest.raises(err, match=match):
         ops.softmax_attention(*bad(q, k, v), backend="torch")
-    with pytest.raises(err):
+    with pytest.raises(err, match=match):
         ops.top1_attention(*bad(q, k, v), backend="torch")
 
 
@@ -135,16 +135,20 @@ def test_reverse_step_noise_and_in_place(seed):
     assert not torch.equal(a, reverse_step(x, e, c, seed=6, step=3, backend="torch"))
 
 
-@pytest.mark.parametrize("kw, err", [
-    (dict(eps=torch.zeros(2, 3)), ValueError), (dict(seed=-1), ValueError), (dict(seed=2**63), ValueError),
-    (dict(step=-1), ValueError), (dict(coefficients=(1.0, 0.5, 1.0, 0.0, float("nan"))), ValueError),
-    (dict(coefficients=(1.0, 0.5)), TypeError), (dict(eps=torch.zeros(2, 4, dtype=torch.int64)), TypeError),
-    (dict(out=torch.zeros(3, 4)), ValueError),
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(eps=torch.zeros(2, 3)), ValueError, r"eps must have the shape of x_t \(2, 4\), got \(2, 3\)"),
+    (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\), got -1"),
+    (dict(seed=2**63), ValueError, r"seed must be in \[0, 2\*\*63\), got 9223372036854775808"),
+    (dict(step=-1), ValueError, "step must be >= 0, got -1"),
+    (dict(coefficients=(1.0, 0.5, 1.0, 0.0, float("nan"))), ValueError, "coefficients.sigma must be finite, got nan"),
+    (dict(coefficients=(1.0, 0.5)), TypeError, r"coefficients must be a StepCoefficients \(or a 5-tuple"),
+    (dict(eps=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "eps must be a floating-point tensor, got dtype torch.int64"),
+    (dict(out=torch.zeros(3, 4)), ValueError, "out must match x_t in shape"),
 ])
-def test_reverse_step_bad_input(kw, err):
+def test_reverse_step_bad_input(kw, err, match):
     args = dict(x_t=torch.zeros(2, 4), eps=torch.zeros(2, 4), coefficients=StepCoefficients(0.8, 0.6, 0.9, 0.1, 0.1),
                 seed=0, step=0) | kw
-    with pytest.raises(err):
+    with pytest.raises(err, match=match):
         reverse_step(**args, backend="torch")
 
 

@@ -198,11 +198,24 @@ def no_launch(monkeypatch):
 GOOD = StepCoefficients(0.8, 0.6, 0.9, 0.3, 0.1)
 
 
-@pytest.mark.parametrize("case", [
-    "shape", "dtype", "step_negative", "step_large", "seed_negative", "seed_large", "seed_float",
-    "coef_nan", "coef_inf", "coef_sigma_negative", "coef_a_zero", "coef_len", "out_shape", "out_dtype", "empty_batch",
+@pytest.mark.parametrize("case, err, match", [
+    ("shape", ValueError, r"eps must have the shape of x_t \(2, 3, 4\), got \(2, 3, 5\)"),
+    ("dtype", TypeError, "eps has dtype torch.float64 but x_t has dtype torch.float32"),
+    ("step_negative", ValueError, "step must be >= 0, got -1"),
+    ("step_large", ValueError, r"step must be < 2\*\*31, got 2147483648"),
+    ("seed_negative", ValueError, r"seed must be in \[0, 2\*\*63\), got -1"),
+    ("seed_large", ValueError, r"seed must be in \[0, 2\*\*63\), got 9223372036854775808"),
+    ("seed_float", TypeError, "seed must be an int, got float"),
+    ("coef_nan", ValueError, "coefficients.dir_coef must be finite, got nan"),
+    ("coef_inf", ValueError, "coefficients.sigma must be finite, got inf"),
+    ("coef_sigma_negative", ValueError, "coefficients.sigma and dir_coef must be >= 0"),
+    ("coef_a_zero", ValueError, "coefficients.sqrt_alpha_bar and sqrt_one_minus_alpha_bar must be > 0"),
+    ("coef_len", TypeError, r"coefficients must be a StepCoefficients \(or a 5-tuple"),
+    ("out_shape", ValueError, "out must match x_t in shape"),
+    ("out_dtype", ValueError, "out must match x_t in shape, dtype"),
+    ("empty_batch", ValueError, r"x_t must have a non-empty batch dimension, got shape \(0, 3\)"),
 ])
-def test_bad_input_raises_before_launch(no_launch, case):
+def test_bad_input_raises_before_launch(no_launch, case, err, match):
     x = torch.zeros(2, 3, 4, device=DEVICE)
     kw = dict(x_t=x, eps=torch.zeros_like(x), coefficients=GOOD, seed=1, step=0, out=None)
     if case == "shape":
@@ -237,7 +250,7 @@ def test_bad_input_raises_before_launch(no_launch, case):
         kw["x_t"] = torch.zeros(0, 3, device=DEVICE)
         kw["eps"] = torch.zeros(0, 3, device=DEVICE)
     x_t, eps, coef = kw.pop("x_t"), kw.pop("eps"), kw.pop("coefficients")
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(err, match=match):
         reverse_step(x_t, eps, coef, backend="triton", **kw)
 
 
@@ -247,10 +260,16 @@ def test_no_launch_fixture_can_fail(no_launch):
         reverse_step(x, x.clone(), GOOD, seed=1, step=0, backend="triton")
 
 
-@pytest.mark.parametrize("args", [(0.5, 0.6, -0.1), (0.5, 0.6, float("nan")), (0.7, 0.6, 1.0), (0.0, 0.6, 1.0),
-                                  (1.0, 1.0, 0.0), (0.5, 1.5, 0.0)])
-def test_ddim_coefficients_bad_input(args):
-    with pytest.raises(ValueError):
+NEED_ORDER = r"need 0 < alpha_bar_t < 1 and alpha_bar_t <= alpha_bar_prev <= 1, got "
+
+
+@pytest.mark.parametrize("args, match", [
+    ((0.5, 0.6, -0.1), "eta must be >= 0.0, got -0.1"), ((0.5, 0.6, float("nan")), "eta must be finite, got nan"),
+    ((0.7, 0.6, 1.0), NEED_ORDER + "0.7, 0.6"), ((0.0, 0.6, 1.0), "alpha_bar_t must be > 0.0, got 0.0"),
+    ((1.0, 1.0, 0.0), NEED_ORDER + "1.0, 1.0"), ((0.5, 1.5, 0.0), NEED_ORDER + "0.5, 1.5"),
+])
+def test_ddim_coefficients_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
         ddim_coefficients(*args)
 
 

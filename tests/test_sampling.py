@@ -54,14 +54,18 @@ def test_timesteps_and_coefficients():
         assert math.isclose(c.sqrt_alpha_bar_prev ** 2 + c.dir_coef ** 2 + c.sigma ** 2, 1.0, rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("kw, err", [
-    (dict(n=0), ValueError), (dict(n=2.0), TypeError), (dict(sampler="euler"), ValueError),
-    (dict(eta=-0.1), ValueError), (dict(steps=2000), ValueError), (dict(batch_size=0), ValueError),
-    (dict(seed=-3), ValueError), (dict(shape=(3, 8)), ValueError), (dict(cuda_graph=True), ValueError),
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(n=0), ValueError, "n must be >= 1, got 0"), (dict(n=2.0), TypeError, "n must be an int, got float"),
+    (dict(sampler="euler"), ValueError, r"sampler must be one of \['ddim', 'ddpm'\], got 'euler'"),
+    (dict(eta=-0.1), ValueError, "eta must be >= 0.0, got -0.1"), (dict(steps=2000), ValueError, "steps must be <= T=1000, got 2000"),
+    (dict(batch_size=0), ValueError, "batch_size must be >= 1, got 0"),
+    (dict(seed=-3), ValueError, r"seed must be in \[0, 2\*\*63\), got -3"),
+    (dict(shape=(3, 8)), ValueError, r"shape must be three positive ints \(C, H, W\), got \(3, 8\)"),
+    (dict(cuda_graph=True), ValueError, "cuda_graph=True needs a CUDA device"),
 ])
-def test_sample_bad_input(kw, err):
+def test_sample_bad_input(kw, err, match):
     args = dict(n=4) | kw
-    with pytest.raises(err):
+    with pytest.raises(err, match=match):
         sample(ScoreNet("none", 4), **args)
 
 

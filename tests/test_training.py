@@ -26,12 +26,14 @@ def test_training_is_seeded():
     assert out[0] == out[1]
 
 
-@pytest.mark.parametrize("kw, err", [
-    (dict(steps=0), ValueError), (dict(lr=0.0), ValueError), (dict(ema=1.0), ValueError),
-    (dict(lr_schedule="step"), ValueError), (dict(batch_size=1.5), TypeError),
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(steps=0), ValueError, "steps must be >= 1, got 0"), (dict(lr=0.0), ValueError, "lr must be > 0.0, got 0.0"),
+    (dict(ema=1.0), ValueError, r"ema must be in \[0, 1\), got 1.0"),
+    (dict(lr_schedule="step"), ValueError, r"lr_schedule must be one of \['onecycle', 'cosine', 'constant'\], got 'step'"),
+    (dict(batch_size=1.5), TypeError, "batch_size must be an int, got float"),
 ])
-def test_bad_train_config(kw, err):
-    with pytest.raises(err):
+def test_bad_train_config(kw, err, match):
+    with pytest.raises(err, match=match):
         TrainConfig(**kw)
 
 
