@@ -48,9 +48,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must share the feature size D, got {q.shape[2]} and {k.shape[2]}")
     if q.shape[1] == 0 or k.shape[1] == 0:
-        raise ValueError("q and k must have a sequence length N >= 1")
+        raise ValueError(f"q and k must have a sequence length N >= 1, got {q.shape[1]} and {k.shape[1]}")
     if q.shape[2] == 0 or v.shape[2] == 0:
-        raise ValueError("q and v must have a feature size D >= 1")
+        raise ValueError(f"q and v must have a feature size D >= 1, got {q.shape[2]} and {v.shape[2]}")
     if scale is None:
         return q.shape[2] ** -0.5
     return _validate.finite_float("scale", scale)

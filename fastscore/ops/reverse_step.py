@@ -51,13 +51,15 @@ def _check(x_t, eps, coef, seed, step, sample_offset, out) -> StepCoefficients:
         if isinstance(coef, (tuple, list)) and len(coef) == 5:
             coef = StepCoefficients(*coef)
         else:
-            raise TypeError("coefficients must be a StepCoefficients (or a 5-tuple of floats)")
+            raise TypeError(f"coefficients must be a StepCoefficients (or a 5-tuple of floats), got {coef!r}")
     for name, c in zip(StepCoefficients._fields, coef):
         _validate.finite_float(f"coefficients.{name}", c)
-    if coef.sqrt_alpha_bar <= 0 or coef.sqrt_one_minus_alpha_bar <= 0:
-        raise ValueError("coefficients.sqrt_alpha_bar and sqrt_one_minus_alpha_bar must be > 0")
-    if coef.sigma < 0 or coef.dir_coef < 0:
-        raise ValueError("coefficients.sigma and dir_coef must be >= 0")
+    for name in ("sqrt_alpha_bar", "sqrt_one_minus_alpha_bar"):
+        if getattr(coef, name) <= 0:
+            raise ValueError(f"coefficients.{name} must be > 0, got {getattr(coef, name)}")
+    for name in ("sigma", "dir_coef"):
+        if getattr(coef, name) < 0:
+            raise ValueError(f"coefficients.{name} must be >= 0, got {getattr(coef, name)}")
     for name, v in (("seed", seed), ("sample_offset", sample_offset)):
         if isinstance(v, torch.Tensor):  # device scalars, so a captured CUDA graph can change them
             if v.dtype != torch.int64 or v.numel() != 1 or v.device != x_t.device:
@@ -73,7 +75,8 @@ def _check(x_t, eps, coef, seed, step, sample_offset, out) -> StepCoefficients:
     if out is not None:
         _validate.tensor("out", out)
         if out.shape != x_t.shape or out.dtype != x_t.dtype or out.device != x_t.device:
-            raise ValueError("out must match x_t in shape, dtype and device")
+            raise ValueError(f"out must match x_t in shape, dtype and device: x_t is {tuple(x_t.shape)} {x_t.dtype} "
+                             f"on {x_t.device}, out is {tuple(out.shape)} {out.dtype} on {out.device}")
     return StepCoefficients(*(float(c) for c in coef))
 
 
