@@ -2,7 +2,9 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
+from fastscore.checkpoint import load_tensors
 from fastscore.models import ModelConfig
 from fastscore.study import StudyConfig, coordination_verdict, pairs_sweep, reproduce
 from fastscore.study.files import MANIFEST, StudyDir
@@ -208,6 +210,13 @@ def test_rows_in_worker_processes_match_and_resume(tmp_path):
     for a, b in zip(doc["rows"], ref["rows"]):   # same config, same data and noise; threads may move last bits
         assert a["rates"]["valid"]["n"] == b["rates"]["valid"]["n"]
     assert doc["rows"][0]["rates"] == ref["rows"][0]["rates"]   # the ELS row trains nothing
+    # a worker trains a network's seeds together (the members share the ensemble's wall time), as one
+    # process does: the same checkpoints up to float32 rounding
+    secs = {(r["network"], r["seed"]): r["train_seconds"] for r in doc["rows"]}
+    assert secs[("none", 0)] == secs[("none", 1)] and secs[("identity", 0)] == secs[("identity", 1)]
+    for name in ("none-seed0", "none-seed1", "identity-seed0", "identity-seed1"):
+        (a, _), (b, _) = [load_tensors(tmp_path / d / "checkpoints" / f"{name}.safetensors") for d in ("par", "seq")]
+        assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in b), name
     mtime = (tmp_path / "par" / "checkpoints" / "none-seed0.safetensors").stat().st_mtime
     doc2 = reproduce(cfg, tmp_path / "par", progress=False, workers=2)
     assert (tmp_path / "par" / "checkpoints" / "none-seed0.safetensors").stat().st_mtime == mtime
