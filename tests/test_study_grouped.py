@@ -6,6 +6,7 @@ import torch
 
 from fastscore.checkpoint import load_tensors
 from fastscore.study import StudyConfig, reproduce
+from fastscore.study.parallel import balance
 from fastscore.study.rows import units
 
 
@@ -30,6 +31,15 @@ def test_units_group_the_seeds_of_each_trained_network_and_keep_analytic_rows_si
     todo = [("els", 0), ("none", 0), ("none", 2), ("softmax", 1)]
     assert units(todo, True) == [("els", (0,)), ("none", (0, 2)), ("softmax", (1,))]
     assert units(todo, False) == [(n, (s,)) for n, s in todo]
+
+
+def test_balance_splits_only_a_network_that_would_leave_a_worker_idle():
+    full = [("top1", (0, 1, 2)), ("softmax", (0, 1, 2)), ("identity", (0, 1, 2)), ("none", (0, 1, 2)), ("els", (0,))]
+    assert balance(full, 2) == full                     # 12 + 3 against 9 + 6: nothing to gain
+    assert balance([("softmax", (0, 1, 2)), ("none", (0, 1, 2))], 2) == \
+        [("softmax", (0, 1)), ("softmax", (2,)), ("none", (0, 1, 2))]
+    assert balance([("none", (0, 1, 2, 3))], 4) == [("none", (s,)) for s in range(4)]
+    assert balance([("none", (0, 1, 2, 3))], 1) == [("none", (0, 1, 2, 3))]
 
 
 def test_group_seeds_must_be_a_bool(tmp_path):

@@ -33,6 +33,25 @@ def default_workers(device: torch.device) -> int:
     return 2 if device.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
 
 
+def _cost(unit: tuple[str, tuple[int, ...]]) -> int:
+    return COST.get(unit[0], 0) * len(unit[1])
+
+
+def balance(todo: list[tuple[str, tuple[int, ...]]], workers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Split (by halves of its seeds) any unit that costs more than a worker's share of the total, so
+    that grouping seeds never leaves a worker idle that one-row units would have kept busy (on a CPU
+    an ensemble of M costs M networks: there is nothing to gain from a bigger one)."""
+    out = list(todo)
+    share = sum(_cost(u) for u in out) / workers
+    while True:
+        big = [i for i, u in enumerate(out) if len(u[1]) > 1 and _cost(u) > share]
+        if not big:
+            return out
+        i = max(big, key=lambda j: _cost(out[j]))
+        (net, seeds), h = out[i], (len(out[i][1]) + 1) // 2
+        out[i:i + 1] = [(net, seeds[:h]), (net, seeds[h:])]
+
+
 class QueueBar:
     """Progress from a worker process: counts locally, sends to the parent's queue every 0.5 s."""
 
@@ -136,7 +155,7 @@ def run_parallel(ctx: RunContext, todo: list[tuple[str, tuple[int, ...]]], worke
     pool = cf.ProcessPoolExecutor(workers, mp_context=mpc, initializer=_init_worker, initargs=(queue, threads))
     try:
         # longest units first, so the last one does not run alone on one core while the others idle
-        order = sorted(todo, key=lambda j: -COST.get(j[0], 0) * len(j[1]))
+        order = sorted(todo, key=lambda j: -_cost(j))
         portable = ctx.portable()
         # submit spawns the workers: with SIGINT ignored meanwhile, they start ignoring it (an ignored
         # signal survives exec, and Python then installs no KeyboardInterrupt handler), so a Ctrl-C to

@@ -11,7 +11,7 @@ from ..metrics import analytic_random_consistency, random_images, score
 from .config import PAPER, StudyConfig
 from .figures import study_figures
 from .files import StudyDir, versions
-from .parallel import default_workers, run_parallel, unit_label
+from .parallel import balance, default_workers, run_parallel, unit_label
 from .report import coordination_verdict, correlations, own_marginal_chance, results_markdown, summarise
 from .rows import RunContext, progress_weights, run_unit, units
 
@@ -33,8 +33,9 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
 
     ``group_seeds``: train the seeds of a network together, as one ensemble
     (``fastscore.ensemble``), then evaluate each row; each checkpoint is the one its row trains alone
-    up to float32 rounding. False: one row at a time (the reference). Either way a unit of work (a
-    network's missing seeds, or one row) runs in one worker."""
+    up to float32 rounding. False: one row at a time (the reference). A unit of work (a network's
+    missing seeds, or one row) runs in one worker; with several workers a network whose seeds cost
+    more than a worker's share is split (``parallel.balance``)."""
     device = _validate.device("device", device)
     _validate.choice("backend", backend, ("auto", "triton", "torch"))
     if workers is not None:
@@ -65,6 +66,8 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
         todo = [j for j in jobs if j not in done]
         workers = default_workers(device) if workers is None else workers
         jobs_todo = units(todo, group_seeds)
+        if workers > 1:
+            jobs_todo = balance(jobs_todo, workers)
         if workers > 1 and len(jobs_todo) > 1:
             run_parallel(ctx, jobs_todo, workers, done)
         else:
