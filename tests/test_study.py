@@ -2,7 +2,9 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
+from fastscore.checkpoint import load_tensors
 from fastscore.models import ModelConfig
 from fastscore.study import StudyConfig, coordination_verdict, pairs_sweep, reproduce
 from fastscore.study.files import MANIFEST, StudyDir
@@ -195,7 +197,7 @@ def test_pairs_sweep_one_table_with_the_gap_over_the_cnn(tmp_path):
 def test_rows_in_worker_processes_match_and_resume(tmp_path):
     cfg = StudyConfig.preset("tiny", networks=("none", "identity"), n_samples=8, probe_n=8, n_random=50,
                              train_steps=2, analytic=("els",), n_seeds=2)
-    doc = reproduce(cfg, tmp_path / "par", progress=True, workers=2)
+    doc = reproduce(cfg, tmp_path / "par", progress=True, workers=2, group_seeds=True)
     md = (tmp_path / "par" / "results.md").read_text()
     assert "## Per seed" in md and "| CNN | 1 |" in md and "invocations" not in md
     own = doc["summary"]["own_marginal_chance"]
@@ -203,11 +205,21 @@ def test_rows_in_worker_processes_match_and_resume(tmp_path):
     assert own["none"]["n"] == doc["summary"]["networks"]["none"]["rates"]["valid"]["k"]  # the valid samples
     assert set(own) == {"els", "none", "identity"}
     assert set(doc["summary"]["coordination"]) == {"identity"}
-    ref = reproduce(cfg, tmp_path / "seq", progress=False, workers=1)
+    ref = reproduce(cfg, tmp_path / "seq", progress=False, workers=1, group_seeds=True)
     assert [(r["network"], r["seed"]) for r in doc["rows"]] == [(r["network"], r["seed"]) for r in ref["rows"]]
     for a, b in zip(doc["rows"], ref["rows"]):   # same config, same data and noise; threads may move last bits
         assert a["rates"]["valid"]["n"] == b["rates"]["valid"]["n"]
     assert doc["rows"][0]["rates"] == ref["rows"][0]["rates"]   # the ELS row trains nothing
+    # a worker trains a network's seeds together (the members share the ensemble's wall time), but the
+    # identity network's two seeds (4 of the 6 cost units) are split over both workers (parallel.balance);
+    # either way the checkpoints are the one process's up to float32 rounding
+    secs = {(r["network"], r["seed"]): r["train_seconds"] for r in doc["rows"]}
+    assert secs[("none", 0)] == secs[("none", 1)] and secs[("identity", 0)] != secs[("identity", 1)]
+    seq = {(r["network"], r["seed"]): r["train_seconds"] for r in ref["rows"]}
+    assert seq[("none", 0)] == seq[("none", 1)] and seq[("identity", 0)] == seq[("identity", 1)]
+    for name in ("none-seed0", "none-seed1", "identity-seed0", "identity-seed1"):
+        (a, _), (b, _) = [load_tensors(tmp_path / d / "checkpoints" / f"{name}.safetensors") for d in ("par", "seq")]
+        assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in b), name
     mtime = (tmp_path / "par" / "checkpoints" / "none-seed0.safetensors").stat().st_mtime
     doc2 = reproduce(cfg, tmp_path / "par", progress=False, workers=2)
     assert (tmp_path / "par" / "checkpoints" / "none-seed0.safetensors").stat().st_mtime == mtime

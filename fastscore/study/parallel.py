@@ -1,4 +1,5 @@
-"""Rows in worker processes, with one progress bar, and a clean stop on Ctrl-C or SIGTERM.
+"""Units of work (a network with its seeds, or one row: ``rows.units``) in worker processes, with
+one progress bar, and a clean stop on Ctrl-C or SIGTERM.
 
 Workers are spawned processes of a ``ProcessPoolExecutor``, each with ``cpu_count // workers``
 threads. They ignore SIGINT (Ctrl-C reaches the whole process group; only the parent decides) and
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from .config import LABELS
-from .rows import RunContext, run_row
+from .rows import RunContext, run_unit
 
 STOP_SECONDS = 3.0
 # relative cost of a row (CPU, width 64, 10k steps; measured in the full run: top-1 ~630 s, softmax
@@ -30,6 +31,25 @@ def default_workers(device: torch.device) -> int:
     """Two rows at a time on a CPU with >= 2 cores (small convs scale poorly across threads: two
     single-threaded trainings do ~1.4x the work of one two-threaded one); one on a GPU."""
     return 2 if device.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+
+
+def _cost(unit: tuple[str, tuple[int, ...]]) -> int:
+    return COST.get(unit[0], 0) * len(unit[1])
+
+
+def balance(todo: list[tuple[str, tuple[int, ...]]], workers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Split (by halves of its seeds) any unit that costs more than a worker's share of the total, so
+    that grouping seeds never leaves a worker idle that one-row units would have kept busy (on a CPU
+    an ensemble of M costs M networks: there is nothing to gain from a bigger one)."""
+    out = list(todo)
+    share = sum(_cost(u) for u in out) / workers
+    while True:
+        big = [i for i, u in enumerate(out) if len(u[1]) > 1 and _cost(u) > share]
+        if not big:
+            return out
+        i = max(big, key=lambda j: _cost(out[j]))
+        (net, seeds), h = out[i], (len(out[i][1]) + 1) // 2
+        out[i:i + 1] = [(net, seeds[:h]), (net, seeds[h:])]
 
 
 class QueueBar:
@@ -66,17 +86,22 @@ def _init_worker(queue, threads: int) -> None:
     _QUEUE = queue
 
 
-def _worker_row(ctx: RunContext, net: str, seed: int) -> dict:
+def unit_label(net: str, seeds: tuple[int, ...]) -> str:
+    """``"CNN, seed 0"`` or ``"CNN, seeds 0,1,2"``: a unit of work for the progress bar."""
+    return f"{LABELS.get(net, net)}, seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
+
+
+def _worker_unit(ctx: RunContext, net: str, seeds: tuple[int, ...]) -> dict:
     try:
         if _QUEUE is None:
-            return run_row(ctx, net, seed)
-        _QUEUE.put(("start", net, seed))
+            return run_unit(ctx, net, seeds)
+        _QUEUE.put(("start", net, seeds))
         bar = QueueBar(_QUEUE)
         ctx.bar = bar
-        row = run_row(ctx, net, seed)
+        rows = run_unit(ctx, net, seeds)
         bar.flush()
-        _QUEUE.put(("end", net, seed))
-        return row
+        _QUEUE.put(("end", net, seeds))
+        return rows
     except SystemExit as e:
         # SIGTERM: the row's finally blocks have run (no temporary files left); leave now, instead of
         # reporting the exit to the pool and waiting for the next row
@@ -103,15 +128,15 @@ def _stop(pool) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def run_parallel(ctx: RunContext, todo: list[tuple[str, int]], workers: int, done: dict) -> None:
-    """Run the rows ``todo`` in ``workers`` processes; each finished row is added to ``done`` as it
-    arrives (so an interrupted run knows what it kept). A failed row raises here, after the rows
-    still running are stopped (rows finished before stay saved for the rerun)."""
+def run_parallel(ctx: RunContext, todo: list[tuple[str, tuple[int, ...]]], workers: int, done: dict) -> None:
+    """Run the units ``todo`` (``(name, seeds)``, ``rows.units``) in ``workers`` processes; the rows of
+    each finished unit are added to ``done`` as it arrives. A failed unit raises here, after the units
+    still running are stopped (rows finished before, in any unit, stay saved for the rerun)."""
     import concurrent.futures as cf
     import multiprocessing as mp
     mpc = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
-    bar, running = ctx.bar, []  # type: Any, list[tuple[str, int]]
+    bar, running = ctx.bar, []  # type: Any, list[tuple[str, tuple[int, ...]]]
     queue = mpc.Queue() if bar is not None else None
 
     def drain() -> None:
@@ -125,19 +150,19 @@ def run_parallel(ctx: RunContext, todo: list[tuple[str, int]], workers: int, don
                 (running.append if msg[0] == "start" else running.remove)(msg[1:])
             else:
                 bar.update(msg)
-        bar.set_description("reproduce [" + "; ".join(f"{LABELS[n]}, seed {s}" for n, s in running) + "]")
+        bar.set_description("reproduce [" + "; ".join(unit_label(n, s) for n, s in running) + "]")
 
     pool = cf.ProcessPoolExecutor(workers, mp_context=mpc, initializer=_init_worker, initargs=(queue, threads))
     try:
-        # longest rows first, so the last row does not run alone on one core while the others idle
-        order = sorted(todo, key=lambda j: -COST.get(j[0], 0))
+        # longest units first, so the last one does not run alone on one core while the others idle
+        order = sorted(todo, key=lambda j: -_cost(j))
         portable = ctx.portable()
         # submit spawns the workers: with SIGINT ignored meanwhile, they start ignoring it (an ignored
         # signal survives exec, and Python then installs no KeyboardInterrupt handler), so a Ctrl-C to
         # the process group while they import torch prints no traceback from them
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
         try:
-            futures = {pool.submit(_worker_row, portable, net, s): (net, s) for net, s in order}
+            futures = [pool.submit(_worker_unit, portable, net, seeds) for net, seeds in order]
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -145,7 +170,7 @@ def run_parallel(ctx: RunContext, todo: list[tuple[str, int]], workers: int, don
         while pending:
             finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
             for f in finished:
-                done[futures[f]] = f.result()
+                done.update(f.result())
             if queue is not None:
                 drain()
     except BaseException:

@@ -1,7 +1,13 @@
 """One row of the study: a model (trained, loaded or analytic) sampled, scored and probed.
 
 ``RunContext`` carries what every row needs (config, directory, device, backend, data, progress),
-so a new kind of row is one more entry in ``MODELS``: a function ``(ctx, name, seed) -> Built``."""
+so a new kind of row is one more entry in ``MODELS``: a function ``(ctx, name, seed) -> Built``.
+
+The unit of work is a network with its seeds (``units``, ``run_unit``): with ``group_seeds`` the
+seeds whose checkpoints are missing are trained together as one ensemble
+(``fastscore.ensemble.train_members``: each member gets its row's model config, train config and
+init seed, so each checkpoint is the one the row would train alone up to float32 rounding); then
+each row is evaluated and saved as it would be alone. Without it, one row at a time (the reference)."""
 from __future__ import annotations
 
 import time
@@ -13,12 +19,13 @@ import torch
 
 from ..checkpoint import load_model
 from ..data import make_dataset
+from ..ensemble import Member, train_members
 from ..metrics import score
 from ..models import build_model
 from ..probe import coordination_probe, probe_json
 from ..sampling import sample
 from ..schedule import Schedule, make_schedule
-from ..training import train
+from ..training import TrainResult, train
 from .config import ANALYTIC, MODEL_SEED, PROBE_SEED, SAMPLE_SEED, StudyConfig
 from .files import StudyDir, row_name
 
@@ -51,6 +58,11 @@ class RunContext:
         """``train``'s callback ``(step, loss)``: one training step of progress (None without a bar)."""
         bar, w = self.bar, self.weights.get("train")
         return None if bar is None else lambda step, loss: bar.update(w)
+
+    def on_ensemble_step(self) -> Callable | None:
+        """``train_members``' callback ``(step, members)``: one training step per member of progress."""
+        bar, w = self.bar, self.weights.get("train")
+        return None if bar is None else lambda step, members: bar.update(w * members)
 
     def on_sample_batch(self) -> Callable | None:
         """``sample``'s callback ``(n)``: ``n`` samples of progress (None without a bar)."""
@@ -91,11 +103,29 @@ def network(ctx: RunContext, net: str, seed: int) -> Built:
     model = build_model(c.model_config(net), backend=ctx.backend)
     res = train(model, ctx.images, c.train_config(seed), device=ctx.device, progress=False,
                 callback=ctx.on_train_step())
+    return _save_trained(ctx, net, seed, res)
+
+
+def _save_trained(ctx: RunContext, net: str, seed: int, res: TrainResult) -> Built:
+    """Save row ``(net, seed)``'s trained network as its checkpoint (losses every 10th step)."""
+    c = ctx.config
     losses = res.losses[::10]
-    ctx.out.save_model(str(ckpt.relative_to(ctx.out.path)), res.model, data_config=c.data_config(),
-                       train_config=c.train_config(seed),
+    ctx.out.save_model(str(ctx.out.checkpoint(net, seed).relative_to(ctx.out.path)), res.model,
+                       data_config=c.data_config(), train_config=c.train_config(seed),
                        extra={"n_train": c.n_train, "data_seed": c.data_seed, "losses": losses, "seconds": res.seconds})
     return Built(res.model, None, res.seconds, losses)
+
+
+def train_together(ctx: RunContext, net: str, seeds: list[int]) -> dict[int, Built]:
+    """Train the networks ``net`` of ``seeds`` as one ensemble, each exactly its row's member (model
+    config, train config, init seed ``MODEL_SEED + seed``), and save each checkpoint as ``network``
+    does (``seconds``: the ensemble's wall time over its size). Returns ``{seed: Built}``."""
+    c = ctx.config
+    assert ctx.images is not None, "run_unit gives the context its data"
+    members = [Member(c.model_config(net), c.train_config(s), MODEL_SEED + s) for s in seeds]
+    results = train_members(members, ctx.images, backend=ctx.backend, device=ctx.device, progress=False,
+                            callback=ctx.on_ensemble_step())
+    return {s: _save_trained(ctx, net, s, res) for s, res in zip(seeds, results)}
 
 
 def analytic(ctx: RunContext, kind: str, seed: int) -> Built:
@@ -132,9 +162,35 @@ def evaluate(ctx: RunContext, name: str, seed: int, built: Built) -> dict:
             "preview": x[:64].cpu().tolist()}
 
 
-def run_row(ctx: RunContext, name: str, seed: int) -> dict:
-    """One row (build or load the model, sample, score, probe), saved to ``rows/`` atomically."""
+def run_row(ctx: RunContext, name: str, seed: int, built: Built | None = None) -> dict:
+    """One row (build or load the model unless ``built`` is given, sample, score, probe), saved to
+    ``rows/`` atomically."""
     ctx = ctx.with_data()
-    row = evaluate(ctx, name, seed, MODELS.get(name, network)(ctx, name, seed))
+    if built is None:
+        built = MODELS.get(name, network)(ctx, name, seed)
+    row = evaluate(ctx, name, seed, built)
     ctx.out.write_json(f"rows/{row_name(name, seed)}.json", row)
     return row
+
+
+def units(todo: list[tuple[str, int]], group_seeds: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """The rows ``todo`` as units of work ``(name, seeds)``: with ``group_seeds`` one per trained
+    network (its seeds in ``todo``, in order), else (and for the analytic models) one per row."""
+    grouped: dict[str, list[int]] = {}
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for n, s in todo:
+        if group_seeds and n not in MODELS:
+            grouped.setdefault(n, []).append(s)
+        else:
+            out.append((n, (s,)))
+    return out + [(n, tuple(ss)) for n, ss in grouped.items()]
+
+
+def run_unit(ctx: RunContext, name: str, seeds: tuple[int, ...]) -> dict[tuple[str, int], dict]:
+    """The rows ``(name, s)`` of ``seeds``: saved checkpoints are loaded; the missing ones are trained
+    together when there are several (``train_together``), else as ``run_row`` trains one. Each row is
+    saved as soon as it is evaluated. Returns ``{(name, seed): row}``."""
+    ctx = ctx.with_data()
+    missing = [s for s in seeds if name not in MODELS and not ctx.out.checkpoint(name, s).exists()]
+    built = train_together(ctx, name, missing) if len(missing) > 1 else {}
+    return {(name, s): run_row(ctx, name, s, built.get(s)) for s in seeds}
