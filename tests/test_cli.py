@@ -88,7 +88,7 @@ def test_reproduce_help_shows_every_default_and_the_run_times(capsys):
         main(["reproduce", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "50 min 28 s" in out and "6 min 3 s" in out
+    assert "50 min 28 s" in out and "5 min 9 s" in out
     for text in ("--networks A,B,... comma list of the trained networks: none,identity,top1,softmax (default "
                  "none,top1,identity,softmax)", "--n-samples N_SAMPLES samples per network and seed (default 10000; "
                  "--quick: 1000; --tiny: 48)", "--n-seeds N_SEEDS training seeds per network (default 3;",
