@@ -49,3 +49,12 @@ def seed(request) -> int:
     print(f"[seed] {request.node.nodeid}: FASTSCORE_TEST_SEED={s}")
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on localhost right now (for a torch.distributed rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

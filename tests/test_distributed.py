@@ -1,17 +1,10 @@
 """Two ranks on a CPU through torch.distributed (gloo), as torchrun would start them."""
 import os
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 
 from fastscore import distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, items: list, results) -> None:
@@ -42,11 +35,11 @@ def test_shards_cover_every_item_once():
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_share_the_work_and_rank_zero_gets_everything():
+def test_two_gloo_ranks_share_the_work_and_rank_zero_gets_everything(free_port):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     items = list(range(7))
-    mp.start_processes(_rank_main, args=(2, _free_port(), items, results), nprocs=2, join=True,
+    mp.start_processes(_rank_main, args=(2, free_port, items, results), nprocs=2, join=True,
                        start_method="spawn")
     merged = results.get(timeout=60)
     assert [m["rank"] for m in merged] == [0, 1]

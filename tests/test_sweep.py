@@ -1,7 +1,6 @@
 """fastscore sweep: cells resumable, a finished sweep rerun does nothing, two gloo ranks = one process."""
 import json
 import os
-import socket
 
 import pytest
 
@@ -71,11 +70,11 @@ def _cli_args(out):
             "--workers", "1", "--quiet", "--out", str(out)]
 
 
-def test_torchrun_with_two_gloo_ranks_gives_the_single_process_sweep(tmp_path):
+def test_torchrun_with_two_gloo_ranks_gives_the_single_process_sweep(tmp_path, free_port):
     """``torchrun --nproc-per-node 2 -m fastscore sweep`` on a CPU: each rank runs one cell, rank 0 merges,
     and the table equals the one a single process writes."""
     _cli(["-m", "fastscore", *_cli_args(tmp_path / "one")])
-    r = _cli(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    r = _cli(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port),
               "-m", "fastscore", *_cli_args(tmp_path / "two")])
     one = json.loads((tmp_path / "one" / "sweep-results.json").read_text())
     two = json.loads((tmp_path / "two" / "sweep-results.json").read_text())
@@ -84,7 +83,3 @@ def test_torchrun_with_two_gloo_ranks_gives_the_single_process_sweep(tmp_path):
     assert r.stdout.count("# fastscore sweep") == 1          # only rank 0 prints the table
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

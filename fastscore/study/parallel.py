@@ -23,7 +23,7 @@ from .rows import RunContext, run_unit
 
 STOP_SECONDS = 3.0
 # relative cost of a row (CPU, width 64, 10k steps; measured in the full run: top-1 ~630 s, softmax
-# ~510 s, identity ~345 s, CNN ~320 s per row on one thread; the analytic rows sample only)
+# ~525 s, identity ~345 s, CNN ~320 s per row on one thread; the analytic rows sample only)
 COST = {"top1": 4, "softmax": 3, "identity": 2, "none": 1}
 
 

@@ -4,8 +4,8 @@
 (``reproduce``) in ``out/cells/<cell>/``; a cell whose ``results.json`` holds its config is finished
 and is not run again, so a finished sweep rerun trains nothing and only rewrites the tables. Under
 ``torchrun --nproc-per-node N -m fastscore sweep ...`` every rank takes every N-th cell (longest
-first) and rank 0 writes the merged ``sweep.json``, ``sweep.md``, ``sweep.csv`` and ``sweep.png``:
-one row per cell, network and seed, with 95% Wilson intervals, and pooled rows per cell and network.
+first) and rank 0 writes the merged ``sweep-results.json``, ``sweep.md``, ``sweep.csv`` and ``sweep.png``
+(``sweep.json`` holds the grid): one row per cell, network and seed, with 95% Wilson intervals, and pooled rows per cell and network.
 
 ``pairs_sweep`` (``reproduce --pairs-sweep``) varies the number of key-value pairs, growing the image
 where the pairs do not fit.
@@ -59,7 +59,9 @@ def _finished(path: Path, config) -> dict | None:
 
 def _prepare(out: Path, grid: Grid, force: bool) -> None:
     """Refuse another sweep's directory (without ``force``) and any non-empty directory that is not a
-    sweep; ``force`` only rewrites ``sweep.json``: cells of the old grid are never deleted."""
+    sweep. With ``force`` the new grid runs there: cells of the old grid at other names are kept; a cell
+    at the same name with other settings is replaced as ``reproduce --force`` replaces a study (only the
+    files its study wrote)."""
     spec = out / "sweep.json"
     want = json.loads(json.dumps({"kind": "fastscore-sweep", "grid": grid.to_dict()}))  # as it reads back
     if spec.exists():
@@ -71,7 +73,8 @@ def _prepare(out: Path, grid: Grid, force: bool) -> None:
             raise FileExistsError(f"{spec} was not written by fastscore sweep; choose another --out")
         if have.get("grid") != want["grid"] and not force:
             raise FileExistsError(f"{out} holds a sweep over another grid; pass --force to run this grid there "
-                                  "(finished cells of either grid are kept), or choose another --out")
+                                  "(a cell of the old grid with the same name but other settings is replaced), "
+                                  "or choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists, is not empty and is not a fastscore sweep; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +232,7 @@ def figure(path: Path, grid: Grid, result: dict) -> str | None:
         ax.set_xscale("log")
     ax.legend(fontsize=6)
     return _save(plt, fig, path.name, path.parent)
+
 
 def pairs_sweep(config: StudyConfig, out: Path, pairs: Sequence[int], **kw) -> dict:
     """One study per number of pairs; writes ``out/pairs-K/`` per K and ``out/sweep.md``.
