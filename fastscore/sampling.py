@@ -1,14 +1,17 @@
 """Batched reverse-diffusion samplers on the fused ``reverse_step`` op.
 
-``sample_ddim`` implements DDIM (Song et al. 2021) with stochasticity eta >= 0 on a strided
-timestep grid; ``sample_ddpm`` is DDPM ancestral sampling (Ho et al. 2020), i.e. DDIM with
-eta = 1 (the posterior variance beta_tilde) on every timestep. ``sample`` draws ``n`` samples in
-batches. All noise, the initial x_T included, comes from the Philox stream keyed by the seed and
-each element's global index, so sample i is the same whatever the batch size.
+Each sampler is one function in the k-diffusion style, ``sample_x(model, x, schedule, ...)``:
+``sample_ddim`` is DDIM (Song et al. 2021) with stochasticity eta >= 0 on a timestep grid
+(``timesteps``); ``sample_ddpm`` is DDPM ancestral sampling (Ho et al. 2020), i.e. DDIM with
+eta = 1 (the posterior variance beta_tilde) on every timestep. ``sample``, the one driver, draws
+``n`` samples in batches with the sampler named in ``SAMPLERS``, eagerly or as a captured CUDA
+graph (``fastscore.graphs``). All noise, the initial x_T included, comes from the Philox stream
+keyed by the seed and each element's global index, so sample i is the same whatever the batch size.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import warnings
 import weakref
@@ -18,23 +21,29 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from . import _validate
+from . import _validate, graphs
 from .ops import BACKENDS, StepCoefficients, ddim_coefficients, noise_like, resolve_backend, reverse_step
 from .schedule import Schedule, make_schedule
 
-SAMPLERS = ("ddim", "ddpm")
 ON_NONFINITE = ("raise", "warn")
 GRAPH_CACHE_SIZE = 4  # captured sampling loops kept across calls (each holds its buffers and memory pool)
 INIT_STREAM = 2**31 - 1  # Philox c2 of the initial noise x_T; steps use c2 = 0 .. steps-1
 
 
 def timesteps(T: int, steps: int) -> list[int]:
-    """``steps`` timesteps from T-1 down to 0, evenly spaced (integers, strictly decreasing)."""
+    """``steps`` integer timesteps from T-1 down to 0, strictly decreasing: diffusers' DDIM grid
+    (``timestep_spacing="linspace"``), ``round(i * (T-1) / (steps-1))`` for i = steps-1 .. 0 in
+    float64, ties to even, i.e. ``np.linspace(0, T-1, steps).round()[::-1]`` (spacing >= 1: no
+    repeats). ``steps=1`` gives [T-1]: every grid starts at T-1, where x_T ~ N(0, I) lives, and its
+    one step goes straight to x_0 (diffusers gives [0], which treats pure noise as nearly clean)."""
+    _validate.positive_int("T", T)
     _validate.positive_int("steps", steps)
     if steps > T:
         raise ValueError(f"steps must be <= T={T}, got {steps}")
-    ts = sorted({round(x) for x in torch.linspace(T - 1, 0, steps).tolist()}, reverse=True)
-    return ts
+    if steps == 1:
+        return [T - 1]
+    spacing = (T - 1) / (steps - 1)
+    return [round(i * spacing) for i in range(steps - 1, -1, -1)]
 
 
 def step_coefficients(schedule: Schedule, ts: Sequence[int], eta: float) -> list[StepCoefficients]:
@@ -50,7 +59,9 @@ def step_coefficients(schedule: Schedule, ts: Sequence[int], eta: float) -> list
 def sample_ddim(model: Callable, x: torch.Tensor, schedule: Schedule, ts: Sequence[int], *, eta: float = 0.0,
                 seed: int | torch.Tensor = 0, sample_offset: int | torch.Tensor = 0, clip_x0: bool = True,
                 backend: str = "auto") -> torch.Tensor:
-    """DDIM(eta) from x = x_T (B, ...) over timesteps ``ts`` (decreasing); updates x in place.
+    """DDIM (Song et al. 2021, eq. 12) with stochasticity ``eta`` over the timesteps ``ts``
+    (decreasing): at each t, eps_hat = model(x, t) and one fused reverse step to the next t (after
+    the last, to alpha_bar = 1). x = x_T (B, ...) is updated in place and returned.
 
     ``sample_offset``: index of x's first sample in the whole run (keys the noise); ``seed`` and
     ``sample_offset`` as int64 device tensors are read by the fused kernel at run time (CUDA graphs)."""
@@ -63,11 +74,32 @@ def sample_ddim(model: Callable, x: torch.Tensor, schedule: Schedule, ts: Sequen
     return x
 
 
-def sample_ddpm(model: Callable, x: torch.Tensor, schedule: Schedule, *, seed: int = 0, sample_offset: int = 0,
-                clip_x0: bool = True, backend: str = "auto") -> torch.Tensor:
-    """DDPM ancestral sampling over every timestep T-1 .. 0 (DDIM with eta = 1)."""
-    return sample_ddim(model, x, schedule, list(range(schedule.T - 1, -1, -1)), eta=1.0, seed=seed,
+def sample_ddpm(model: Callable, x: torch.Tensor, schedule: Schedule, *, seed: int | torch.Tensor = 0,
+                sample_offset: int | torch.Tensor = 0, clip_x0: bool = True, backend: str = "auto") -> torch.Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) over every timestep T-1 .. 0, each step
+    a draw from the posterior q(x_{t-1} | x_t, x0_hat) (variance beta_tilde): DDIM with eta = 1 on
+    the full grid. Arguments as ``sample_ddim``."""
+    return sample_ddim(model, x, schedule, range(schedule.T - 1, -1, -1), eta=1.0, seed=seed,
                        sample_offset=sample_offset, clip_x0=clip_x0, backend=backend)
+
+
+#: ``sample``'s samplers by name. Each is ``fn(model, x, schedule, [ts], *, [eta], seed, sample_offset,
+#: clip_x0, backend)`` and takes ``ts = timesteps(T, steps)`` and ``eta`` only if its signature names them.
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "ddpm": sample_ddpm}
+
+
+def _sampler_options(fn: Callable[..., torch.Tensor], schedule: Schedule, steps: int, eta: float, clip_x0: bool,
+                    backend: str) -> dict[str, object]:
+    """The settings of ``sample`` that sampler ``fn`` takes, by name (as diffusers passes ``eta`` only
+    to a scheduler whose ``step`` has it): ``ts`` (the grid ``timesteps(T, steps)``, validated only
+    for a sampler that uses it), ``eta``, ``clip_x0``, ``backend``."""
+    names = inspect.signature(fn).parameters
+    options: dict[str, object] = {}
+    if "ts" in names:
+        options["ts"] = timesteps(schedule.T, steps)
+    offered = {"eta": eta, "clip_x0": clip_x0, "backend": backend}
+    options.update((k, v) for k, v in offered.items() if k in names)
+    return options
 
 
 def initial_noise(shape: Sequence[int], seed: int, sample_offset: int = 0,
@@ -102,8 +134,9 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
 
     ``model`` maps ``(x_t (B, C, H, W), t (B,) int64)`` to eps_hat; a ``ScoreNet`` brings its own
     ``shape`` and ``T``, any other module needs ``shape`` (and ``schedule`` unless T = 1000, linear).
-    ``sampler="ddim"`` uses ``steps`` strided steps with ``eta`` (eta = 1: strided DDPM);
-    ``"ddpm"`` runs all T ancestral steps. ``clip_x0`` clamps the predicted x_0 to [-1, 1] and
+    ``sampler`` names a function in ``SAMPLERS``: ``"ddim"`` takes ``steps`` steps of the grid
+    ``timesteps(T, steps)`` with ``eta`` (eta = 1: strided DDPM); ``"ddpm"`` runs all T ancestral
+    steps (``steps`` and ``eta`` unused). ``clip_x0`` clamps the predicted x_0 to [-1, 1] and
     recomputes eps from it. Reproducible: the same seed gives the same samples for any
     ``batch_size``. ``backend`` (default: the model's own ``backend``, else ``"auto"``) must agree
     with the model's (``sampling_backend``).
@@ -125,7 +158,7 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
         raise TypeError(f"model must be callable (x_t, t) -> eps, got {type(model).__name__}")
     _validate.positive_int("n", n)
     _validate.positive_int("batch_size", batch_size)
-    _validate.choice("sampler", sampler, SAMPLERS)
+    _validate.choice("sampler", sampler, tuple(SAMPLERS))
     _validate.finite_float("eta", eta, minimum=0.0)
     _validate.seed("seed", seed)
     _validate.choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
@@ -142,22 +175,22 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
         schedule = make_schedule("linear", getattr(cfg, "T", 1000))
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-    ts = list(range(schedule.T - 1, -1, -1)) if sampler == "ddpm" else timesteps(schedule.T, steps)
-    eta = 1.0 if sampler == "ddpm" else eta
+    settings = _Settings(sampler, schedule, _sampler_options(SAMPLERS[sampler], schedule, steps, float(eta),
+                                                            bool(clip_x0), backend))
     if device is None:
         params = list(model.parameters()) if isinstance(model, nn.Module) else []
         device = params[0].device if params else torch.device("cpu")
     device = torch.device(device)
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool or None, got {type(cuda_graph).__name__}")
-    if cuda_graph and not _graphs_possible(device):
+    if cuda_graph and not graphs.possible(device):
         raise ValueError("cuda_graph=True needs a CUDA device")
     # the graph reads seed and sample offset from device tensors: only the fused update does
     fused = resolve_backend(backend, torch.empty(0, device=device), op="reverse_step") == "triton"
     if cuda_graph and not fused:
         raise ValueError(f"cuda_graph=True needs the fused reverse step (backend 'auto' or 'triton' on CUDA), "
                          f"got backend={backend!r}")
-    use_graph = (_graphs_possible(device) and fused) if cuda_graph is None else cuda_graph
+    use_graph = (graphs.possible(device) and fused) if cuda_graph is None else cuda_graph
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
         model.to(device).eval()
@@ -167,7 +200,6 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc="sample", leave=False, dynamic_ncols=True)
-    settings = _Settings(schedule, ts, float(eta), bool(clip_x0), backend)
     try:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
@@ -199,47 +231,24 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
 
 
 class _Settings:
-    """What a sampling loop bakes in besides the model, and its part of the graph cache key."""
+    """A sampling loop's sampler, schedule and options (all but the model, seed and offset), and
+    their part of the graph cache key."""
 
-    def __init__(self, schedule: Schedule, ts: Sequence[int], eta: float, clip_x0: bool, backend: str) -> None:
-        self.schedule, self.ts, self.eta, self.clip_x0, self.backend = schedule, list(ts), eta, clip_x0, backend
-        self.key = (tuple(schedule.alpha_bar.tolist()), tuple(ts), eta, clip_x0, backend)
+    def __init__(self, sampler: str, schedule: Schedule, options: dict[str, object]) -> None:
+        self.fn, self.schedule, self.options = SAMPLERS[sampler], schedule, options
+        self.key = (sampler, tuple(schedule.alpha_bar.tolist()),
+                    tuple((k, tuple(v) if isinstance(v, (list, range)) else v) for k, v in sorted(options.items())))
 
 
 def _run_loop(model: Callable, settings: _Settings, x: torch.Tensor, seed: int | torch.Tensor,
               sample_offset: int | torch.Tensor) -> torch.Tensor:
     """The sampling loop on x = x_T in place: the one step code of the eager and the graph paths."""
-    return sample_ddim(model, x, settings.schedule, settings.ts, eta=settings.eta, seed=seed,
-                       sample_offset=sample_offset, clip_x0=settings.clip_x0, backend=settings.backend)
+    return settings.fn(model, x, settings.schedule, seed=seed, sample_offset=sample_offset, **settings.options)
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA graphs of the whole loop, kept across calls
+# CUDA graphs of the whole loop (``fastscore.graphs``), kept across calls
 # ---------------------------------------------------------------------------------------------
-def _graphs_possible(device: torch.device) -> bool:
-    """CUDA graphs need a CUDA device (the tests stand in for one on CPU)."""
-    return device.type == "cuda"
-
-
-def _warm_up(fn: Callable[[], object], device: torch.device) -> None:
-    """Run ``fn`` once on a side stream (what capture needs first: kernels compiled, workspaces
-    allocated, lazy initialisation done), ordered after and before the current stream's work."""
-    side = torch.cuda.Stream(device)
-    main = torch.cuda.current_stream(device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        fn()
-    main.wait_stream(side)
-
-
-def _capture(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
-    """Capture ``fn`` in a CUDA graph; returns its replay."""
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
 class _LoopGraph:
     """One captured sampling loop for one batch shape: static x, seed and sample offset on the
     device (the fused update reads seed and offset from memory, so one graph serves every batch
@@ -268,10 +277,10 @@ class _LoopGraph:
         model = self.model
         assert model is not None  # set until the first call captures
         loop = functools.partial(_run_loop, model, self.settings, self.x, self.seed, self.offset)
-        _warm_up(loop, self.x.device)
+        graphs.warm_up(loop, self.x.device)
         result = self.x.clone()
         try:
-            self.replay = _capture(loop, self.x.device)
+            self.replay = graphs.capture(loop, self.x.device)
         except Exception as e:  # the CUDA stack decides what can be captured; report, never swallow
             self.error = e
             warnings.warn(f"CUDA graph capture of the sampling loop failed ({type(e).__name__}: {e}); "

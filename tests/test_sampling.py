@@ -1,11 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from fastscore.models import ScoreNet
-from fastscore.sampling import initial_noise, sample, step_coefficients, timesteps
+from fastscore.sampling import initial_noise, sample, sample_ddim, sample_ddpm, step_coefficients, timesteps
 from fastscore.schedule import make_schedule
 
 
@@ -26,6 +27,61 @@ def test_samplers_recover_a_point_mass(sampler, eta):
     s = make_schedule("linear", 200)
     x = sample(Oracle(0.3, s), 7, shape=(1, 2, 2), schedule=s, sampler=sampler, steps=20, eta=eta, clip_x0=False)
     assert torch.allclose(x, torch.full_like(x, 0.3), atol=1e-4)
+
+
+def test_ddim_eta0_matches_a_float64_reference_on_a_random_linear_model(seed):
+    """Deterministic DDIM, eq. 12 of Song et al. in float64: x0 = (x - sqrt(1-ab) eps) / sqrt(ab),
+    x_prev = sqrt(ab_prev) x0 + sqrt(1-ab_prev) eps, ab_prev = 1 after the last step."""
+    g = torch.Generator().manual_seed(seed)
+    s = make_schedule("cosine", 100)
+    w = torch.randn(2, 2, generator=g, dtype=torch.float64) / 2
+    ab64 = s.alpha_bar
+
+    def model(x, t):   # eps = W x + t / T, mixing channels
+        return (torch.einsum("oc,bchw->bohw", w.to(x.dtype), x) + (t / 100).to(x.dtype).view(-1, 1, 1, 1))
+
+    x_T = torch.randn(3, 2, 3, 3, generator=g)
+    ts = timesteps(100, 7)
+    got = sample_ddim(model, x_T.clone(), s, ts, eta=0.0, clip_x0=False, backend="torch")
+    x = x_T.double()
+    for i, t in enumerate(ts):
+        ab, prev = ab64[t], (ab64[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64))
+        eps = model(x, torch.full((3,), t))
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        x = prev.sqrt() * x0 + (1 - prev).sqrt() * eps
+    assert torch.allclose(got.double(), x, rtol=1e-4, atol=1e-4), (got.double() - x).abs().max()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sample_calls_the_sampler_function_of_the_table(sampler):
+    """``sample`` is the table's function on x_T: same noise, same steps, bit for bit."""
+    s = make_schedule("linear", 30)
+    m = ScoreNet("none", 4, T=30, backend="torch").eval()
+    got = sample(m, 5, schedule=s, sampler=sampler, steps=6, eta=0.5, seed=4, batch_size=5)
+    x = initial_noise((5, 3, 8, 8), 4)
+    if sampler == "ddim":
+        expected = sample_ddim(m, x, s, timesteps(30, 6), eta=0.5, seed=4, backend="torch")
+    else:
+        expected = sample_ddpm(m, x, s, seed=4, backend="torch")
+    assert torch.equal(got, expected)
+
+
+def test_sample_dispatches_by_name_and_passes_a_sampler_only_what_it_takes(monkeypatch):
+    from fastscore import sampling
+    seen = []
+
+    def sample_zero(model, x, schedule, *, seed, sample_offset, clip_x0, backend):
+        """A stand-in sampler that takes no grid and no eta."""
+        seen.append(dict(seed=seed, sample_offset=sample_offset, clip_x0=clip_x0, backend=backend))
+        return x.zero_()
+
+    monkeypatch.setitem(sampling.SAMPLERS, "zero", sample_zero)
+    x = sample(lambda x, t: x, 5, shape=(1, 2, 2), sampler="zero", steps=10_000, seed=7, batch_size=3)
+    assert torch.equal(x, torch.zeros(5, 1, 2, 2))   # steps=10_000 > T: unused, so not validated
+    assert seen == [dict(seed=7, sample_offset=0, clip_x0=True, backend="auto"),
+                    dict(seed=7, sample_offset=3, clip_x0=True, backend="auto")]
+    with pytest.raises(ValueError, match=r"sampler must be one of \['ddim', 'ddpm', 'zero'\], got 'euler'"):
+        sample(lambda x, t: x, 5, shape=(1, 2, 2), sampler="euler")
 
 
 def test_batch_size_invariance_and_reproducibility(seed):
@@ -104,11 +160,11 @@ def test_device_tensor_seed_and_offset_match_ints(seed, device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_replay_matches_eager_and_is_captured_once_across_calls(monkeypatch):
-    from fastscore import sampling
+    from fastscore import graphs, sampling
     sampling.clear_graph_cache()
     captures = []
-    real = sampling._capture
-    monkeypatch.setattr(sampling, "_capture", lambda fn, device: captures.append(device) or real(fn, device))
+    real = graphs.capture
+    monkeypatch.setattr(graphs, "capture", lambda fn, device: captures.append(device) or real(fn, device))
     m = ScoreNet("softmax", 16).cuda().eval()
     a = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=False)
     b = sample(m, 300, seed=3, steps=10, batch_size=100, cuda_graph=True)
@@ -141,9 +197,40 @@ def test_cuda_graph_sampling_is_faster_than_the_eager_loop():
 
 
 def test_one_step_starts_from_pure_noise_and_small_T_schedules_end_in_noise():
-    assert timesteps(1000, 1) == [999]
+    assert timesteps(1000, 1) == [999] and timesteps(2, 1) == [1]   # every grid starts at T-1
     for T in (50, 100, 1000):
         assert make_schedule("linear", T).alpha_bar[-1] < 1e-3
+
+
+@pytest.mark.parametrize("T", [1000, 2, 37, 100, 4000])
+def test_timesteps_are_the_float64_linspace_grid_for_every_step_count(T):
+    """np.linspace(0, T-1, steps) in float64, rounded half to even, reversed: for T = 1000 the old
+    float32 grid differed in 137 of the step counts 2..1000 (15 steps: 499 instead of 500)."""
+    for steps in range(2, T + 1, 1 if T <= 1000 else 7):
+        ts = timesteps(T, steps)
+        expected = np.linspace(0, T - 1, steps, dtype=np.float64).round()[::-1].astype(np.int64).tolist()
+        assert ts == expected, steps
+        assert len(ts) == steps and ts[0] == T - 1 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
+    if T == 1000:
+        assert 500 in timesteps(1000, 15) and 499 not in timesteps(1000, 15)
+        assert timesteps(1000, 3) == [999, 500, 0]   # 499.5: a tie, to even
+
+
+def test_timesteps_match_diffusers_ddim_linspace_grid():
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing="linspace")
+    for steps in range(2, 1001):
+        sched.set_timesteps(steps)
+        assert timesteps(1000, steps) == sched.timesteps.tolist(), steps
+
+
+@pytest.mark.parametrize("T, steps, err, match", [
+    (1000, 0, ValueError, "steps must be >= 1, got 0"), (1000, 1001, ValueError, "steps must be <= T=1000, got 1001"),
+    (1000, 2.0, TypeError, "steps must be an int, got float"), (0, 1, ValueError, "T must be >= 1, got 0"),
+])
+def test_timesteps_bad_input(T, steps, err, match):
+    with pytest.raises(err, match=match):
+        timesteps(T, steps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,7 +277,7 @@ def test_finite_samples_do_not_warn(recwarn):
 @pytest.fixture
 def fake_graphs(monkeypatch):
     """Graphs 'possible' on CPU; warm-up runs the loop; capture records it and replay re-runs it."""
-    from fastscore import sampling
+    from fastscore import graphs, sampling
     calls = {"capture": 0, "replay": 0, "loop": 0}
     real_loop = sampling._run_loop
 
@@ -206,9 +293,9 @@ def fake_graphs(monkeypatch):
             fn()
         return replay
 
-    monkeypatch.setattr(sampling, "_graphs_possible", lambda device: True)
-    monkeypatch.setattr(sampling, "_warm_up", lambda fn, device: fn())
-    monkeypatch.setattr(sampling, "_capture", capture)
+    monkeypatch.setattr(graphs, "possible", lambda device: True)
+    monkeypatch.setattr(graphs, "warm_up", lambda fn, device: fn())
+    monkeypatch.setattr(graphs, "capture", capture)
     monkeypatch.setattr(sampling, "_run_loop", loop)
     sampling.clear_graph_cache()
     yield calls
@@ -239,13 +326,18 @@ def test_graph_key_follows_parameters_shape_and_settings():
     from fastscore.sampling import _Settings, graph_key
     sched = make_schedule("linear", 100)
     m = ScoreNet("none", 4)
-    st = _Settings(sched, [99, 50, 0], 1.0, True, "auto")
+
+    def ddim(ts=(99, 50, 0), eta=1.0, schedule=sched):
+        return _Settings("ddim", schedule, dict(ts=list(ts), eta=eta, clip_x0=True, backend="auto"))
+
+    st = ddim()
     x = torch.zeros(4, 3, 8, 8)
     k = graph_key(m, st, x)
-    assert k == graph_key(m, _Settings(sched, [99, 50, 0], 1.0, True, "auto"), x.clone())
-    assert k != graph_key(m, _Settings(sched, [99, 50, 0], 0.0, True, "auto"), x)
-    assert k != graph_key(m, _Settings(sched, [99, 0], 1.0, True, "auto"), x)
-    assert k != graph_key(m, _Settings(make_schedule("cosine", 100), [99, 50, 0], 1.0, True, "auto"), x)
+    assert k == graph_key(m, ddim(), x.clone())
+    assert k != graph_key(m, ddim(eta=0.0), x)
+    assert k != graph_key(m, ddim(ts=(99, 0)), x)
+    assert k != graph_key(m, ddim(schedule=make_schedule("cosine", 100)), x)
+    assert k != graph_key(m, _Settings("ddpm", sched, dict(clip_x0=True, backend="auto")), x)
     assert k != graph_key(m, st, torch.zeros(5, 3, 8, 8))
     assert k != graph_key(m, st, x.double())
     assert k != graph_key(ScoreNet("none", 4), st, x)
@@ -259,10 +351,11 @@ def test_graph_key_follows_parameters_shape_and_settings():
 def test_graph_cache_is_bounded_and_drops_dead_models(fake_graphs, monkeypatch):
     import gc
 
-    from fastscore import sampling
-    monkeypatch.setattr(sampling, "_capture", lambda fn, device: (lambda: None))  # a real graph holds no Python objects
+    from fastscore import graphs, sampling
+    monkeypatch.setattr(graphs, "capture", lambda fn, device: (lambda: None))  # a real graph holds no Python objects
     m = ScoreNet("none", 4, backend="torch")
-    st = sampling._Settings(make_schedule("linear", 100), [99, 0], 1.0, True, "torch")
+    st = sampling._Settings("ddim", make_schedule("linear", 100), dict(ts=[99, 0], eta=1.0, clip_x0=True,
+                                                                      backend="torch"))
     for b in range(1, sampling.GRAPH_CACHE_SIZE + 3):
         g = sampling._graph_for(m, st, torch.zeros(b, 3, 8, 8))
         g(torch.zeros(b, 3, 8, 8), 0, 0)
@@ -275,14 +368,15 @@ def test_graph_cache_is_bounded_and_drops_dead_models(fake_graphs, monkeypatch):
 
 
 def test_failed_capture_warns_with_its_cause_and_samples_eagerly(fake_graphs, monkeypatch):
-    from fastscore import sampling
+    from fastscore import graphs, sampling
 
     def broken(fn, device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(sampling, "_capture", broken)
+    monkeypatch.setattr(graphs, "capture", broken)
     m = ScoreNet("none", 4, backend="torch")
-    st = sampling._Settings(make_schedule("linear", 100), [99, 0], 1.0, True, "torch")
+    st = sampling._Settings("ddim", make_schedule("linear", 100), dict(ts=[99, 0], eta=1.0, clip_x0=True,
+                                                                      backend="torch"))
     x0 = initial_noise((3, 3, 8, 8), 1)
     g = sampling._graph_for(m, st, x0)
     with pytest.warns(RuntimeWarning, match="capture of the sampling loop failed .*RuntimeError: operation not"):
@@ -292,8 +386,8 @@ def test_failed_capture_warns_with_its_cause_and_samples_eagerly(fake_graphs, mo
 
 
 def test_cuda_graph_needs_the_fused_update(monkeypatch):
-    from fastscore import sampling
-    monkeypatch.setattr(sampling, "_graphs_possible", lambda device: True)
+    from fastscore import graphs
+    monkeypatch.setattr(graphs, "possible", lambda device: True)
     with pytest.raises(ValueError, match="needs the fused reverse step"):
         sample(ScoreNet("none", 4, backend="torch"), 2, steps=2, cuda_graph=True)
     with pytest.raises(TypeError, match="cuda_graph"):
