@@ -243,3 +243,50 @@ def test_an_interrupt_while_torch_imports_is_one_line_too(tmp_path, delay):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert len(err.strip().splitlines()) == 1 and "SIGINT" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["reproduce", "--tiny", "--train-steps", "-5"], "fastscore reproduce: error: --train-steps must be >= 1, got -5"),
+    (["reproduce", "--tiny", "--steps", "0"], "fastscore reproduce: error: --steps must be >= 1, got 0"),
+    (["reproduce", "--tiny", "--train-batch", "0"], "fastscore reproduce: error: --train-batch must be >= 1"),
+    (["reproduce", "--tiny", "--pairs", "6"], "fastscore reproduce: error: --pairs=6 > 4 uses the border layout"),
+    (["reproduce", "--tiny", "--pairs-sweep", "2,four"], "--pairs-sweep expects numbers of pairs"),
+    (["reproduce", "--tiny", "--pairs-sweep", "2,4", "--pairs", "3"], "--pairs and --pairs-sweep: give one"),
+    (["sweep", "--preset", "tiny", "--grid", "train_steps=4,-5"],
+     "fastscore sweep: error: cell train_steps=-5: train_steps must be >= 1"),   # as typed in --grid
+])
+def test_a_validation_error_names_the_option_the_user_typed(tmp_path, capsys, no_work, args, words):
+    assert main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = _one_line_error(capsys, words)
+    assert "error: --steps" not in err or "--steps" in args
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bug_inside_a_command_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    import fastscore.study
+
+    def bug(*a, **k):
+        raise ValueError("a library bug, not the user's input")
+    monkeypatch.setattr(fastscore.study, "reproduce", bug)
+    with pytest.raises(ValueError, match="a library bug"):
+        main(["reproduce", "--tiny", "--out", str(tmp_path / "o"), "--quiet"])
+    assert capsys.readouterr().err == ""
+
+
+def test_the_probe_defaults_to_the_study_s_timesteps():
+    from fastscore.cli import build_parser
+    from fastscore.study.config import StudyConfig
+    assert build_parser().parse_args(["probe", "m.safetensors"]).t == list(StudyConfig().probe_t)
+
+
+def test_pairs_sweep_runs_the_sweep_grid_over_n_pairs(tmp_path, monkeypatch):
+    import fastscore.study
+    seen = {}
+    monkeypatch.setattr(fastscore.study, "run_sweep", lambda g, out, **kw: seen.update(grid=g, out=out, **kw))
+    assert main(["reproduce", "--tiny", "--networks", "none", "--pairs-sweep", "2,8", "--no-group-seeds",
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    g = seen["grid"]
+    assert (g.preset, dict(g.axes), dict(g.base)) == ("tiny", {"n_pairs": (2, 8)},
+                                                      {"networks": ("none",), "coord_channels": True})
+    assert g.to_dict()["cell"] == [{"where": {"n_pairs": 8}, "set": {"image_size": 12}}]
+    assert seen["group_seeds"] is False and seen["out"] == tmp_path / "o"

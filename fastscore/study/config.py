@@ -151,7 +151,8 @@ class StudyConfig:
         unknown = set(stored) - set(cls.__dataclass_fields__)
         if unknown:
             raise UsageError(f"unknown study settings {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+        return cls(**kw)
 
     def matches(self, stored: dict) -> bool:
         """Whether ``stored`` (a saved ``to_dict``) is this config: the one rule that says a study or a

@@ -79,7 +79,7 @@ class Grid:
         return list(dict.fromkeys([*self.axes, *(k for _, extra in self.rules for k in extra)]))
 
     def to_dict(self) -> dict:
-        d = {"preset": self.preset, "base": dict(self.base), "grid": {k: list(v) for k, v in self.axes.items()}}
+        d: dict[str, Any] = {"preset": self.preset, "base": dict(self.base), "grid": {k: list(v) for k, v in self.axes.items()}}
         if self.rules:   # absent without rules, so a grid saved before rules existed reads back the same
             d["cell"] = [{"where": dict(w), "set": dict(e)} for w, e in self.rules]
         return d

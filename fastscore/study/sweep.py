@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from .._validate import UsageError
+from .._validate import UsageError, usage
 from ..checkpoint import atomic_write_text
 from ..data import KVConfig, palette_of_size
 from ..metrics import Rate
@@ -39,8 +39,11 @@ RATES = ("valid", "consistent", "consistent_among_valid", "novel")
 
 def cell_config(grid: Grid, cell: Cell):
     """The study configuration of ``cell`` (the preset, then the base settings, then the cell's values);
-    validated here, so a bad value fails before any cell runs."""
-    return replace(StudyConfig.preset(grid.preset), **dict(cell.settings))
+    validated here, so a bad value fails, naming its cell, before any cell runs."""
+    try:
+        return replace(StudyConfig.preset(grid.preset), **dict(cell.settings))
+    except UsageError as e:
+        raise usage(e, f"cell {cell.name}: {e}") from None
 
 
 def _cost(config) -> float:
@@ -83,10 +86,11 @@ def _prepare(out: Path, grid: Grid, force: bool) -> None:
     atomic_write_text(spec, json.dumps(want, indent=1), overwrite=True)
 
 
-def _rows(grid: Grid, cell: Cell, doc: dict) -> list[dict]:
-    """One flat row per network and seed of a finished cell, with the chance level."""
+def _rows(grid: Grid, cell: Cell, config: StudyConfig, doc: dict) -> list[dict]:
+    """One flat row per network and seed of a finished cell (its settings in ``grid.columns``), with the
+    chance level."""
     chance = doc["summary"]["baseline"]["analytic_consistent"]
-    return [{"cell": cell.name, **{k: _plain(cell.settings[k]) for k in grid.columns}, "network": r["network"],
+    return [{"cell": cell.name, **{k: _plain(getattr(config, k)) for k in grid.columns}, "network": r["network"],
              "seed": r["seed"],
              "chance": chance, "final_loss": r["losses"][-1] if r.get("losses") else None,
              **{k: r["rates"][k] for k in RATES}} for r in doc["rows"]]
@@ -130,7 +134,7 @@ def run(grid: Grid, out: str | Path, *, device: str | torch.device = "cpu", back
             with contextlib.redirect_stdout(io.StringIO()):   # the per-cell tables go to files, not the terminal
                 doc = run_cell(configs[c.name], path, device=dev, backend=backend, force=force, progress=False,
                                workers=workers, group_seeds=group_seeds)
-        docs[c.name] = {"rows": _rows(grid, c, doc), "wall_seconds": doc.get("wall_seconds", 0.0)}
+        docs[c.name] = {"rows": _rows(grid, c, configs[c.name], doc), "wall_seconds": doc.get("wall_seconds", 0.0)}
         if bar is not None:
             bar.update(_cost(configs[c.name]))
     if bar is not None:
