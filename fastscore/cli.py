@@ -362,9 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "Measured wall times: docs/results-full.md, docs/results-quick.md. Rerunning the same "
                        "command resumes; Ctrl-C keeps finished rows.")
     mode = r.add_mutually_exclusive_group()
+    flag = {f.name: f.metadata["cli"] for f in _study_fields((DATA, RECIPE, RUN, SAMPLER))}
     for m, what in (("quick", "the few-minute version"), ("tiny", "a seconds-long smoke run (CI)")):
         mode.add_argument(f"--{m}", action="store_true", help=f"{what}: " + ", ".join(
-            f"{k} {_show(v)}" for k, v in PRESETS[m].items()))
+            f"{flag.get(k, k)} {_show(v)}" for k, v in PRESETS[m].items()))
     r.add_argument("--study", choices=("coordination", "creativity"), default="coordination",
                    help="coordination: the four networks at one training set (results.md). creativity: are "
                         "consistent samples new or copies? A sweep over the number of training images "
