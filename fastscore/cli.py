@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import re
 import signal
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import KVConfig
     from .models import ATTENTIONS, ModelConfig
     from .options import help_of
+    from .sampling import sample
     from .study.config import DATA, PRESETS, RECIPE, RUN, SAMPLER, StudyConfig
     from .study.creativity import SIZES
     study = StudyConfig()
@@ -330,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1000, help="samples (default 1000)")
     s.add_argument("--seed", type=int, default=0, help="default 0")
     s.add_argument("--out", required=True, help="sample file (.safetensors)")
-    s.add_argument("--batch-size", type=int, default=1000, help="samples per batch (default 1000)")
+    batch = inspect.signature(sample).parameters["batch_size"].default
+    s.add_argument("--batch-size", type=int, default=batch, help=f"samples per batch (default {batch})")
     _add_study_options(s, (SAMPLER,), concrete=True)
     _common(s)
     s.set_defaults(fn=cmd_sample, flags=_flags(s))
