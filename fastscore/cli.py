@@ -245,6 +245,11 @@ def _pairs_sweep(a, mode: str) -> int:
     if a.n_pairs is not None:
         raise UsageError("--pairs and --pairs-sweep: give one (the sweep sets the number of pairs)")
     _study_config(a, mode)                       # a bad value is reported under its option's name
+    out = Path(a.out)
+    if not (out / "sweep.json").exists() and any(out.glob("pairs-*/study.json")):
+        raise UsageError(f"{out} holds a pairs sweep of an earlier fastscore (one study per OUT/pairs-K); its "
+                         "studies resume one at a time (reproduce --pairs K --out OUT/pairs-K with the settings "
+                         "in their study.json); choose another --out for the sweep")
     return _sweep(a, pairs_grid(mode, _study_options(a), pairs))
 
 

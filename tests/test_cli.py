@@ -292,3 +292,11 @@ def test_pairs_sweep_runs_the_sweep_grid_over_n_pairs(tmp_path, monkeypatch):
                                                       {"networks": ("none",), "coord_channels": True})
     assert g.to_dict()["cell"] == [{"where": {"n_pairs": 8}, "set": {"image_size": 12}}]
     assert seen["group_seeds"] is False and seen["out"] == tmp_path / "o"
+
+
+def test_an_old_pairs_sweep_directory_is_explained_not_overwritten(tmp_path, capsys, no_work):
+    (tmp_path / "pairs-2").mkdir()
+    (tmp_path / "pairs-2" / "study.json").write_text("{}")
+    assert main(["reproduce", "--tiny", "--pairs-sweep", "2,4", "--out", str(tmp_path), "--quiet"]) == 2
+    _one_line_error(capsys, "a pairs sweep of an earlier fastscore", "--pairs K --out OUT/pairs-K")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["pairs-2", "study.json"]
