@@ -172,6 +172,7 @@ def cmd_train(a) -> int:
 def cmd_sample(a) -> int:
     from .checkpoint import load_model, save_tensors
     from .sampling import sample
+    _study_config(a, "full")                     # the sampler's settings, checked as the study checks them
     _check_start(a)
     model, meta = _load(load_model, a.checkpoint, backend=a.backend, device=a.device)
     x = sample(model, a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, clip_x0=a.clip_x0, seed=a.seed,

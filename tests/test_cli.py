@@ -252,6 +252,8 @@ def test_an_interrupt_while_torch_imports_is_one_line_too(tmp_path, delay):
     (["reproduce", "--tiny", "--steps", "0"], "fastscore reproduce: error: --steps must be >= 1, got 0"),
     (["reproduce", "--tiny", "--train-batch", "0"], "fastscore reproduce: error: --train-batch must be >= 1"),
     (["reproduce", "--tiny", "--pairs", "6"], "fastscore reproduce: error: --pairs=6 > 4 uses the border layout"),
+    (["reproduce", "--tiny", "--steps", "2000"], "fastscore reproduce: error: --steps must be <= T=1000, got 2000"),
+    (["sample", "m.safetensors", "--steps", "2000"], "fastscore sample: error: --steps must be <= T=1000"),
     (["reproduce", "--tiny", "--pairs-sweep", "2,four"], "--pairs-sweep expects numbers of pairs"),
     (["reproduce", "--tiny", "--pairs-sweep", "2,4", "--pairs", "3"], "--pairs and --pairs-sweep: give one"),
     (["sweep", "--preset", "tiny", "--grid", "train_steps=4,-5"],

@@ -99,7 +99,10 @@ class StudyConfig:
         _validate.positive_int("els_patch", self.els_patch)
         if self.els_patch % 2 == 0:
             raise UsageError(f"els_patch must be odd, got {self.els_patch}")
-        timesteps(ModelConfig.T, self.steps)
+        try:
+            timesteps(ModelConfig.T, self.steps)
+        except ValueError as e:
+            raise _validate.usage(e) from None
         for t in self.probe_t:
             _validate.positive_int("probe_t", t, minimum=0)
             if t >= ModelConfig.T:
