@@ -32,8 +32,9 @@ def row_name(net: str, seed: int) -> str:
     return f"{net}-seed{seed}"
 
 
-# the settings every study.json holds (those of the first study.json format); settings added since
-# may be missing from a study.json, and then have their default (``StudyConfig.matches``)
+# the settings every fastscore study.json holds: StudyConfig's fields when settings could first be
+# added. Never add to this list: a setting added since may be missing from a study.json written before
+# it, and then has its default (``StudyConfig.matches``); a file without these is not a study.json.
 STUDY_JSON_KEYS = frozenset((
     "n_pairs", "n_colours", "image_size", "n_train", "data_seed", "networks", "analytic", "els_patch", "width",
     "attn_dim", "attn_patch", "temperature", "coord_channels", "train_steps", "batch_size", "lr", "ema", "t_focus",
