@@ -113,11 +113,11 @@ def _as_typed(message: str, flags: dict[str, str]) -> str:
 def _load(load, path, *args, **kw):
     """``load(path, ...)`` for a file the user named: a file that is not what it should be is a usage
     error (one line), not a bug."""
-    from ._validate import UsageError
+    from ._validate import usage
     try:
         return load(path, *args, **kw)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise usage(e) from None
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
