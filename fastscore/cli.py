@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         mode.add_argument(f"--{m}", action="store_true", help=f"{what}: " + ", ".join(
             f"{flag.get(k, k)} {_show(v)}" for k, v in PRESETS[m].items()))
     r.add_argument("--study", choices=("coordination", "creativity"), default="coordination",
-                   help="coordination: the four networks at one training set (results.md). creativity: are "
+                   help="coordination: the networks (--networks) at one training set (results.md). creativity: are "
                         "consistent samples new or copies? A sweep over the number of training images "
                         f"({_show(SIZES['full'])}; --quick {_show(SIZES['quick'])}; --tiny {_show(SIZES['tiny'])}) "
                         "of the CNN and softmax attention "
