@@ -17,10 +17,12 @@ __version__ = "0.1.0"
 _LAZY = {"ops": ".ops", "load_model": ".checkpoint", "save_model": ".checkpoint", "KVConfig": ".data",
          "decode": ".data", "generate": ".data", "make_dataset": ".data", "render": ".data",
          "analytic_random_consistency": ".metrics", "score": ".metrics", "ScoreNet": ".models",
-         "sample": ".sampling", "make_schedule": ".schedule", "TrainConfig": ".training", "train": ".training"}
+         "sample": ".sampling", "make_schedule": ".schedule", "TrainConfig": ".training", "train": ".training",
+         "UsageError": "._validate"}
 
 __all__ = ["ops", "KVConfig", "generate", "render", "decode", "make_dataset", "ScoreNet", "make_schedule",
-           "TrainConfig", "train", "sample", "score", "analytic_random_consistency", "save_model", "load_model"]
+           "TrainConfig", "train", "sample", "score", "analytic_random_consistency", "save_model", "load_model",
+           "UsageError"]
 
 
 def __getattr__(name: str) -> Any:
@@ -38,6 +40,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs
     from . import ops
+    from ._validate import UsageError
     from .checkpoint import load_model, save_model
     from .data import KVConfig, decode, generate, make_dataset, render
     from .metrics import analytic_random_consistency, score

@@ -1,12 +1,15 @@
 """The ``fastscore`` command line: train, sample, score, probe, reproduce, sweep.
 
 The study's options are generated from ``StudyConfig``'s fields (name, help and default declared
-once, ``fastscore.options``). Every error is one line on stderr and exit code 2, checked before any
-work; Ctrl-C or SIGTERM stops a command with one line (exit 130 or 143)."""
+once, ``fastscore.options``). Bad input (a ``UsageError`` from validation, checked before any work,
+or an ``OSError`` about a file the user named) is one line on stderr naming the option as typed, exit
+code 2; any other exception is a bug and keeps its traceback. Ctrl-C or SIGTERM stops a command with
+one line (exit 130 or 143)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import re
 import signal
@@ -14,9 +17,6 @@ import sys
 from pathlib import Path
 
 from . import __version__
-
-# measured wall times (README "The two commands": this project's 2-core CPU, two rows at a time)
-FULL_TIME, QUICK_TIME = "50 min 28 s", "5 min 9 s"
 
 
 def setup() -> None:
@@ -91,18 +91,33 @@ def _study_options(a) -> dict:
 
 
 def _study_config(a, mode: str, **fixed):
-    """The ``StudyConfig`` of preset ``mode`` with the options the user set; a bad value is reported
-    under its option's name (``--colours``, not ``n_colours``)."""
-    from .study.config import DATA, RECIPE, RUN, SAMPLER, StudyConfig
-    fields = _study_fields((DATA, RECIPE, RUN, SAMPLER))
-    kw = _study_options(a)
+    """The ``StudyConfig`` of preset ``mode`` with the options the user set (a bad value raises a
+    ``UsageError`` naming the field, which ``main`` reports under its option's name)."""
+    from .study.config import StudyConfig
+    return StudyConfig.preset(mode, **{**_study_options(a), **fixed})
+
+
+def _flags(p: argparse.ArgumentParser) -> dict[str, str]:
+    """``{dest: --option}`` of a command's options: how an error names what the user typed."""
+    return {a.dest: next(o for o in a.option_strings if o.startswith("--")) for a in p._actions
+            if any(o.startswith("--") for o in a.option_strings)}
+
+
+def _as_typed(message: str, flags: dict[str, str]) -> str:
+    """``message`` with its leading setting name (``train_steps must be >= 1``) written as the option
+    the user typed (``--train-steps must be >= 1``)."""
+    m = re.match(r"[A-Za-z_]\w*", message)
+    return flags[m[0]] + message[m.end():] if m and m[0] in flags else message
+
+
+def _load(load, path, *args, **kw):
+    """``load(path, ...)`` for a file the user named: a file that is not what it should be is a usage
+    error (one line), not a bug."""
+    from ._validate import usage
     try:
-        return StudyConfig.preset(mode, **{**kw, **fixed})
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        for f in fields:
-            msg = re.sub(rf"^{f.name}(?= must|=| is)", f.metadata["cli"], msg)
-        raise type(e)(msg) from None
+        return load(path, *args, **kw)
+    except ValueError as e:
+        raise usage(e) from None
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
@@ -114,10 +129,12 @@ def _device_option(p: argparse.ArgumentParser) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     _device_option(p)
-    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
-                   help="the ops' path: auto (on CUDA the fastest measured per op: SDPA for softmax and identity "
-                        "attention, torch for top-1, the Triton kernel for the reverse step; the torch reference "
-                        "elsewhere), triton (always our kernels) or torch (default auto)")
+    from .ops import AUTO_ON_CUDA, BACKENDS
+    auto = ", ".join(f"{op}: {path}" for op, path in AUTO_ON_CUDA.items())
+    p.add_argument("--backend", choices=BACKENDS, default=BACKENDS[0],
+                   help=f"the ops' path: auto (on CUDA the fastest measured path per op, fastscore.ops.AUTO_ON_CUDA: "
+                        f"{auto}; the torch reference elsewhere), triton (always our kernels) or torch (the "
+                        f"reference) (default {BACKENDS[0]})")
     p.add_argument("--force", action="store_true", help="replace an existing output (reproduce: only the files its study wrote)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -155,8 +172,9 @@ def cmd_train(a) -> int:
 def cmd_sample(a) -> int:
     from .checkpoint import load_model, save_tensors
     from .sampling import sample
+    _study_config(a, "full")                     # the sampler's settings, checked as the study checks them
     _check_start(a)
-    model, meta = load_model(a.checkpoint, backend=a.backend, device=a.device)
+    model, meta = _load(load_model, a.checkpoint, backend=a.backend, device=a.device)
     x = sample(model, a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, clip_x0=a.clip_x0, seed=a.seed,
                batch_size=a.batch_size, device=a.device, backend=a.backend, progress=not a.quiet)
     save_tensors(a.out, {"samples": x}, {"kind": "samples", "checkpoint": str(a.checkpoint), "data": meta["data"],
@@ -167,12 +185,13 @@ def cmd_sample(a) -> int:
 
 
 def cmd_score(a) -> int:
+    from ._validate import UsageError
     from .checkpoint import load_tensors
     from .data import KVConfig, generate
     from .metrics import score
-    tensors, meta = load_tensors(a.samples, "samples")
+    tensors, meta = _load(load_tensors, a.samples, "samples")
     if meta.get("data") is None:
-        raise ValueError(f"{a.samples} records no dataset config; it cannot be scored")
+        raise UsageError(f"{a.samples} records no dataset config; it cannot be scored")
     cfg = KVConfig.from_dict(meta["data"])
     extra = meta.get("extra", {})
     train = generate(cfg, int(extra.get("n_train", a.n_train)), int(extra.get("data_seed", a.data_seed)))
@@ -192,7 +211,7 @@ def cmd_probe(a) -> int:
     from .data import KVConfig
     from .probe import coordination_probe, format_probe
     _validate.device("--device", a.device)
-    model, meta = load_model(a.checkpoint, backend=a.backend, device=a.device)
+    model, meta = _load(load_model, a.checkpoint, backend=a.backend, device=a.device)
     cfg = KVConfig.from_dict(meta["data"])
     rows = coordination_probe(model, cfg, a.t, n=a.n, seed=a.seed, device=a.device)
     print(format_probe(rows))
@@ -200,30 +219,49 @@ def cmd_probe(a) -> int:
 
 
 def cmd_reproduce(a) -> int:
-    from .study import pairs_sweep, reproduce
+    from .study import reproduce
     mode = "quick" if a.quick else ("tiny" if a.tiny else "full")
     if a.out is None:
         a.out = f"runs/{'creativity' if a.study == 'creativity' else 'reproduce'}"
     if a.study == "creativity":
         return _creativity(a, mode)
+    if a.pairs_sweep:
+        return _pairs_sweep(a, mode)
     cfg = _study_config(a, mode)
     _check_start(a, directory=True)
-    kw = dict(device=a.device, backend=a.backend, force=a.force, progress=not a.quiet, workers=a.workers,
-              group_seeds=a.group_seeds)
-    if a.pairs_sweep:
-        pairs_sweep(cfg, Path(a.out), [int(p) for p in a.pairs_sweep.split(",")], **kw)
-    else:
-        reproduce(cfg, Path(a.out), **kw)
+    reproduce(cfg, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
+              workers=a.workers, group_seeds=a.group_seeds)
     return 0
+
+
+def _pairs_sweep(a, mode: str) -> int:
+    """``reproduce --pairs-sweep K1,K2,...``: the sweep over ``n_pairs`` (``study.pairs_grid``), as
+    ``fastscore sweep`` runs it."""
+    from ._validate import UsageError
+    from .study import pairs_grid
+    try:
+        pairs = tuple(int(p) for p in a.pairs_sweep.split(","))
+    except ValueError:
+        raise UsageError(f"--pairs-sweep expects numbers of pairs such as 2,4,6, got {a.pairs_sweep!r}") from None
+    if a.n_pairs is not None:
+        raise UsageError("--pairs and --pairs-sweep: give one (the sweep sets the number of pairs)")
+    _study_config(a, mode)                       # a bad value is reported under its option's name
+    out = Path(a.out)
+    if not (out / "sweep.json").exists() and any(out.glob("pairs-*/study.json")):
+        raise UsageError(f"{out} holds a pairs sweep of an earlier fastscore (one study per OUT/pairs-K); its "
+                         "studies resume one at a time (reproduce --pairs K --out OUT/pairs-K with the settings "
+                         "in their study.json); choose another --out for the sweep")
+    return _sweep(a, pairs_grid(mode, _study_options(a), pairs))
 
 
 def _creativity(a, mode: str) -> int:
     """``reproduce --study creativity``: the sweep over the number of training images, then its report."""
+    from ._validate import UsageError
     from .study import creativity
     if a.pairs_sweep:
-        raise ValueError("--pairs-sweep belongs to --study coordination; the creativity study sweeps --n-train")
+        raise UsageError("--pairs-sweep belongs to --study coordination; the creativity study sweeps --n-train")
     if a.n_train is not None:
-        raise ValueError("--n-train: the creativity study sweeps the number of training images itself "
+        raise UsageError("--n-train: the creativity study sweeps the number of training images itself "
                          f"({', '.join(map(str, creativity.SIZES[mode]))} here)")
     _study_config(a, mode)                       # a bad value is reported under its option's name
     g = creativity.grid(mode, **_study_options(a))
@@ -236,30 +274,51 @@ def _creativity(a, mode: str) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from .study import StudyConfig, grid, run_sweep
-    from .study.sweep import cell_config
+    from ._validate import UsageError
+    from .study import StudyConfig, grid
     if a.file and (a.grid or a.set or a.preset):
-        raise ValueError("give the grid either as a TOML file or as --grid/--set/--preset options, not both")
+        raise UsageError("give the grid either as a TOML file or as --grid/--set/--preset options, not both")
     if a.file:
         g = grid.from_toml(StudyConfig, a.file)
     else:
         if not a.grid:
-            raise ValueError("nothing to sweep: give a TOML file or at least one --grid NAME=V1,V2,...")
+            raise UsageError("nothing to sweep: give a TOML file or at least one --grid NAME=V1,V2,...")
         g = grid.from_cli(StudyConfig, a.set, a.grid, a.preset or "full")
-    for cell in g.cells():                       # every cell's settings checked before any work
+    return _sweep(a, g)
+
+
+def _sweep(a, g) -> int:
+    """Run grid ``g`` into ``--out`` (every cell's settings checked before any work); rank 0 prints
+    the table."""
+    from .study import run_sweep
+    from .study.sweep import cell_config
+    for cell in g.cells():
         cell_config(g, cell)
     _check_start(a, directory=True)
     res = run_sweep(g, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
-                    workers=a.workers)
+                    workers=a.workers, group_seeds=a.group_seeds)
     if res is not None:                          # rank 0 (or the only process)
         print((Path(a.out) / "sweep.md").read_text())
     return 0
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """How a study's rows are run: worker processes and grouped seeds."""
+    p.add_argument("--workers", type=int, default=None,
+                   help="rows trained at once in separate processes (default 2 on a CPU with >= 2 cores, 1 on a GPU)")
+    p.add_argument("--group-seeds", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the seeds of a network together, as one ensemble (default: on a GPU, not on a CPU, "
+                        "where it is no faster; --no-group-seeds: one row at a time, the reference)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .data import KVConfig
     from .models import ATTENTIONS, ModelConfig
     from .options import help_of
-    from .study.config import DATA, RECIPE, RUN, SAMPLER
+    from .sampling import sample
+    from .study.config import DATA, PRESETS, RECIPE, RUN, SAMPLER, StudyConfig
+    from .study.creativity import SIZES
+    study = StudyConfig()
     p = argparse.ArgumentParser(prog="fastscore", description="Creativity in diffusion models: key-value "
                                 "data, CNN and attention score networks, sampling and scoring.")
     p.add_argument("--version", action="version", version=f"fastscore {__version__}")
@@ -272,84 +331,87 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="checkpoint file (.safetensors)")
     _add_study_options(t, (DATA, RECIPE))
     _common(t)
-    t.set_defaults(fn=cmd_train)
+    t.set_defaults(fn=cmd_train, flags=_flags(t))
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint")
     s.add_argument("checkpoint")
     s.add_argument("--n", type=int, default=1000, help="samples (default 1000)")
     s.add_argument("--seed", type=int, default=0, help="default 0")
     s.add_argument("--out", required=True, help="sample file (.safetensors)")
-    s.add_argument("--batch-size", type=int, default=1000, help="samples per batch (default 1000)")
+    batch = inspect.signature(sample).parameters["batch_size"].default
+    s.add_argument("--batch-size", type=int, default=batch, help=f"samples per batch (default {batch})")
     _add_study_options(s, (SAMPLER,), concrete=True)
     _common(s)
-    s.set_defaults(fn=cmd_sample)
+    s.set_defaults(fn=cmd_sample, flags=_flags(s))
 
     c = sub.add_parser("score", help="score a sample file against its training set")
     c.add_argument("samples")
-    c.add_argument("--tolerance", type=float, default=None, help="decoding tolerance (default: the dataset's, 0.4)")
-    c.add_argument("--n-train", type=int, default=5000, help="used only if the file does not record it")
-    c.add_argument("--data-seed", type=int, default=0, help="used only if the file does not record it")
+    c.add_argument("--tolerance", type=float, default=None,
+                   help=f"decoding tolerance (default: the dataset's; KVConfig's default {KVConfig.tolerance:g})")
+    c.add_argument("--n-train", type=int, default=study.n_train,
+                   help=f"used only if the file does not record it (default {study.n_train})")
+    c.add_argument("--data-seed", type=int, default=study.data_seed,
+                   help=f"used only if the file does not record it (default {study.data_seed})")
     c.add_argument("--json", action="store_true")
-    c.set_defaults(fn=cmd_score)
+    c.set_defaults(fn=cmd_score, flags=_flags(c))
 
     pr = sub.add_parser("probe", help="coordination probe: does the network use the other pairs?")
     pr.add_argument("checkpoint")
-    pr.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 400, 500, 600, 800],
-                    help="timesteps (default 100 200 300 400 500 600 800)")
+    pr.add_argument("--t", type=int, nargs="+", default=list(study.probe_t),
+                    help=f"timesteps (default the study's: {' '.join(map(str, study.probe_t))})")
     pr.add_argument("--n", type=int, default=4000, help="probe images per case (default 4000)")
     pr.add_argument("--seed", type=int, default=0, help="default 0")
     _common(pr)
-    pr.set_defaults(fn=cmd_probe)
+    pr.set_defaults(fn=cmd_probe, flags=_flags(pr))
 
     r = sub.add_parser("reproduce", help="the paper's experiment end to end (train, sample, score, probe)",
-                       description="Train the four networks, sample, score and probe them, beside the ideal score "
-                       f"and the ELS machine. The full study (3 seeds x 10,000 steps, 10,000 samples per network and "
-                       f"seed) took {FULL_TIME}, --quick {QUICK_TIME}, on this project's 2-core CPU (two rows at a "
-                       "time); --tiny takes seconds. Rerunning the same command resumes; Ctrl-C keeps finished rows.")
+                       description=f"Train the networks ({_show(study.networks)}), sample, score and probe them, "
+                       f"beside the ideal score and the ELS machine. The full study: {study.n_seeds} seeds x "
+                       f"{study.train_steps} training steps, {study.n_samples} samples per network and seed. "
+                       "Measured wall times: docs/results-full.md, docs/results-quick.md. Rerunning the same "
+                       "command resumes; Ctrl-C keeps finished rows.")
     mode = r.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true",
-                      help=f"the few-minute version ({QUICK_TIME} on a 2-core CPU): 5,000 training steps, 1 seed, "
-                           "1,000 samples per network")
-    mode.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
+    flag = {f.name: f.metadata["cli"] for f in _study_fields((DATA, RECIPE, RUN, SAMPLER))}
+    for m, what in (("quick", "the few-minute version"), ("tiny", "a seconds-long smoke run (CI)")):
+        mode.add_argument(f"--{m}", action="store_true", help=f"{what}: " + ", ".join(
+            f"{flag.get(k, k)} {_show(v)}" for k, v in PRESETS[m].items()))
     r.add_argument("--study", choices=("coordination", "creativity"), default="coordination",
-                   help="coordination: the four networks at one training set (results.md). creativity: are "
-                        "consistent samples new or copies? A sweep over the number of training images (8, 16, 32, "
-                        "64, 128, 256, 5000; --quick 16, 64, 256; --tiny 8, 32) of the CNN and softmax attention "
+                   help="coordination: the networks (--networks) at one training set (results.md). creativity: are "
+                        "consistent samples new or copies? A sweep over the number of training images "
+                        f"({_show(SIZES['full'])}; --quick {_show(SIZES['quick'])}; --tiny {_show(SIZES['tiny'])}) "
+                        "of the CNN and softmax attention "
                         "beside the ideal score and the ELS machine, without the probe; cells in OUT/cells/, "
                         "creativity.md, creativity.json and figures in OUT (default coordination)")
     r.add_argument("--out", default=None,
                    help="output directory (default runs/reproduce; --study creativity: runs/creativity)")
-    r.add_argument("--workers", type=int, default=None,
-                   help="rows trained at once in separate processes (default 2 on a CPU with >= 2 cores, 1 on a GPU)")
-    r.add_argument("--group-seeds", action=argparse.BooleanOptionalAction, default=None,
-                   help="train the seeds of a network together, as one ensemble (default: on a GPU, not on a CPU, "
-                        "where it is no faster; --no-group-seeds: one row at a time, the reference)")
-    r.add_argument("--pairs-sweep", default=None, help="e.g. 2,4,6,8: one study per pair count, one table "
-                   "(default: none, one study)")
+    _run_options(r)
+    r.add_argument("--pairs-sweep", default=None, metavar="K1,K2,...",
+                   help="e.g. 2,4,6,8: fastscore sweep's grid over n_pairs (a cell per count in OUT/cells/, one "
+                        "table sweep.md; a larger image where the pairs do not fit, coordinate channels for all "
+                        "cells if a count is above 4) (default: none, one study)")
     _add_study_options(r, (RUN, SAMPLER, DATA, RECIPE), presets=True)
     _common(r)
-    r.set_defaults(fn=cmd_reproduce)
+    r.set_defaults(fn=cmd_reproduce, flags=_flags(r))
 
     w = sub.add_parser("sweep", help="a grid of studies: one per cell, one table (torchrun for several GPUs)",
                        description="Cross study settings into a grid; each cell is one study (as reproduce) in "
                        "OUT/cells/<cell>/, resumable per cell; a finished sweep rerun trains nothing. One table "
                        "(sweep.md, sweep.csv, sweep-results.json) and a figure. Several processes or GPUs: "
                        "torchrun --nproc-per-node N -m fastscore sweep ... (each rank takes every N-th cell; "
-                       "rank 0 writes the tables). Settings are StudyConfig's field names (n_pairs, n_colours, "
-                       "n_train, width, attn_dim, lr, t_focus, networks, n_seeds, train_steps, ...).")
-    w.add_argument("file", nargs="?", default=None, help="a TOML sweep file: preset = ..., [base], [grid]")
+                       "rank 0 writes the tables). Settings are StudyConfig's field names: "
+                       + ", ".join(StudyConfig.__dataclass_fields__) + ".")
+    w.add_argument("file", nargs="?", default=None, help="a TOML sweep file: preset = ..., [base], [grid], [[cell]]")
     w.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="a swept setting and its values (repeat for more axes; tuple values joined by +, "
                         "e.g. t_focus=50+400,none)")
     w.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting fixed for every cell (tuples comma-separated, e.g. networks=none,softmax)")
-    w.add_argument("--preset", choices=("full", "quick", "tiny"), default=None,
+    w.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="the study preset the cells start from (default full)")
     w.add_argument("--out", default="runs/sweep", help="output directory (default runs/sweep)")
-    w.add_argument("--workers", type=int, default=None,
-                   help="rows of a cell trained at once in separate processes (default as reproduce)")
+    _run_options(w)
     _common(w)
-    w.set_defaults(fn=cmd_sweep)
+    w.set_defaults(fn=cmd_sweep, flags=_flags(w))
 
     return p
 
@@ -368,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if main_thread:
         previous = signal.signal(signal.SIGTERM, defer), signal.signal(signal.SIGINT, defer)
-    name = "fastscore"
+    name, args = "fastscore", None
     try:
         try:
             parser = build_parser()   # imports torch (seconds)
@@ -383,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         name = f"fastscore {args.command}"
         setup()
         return args.fn(args)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        if not _usage(e):
+            raise                        # a bug in the library: its traceback is what to read
+        print(f"{name}: error: {_as_typed(str(e), getattr(args, 'flags', {}))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"{name}: {stop['signal']}: {str(e) or 'interrupted; nothing was saved'}", file=sys.stderr)
@@ -393,6 +457,13 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous[0])
             signal.signal(signal.SIGINT, previous[1])
+
+
+def _usage(e: BaseException) -> bool:
+    """Whether ``e`` is bad input: a ``UsageError`` (``fastscore._validate``, looked up without importing
+    torch) or an ``OSError`` about a file."""
+    v = sys.modules.get(f"{__package__}._validate")
+    return isinstance(e, OSError) or (v is not None and isinstance(e, v.UsageError))
 
 
 def _main_thread() -> bool:

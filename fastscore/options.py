@@ -10,7 +10,12 @@ default where the study's recipe differs.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+from collections.abc import Mapping
 from typing import Any
+
+from . import _validate
 
 
 def option(default: Any, help: str, *, cli: str | None = None, group: str | None = None, **meta: Any) -> Any:
@@ -40,3 +45,41 @@ def values_for(config: Any, cls: type) -> dict[str, Any]:
     """``{cls field name: value}`` for every field of ``config`` declared with ``inherit(cls, ...)``."""
     return {f.metadata["source"][1]: getattr(config, f.name) for f in dataclasses.fields(config)
             if f.metadata.get("source", (None,))[0] is cls}
+
+
+def build(cls: type, config: Any, **values: Any) -> Any:
+    """``cls`` built from ``config``'s fields declared with ``inherit(cls, ...)`` (``values`` added or
+    overriding). A ValueError or TypeError from ``cls``'s checks becomes a ``UsageError`` that names
+    the setting as ``config`` declares it (the study's ``train_steps``, not ``TrainConfig``'s ``steps``)."""
+    own = {f.metadata["source"][1]: f.name for f in dataclasses.fields(config)
+           if f.metadata.get("source", (None,))[0] is cls}
+    try:
+        return cls(**{**values_for(config, cls), **values})
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        m = re.match(r"[A-Za-z_]\w*", msg)
+        if m and m[0] in own:
+            msg = own[m[0]] + msg[m.end():]
+        raise _validate.usage(e, msg) from None
+
+
+def _json(v: Any) -> Any:
+    return json.loads(json.dumps(v))
+
+
+def matches(stored: Mapping[str, Any], config: Any) -> bool:
+    """Whether ``stored`` (a configuration dataclass saved as JSON: a study.json, a results.json's
+    config) describes ``config``: every stored setting equals the current value, and every setting
+    missing from it has its default value now. So a setting added with a default never makes a study,
+    a row or a sweep cell written before it look unfinished. A stored setting ``config`` does not have
+    never matches."""
+    now = _json(dataclasses.asdict(config))
+    if not set(stored) <= set(now):
+        return False
+    for f in dataclasses.fields(config):
+        if f.name in stored:
+            if stored[f.name] != now[f.name]:
+                return False
+        elif f.default is dataclasses.MISSING or _json(f.default) != now[f.name]:
+            return False
+    return True

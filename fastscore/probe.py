@@ -32,7 +32,7 @@ def coordination_probe(model, config: KVConfig, t_values: Sequence[int], *, n: i
     is the normal interval of a paired difference. Needs ``config.n_pairs >= 2``.
     """
     if config.n_pairs < 2:
-        raise ValueError("the coordination probe needs n_pairs >= 2")
+        raise _validate.UsageError("the coordination probe needs n_pairs >= 2")
     _validate.positive_int("n", n)
     sched = make_schedule("linear", getattr(getattr(model, "config", None), "T", 1000))
     device = torch.device(device)
@@ -54,7 +54,7 @@ def coordination_probe(model, config: KVConfig, t_values: Sequence[int], *, n: i
     for t in t_values:
         t = _validate.positive_int("t", int(t), minimum=0)
         if t >= sched.T:
-            raise ValueError(f"t must be < T={sched.T}, got {t}")
+            raise _validate.UsageError(f"t must be < T={sched.T}, got {t}")
         ab = float(sched.alpha_bar[t])
         eps = torch.randn((n, *x0.shape[1:]), generator=g).repeat(2, 1, 1, 1)
         pred = []

@@ -83,12 +83,18 @@ def test_a_bad_study_option_is_named_as_on_the_command_line(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
-def test_reproduce_help_shows_every_default_and_the_run_times(capsys):
+def test_reproduce_help_shows_every_default_and_no_measured_time(capsys):
+    from fastscore.ops import AUTO_ON_CUDA
+    from fastscore.study.config import PRESETS
     with pytest.raises(SystemExit) as e:
         main(["reproduce", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "50 min 28 s" in out and "5 min 9 s" in out
+    assert not re.search(r"\d+ (min|s)\b", out), "a measured time in --help goes stale: it belongs in docs/"
+    quick = ", ".join(f"--{k.replace('_', '-')} {v}" if k != "probe_n" else f"{k} {v}"
+                      for k, v in PRESETS["quick"].items() if k in ("train_steps", "n_samples", "n_seeds", "probe_n"))
+    assert "--quick the few-minute version: " + quick in out   # option names where the setting has one
+    assert all(f"{op}: {path}" in out for op, path in AUTO_ON_CUDA.items())
     for text in ("--networks A,B,... comma list of the trained networks: none,identity,top1,softmax (default "
                  "none,top1,identity,softmax)", "--n-samples N_SAMPLES samples per network and seed (default 10000; "
                  "--quick: 1000; --tiny: 48)", "--n-seeds N_SEEDS training seeds per network (default 3;",
@@ -239,3 +245,60 @@ def test_an_interrupt_while_torch_imports_is_one_line_too(tmp_path, delay):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert len(err.strip().splitlines()) == 1 and "SIGINT" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["reproduce", "--tiny", "--train-steps", "-5"], "fastscore reproduce: error: --train-steps must be >= 1, got -5"),
+    (["reproduce", "--tiny", "--steps", "0"], "fastscore reproduce: error: --steps must be >= 1, got 0"),
+    (["reproduce", "--tiny", "--train-batch", "0"], "fastscore reproduce: error: --train-batch must be >= 1"),
+    (["reproduce", "--tiny", "--pairs", "6"], "fastscore reproduce: error: --pairs=6 > 4 uses the border layout"),
+    (["reproduce", "--tiny", "--steps", "2000"], "fastscore reproduce: error: --steps must be <= T=1000, got 2000"),
+    (["sample", "m.safetensors", "--steps", "2000"], "fastscore sample: error: --steps must be <= T=1000"),
+    (["reproduce", "--tiny", "--pairs-sweep", "2,four"], "--pairs-sweep expects numbers of pairs"),
+    (["reproduce", "--tiny", "--pairs-sweep", "2,4", "--pairs", "3"], "--pairs and --pairs-sweep: give one"),
+    (["sweep", "--preset", "tiny", "--grid", "train_steps=4,-5"],
+     "fastscore sweep: error: cell train_steps=-5: train_steps must be >= 1"),   # as typed in --grid
+])
+def test_a_validation_error_names_the_option_the_user_typed(tmp_path, capsys, no_work, args, words):
+    assert main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = _one_line_error(capsys, words)
+    assert "error: --steps" not in err or "--steps" in args
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bug_inside_a_command_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    import fastscore.study
+
+    def bug(*a, **k):
+        raise ValueError("a library bug, not the user's input")
+    monkeypatch.setattr(fastscore.study, "reproduce", bug)
+    with pytest.raises(ValueError, match="a library bug"):
+        main(["reproduce", "--tiny", "--out", str(tmp_path / "o"), "--quiet"])
+    assert capsys.readouterr().err == ""
+
+
+def test_the_probe_defaults_to_the_study_s_timesteps():
+    from fastscore.cli import build_parser
+    from fastscore.study.config import StudyConfig
+    assert build_parser().parse_args(["probe", "m.safetensors"]).t == list(StudyConfig().probe_t)
+
+
+def test_pairs_sweep_runs_the_sweep_grid_over_n_pairs(tmp_path, monkeypatch):
+    import fastscore.study
+    seen = {}
+    monkeypatch.setattr(fastscore.study, "run_sweep", lambda g, out, **kw: seen.update(grid=g, out=out, **kw))
+    assert main(["reproduce", "--tiny", "--networks", "none", "--pairs-sweep", "2,8", "--no-group-seeds",
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    g = seen["grid"]
+    assert (g.preset, dict(g.axes), dict(g.base)) == ("tiny", {"n_pairs": (2, 8)},
+                                                      {"networks": ("none",), "coord_channels": True})
+    assert g.to_dict()["cell"] == [{"where": {"n_pairs": 8}, "set": {"image_size": 12}}]
+    assert seen["group_seeds"] is False and seen["out"] == tmp_path / "o"
+
+
+def test_an_old_pairs_sweep_directory_is_explained_not_overwritten(tmp_path, capsys, no_work):
+    (tmp_path / "pairs-2").mkdir()
+    (tmp_path / "pairs-2" / "study.json").write_text("{}")
+    assert main(["reproduce", "--tiny", "--pairs-sweep", "2,4", "--out", str(tmp_path), "--quiet"]) == 2
+    _one_line_error(capsys, "a pairs sweep of an earlier fastscore", "--pairs K --out OUT/pairs-K")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["pairs-2", "study.json"]

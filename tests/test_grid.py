@@ -47,3 +47,30 @@ def test_bad_toml_names_the_file(tmp_path):
     path.write_text("[grid]\nn_train = 8\n")
     with pytest.raises(ValueError, match="grid.n_train must be a non-empty list"):
         grid.from_toml(StudyConfig, path)
+
+
+def test_cell_rules_set_settings_of_the_matching_cells_and_read_from_toml(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('preset = "tiny"\n[grid]\nn_pairs = [2, 4, 6]\n[[cell]]\nwhere = {n_pairs = 6}\n'
+                    'set = {image_size = 10, coord_channels = true}\n')
+    g = grid.from_toml(StudyConfig, path)
+    assert [dict(c.settings) for c in g.cells()] == [
+        {"n_pairs": 2}, {"n_pairs": 4}, {"n_pairs": 6, "image_size": 10, "coord_channels": True}]
+    assert [c.name for c in g.cells()] == ["n_pairs=2", "n_pairs=4", "n_pairs=6"]
+    assert g.columns == ["n_pairs", "image_size", "coord_channels"]
+    assert g.to_dict()["cell"] == [{"where": {"n_pairs": 6}, "set": {"image_size": 10, "coord_channels": True}}]
+    # a grid without rules saves as it always did, so a sweep.json written before rules reads back the same
+    assert "cell" not in grid.from_cli(StudyConfig, [], ["n_pairs=2,4"]).to_dict()
+
+
+@pytest.mark.parametrize("rule, match", [
+    ("where = {n_train = 8}\nset = {image_size = 10}", "not swept: \\['n_train'\\]"),
+    ("where = {n_pairs = 2}\nset = {n_pairs = 3}", "already fixed or swept: \\['n_pairs'\\]"),
+    ("where = {n_pairs = 2}", "exactly where"),
+    ("where = {n_pairs = 2}\nset = {widht = 3}", "unknown study setting 'widht'"),
+])
+def test_bad_cell_rules_are_refused(tmp_path, rule, match):
+    path = tmp_path / "s.toml"
+    path.write_text(f"[grid]\nn_pairs = [2, 4]\n[[cell]]\n{rule}\n")
+    with pytest.raises(ValueError, match=match):
+        grid.from_toml(StudyConfig, path)

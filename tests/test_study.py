@@ -6,8 +6,10 @@ import torch
 
 from fastscore.checkpoint import load_tensors
 from fastscore.models import ModelConfig
-from fastscore.study import StudyConfig, coordination_verdict, pairs_sweep, reproduce
+from fastscore.options import option
+from fastscore.study import StudyConfig, coordination_verdict, pairs_grid, reproduce, sweep
 from fastscore.study.files import MANIFEST, StudyDir
+from fastscore.study.sweep import cell_config
 from fastscore.training import TrainConfig
 
 
@@ -176,21 +178,30 @@ def test_study_recipe_reaches_the_networks_and_training():
     assert not StudyConfig(attn_patch=False).model_config("softmax").attn_patch
 
 
+def test_the_pairs_sweep_is_a_grid_over_n_pairs_that_grows_the_image_where_pairs_do_not_fit():
+    g = pairs_grid("tiny", {"networks": ("none",)}, [2, 4, 8])
+    assert g.axes == {"n_pairs": (2, 4, 8)} and g.preset == "tiny"
+    cfgs = {c.name: cell_config(g, c) for c in g.cells()}
+    assert [(c.n_pairs, c.image_size) for c in cfgs.values()] == [(2, 8), (4, 8), (8, 12)]
+    # beyond 4 pairs the border layout needs positions: every cell gets coordinate channels
+    assert all(c.coord_channels for c in cfgs.values())
+    assert not any(cell_config(h, c).coord_channels for h in [pairs_grid("tiny", {}, [2, 4])] for c in h.cells())
+    with pytest.raises(ValueError, match="n_pairs is the pairs sweep's axis"):
+        pairs_grid("tiny", {"n_pairs": 3}, [2, 4])
+    with pytest.raises(ValueError, match="distinct"):
+        pairs_grid("tiny", {}, [2, 2])
+
+
 @pytest.mark.slow
-def test_pairs_sweep_one_table_with_the_gap_over_the_cnn(tmp_path):
-    cfg = StudyConfig.preset("tiny", networks=("none", "softmax"), n_samples=8, probe_n=8, n_random=50,
-                             train_steps=2, analytic=())
-    docs = pairs_sweep(cfg, tmp_path, [2, 8], progress=False)
-    assert list(docs) == [2, 8]
-    # beyond 4 pairs the border layout needs positions: every study of the sweep gets coordinate channels
-    assert all(d["config"]["coord_channels"] for d in docs.values())
-    assert (docs[2]["config"]["image_size"], docs[8]["config"]["image_size"]) == (8, 12)
-    table = (tmp_path / "sweep.md").read_text().splitlines()
-    assert len(table) == 4 and "CNN + softmax attention - CNN (pp)" in table[0]
-    assert table[3].startswith("| 8 | 12x12 |")
-    assert (tmp_path / "sweep.png").exists()
-    with pytest.raises(FileExistsError):
-        pairs_sweep(cfg, tmp_path, [2], progress=False)
+def test_pairs_sweep_writes_the_sweep_table_with_the_image_size(tmp_path):
+    g = pairs_grid("tiny", {"networks": ("none", "softmax"), "n_samples": 8, "probe_n": 8, "n_random": 50,
+                            "train_steps": 2, "analytic": ()}, [2, 8])
+    res = sweep.run(g, tmp_path, progress=False, workers=1)
+    assert [(r["n_pairs"], r["image_size"], r["network"]) for r in res["pooled"]] == \
+        [(2, 8, "none"), (2, 8, "softmax"), (8, 12, "none"), (8, 12, "softmax")]
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| n_pairs | image_size | network | seeds | chance |" in table and "| 8 | 12 | softmax | 1 | 1.56% |" in table
+    assert json.loads((tmp_path / "cells" / "n_pairs=8" / "results.json").read_text())["config"]["coord_channels"]
 
 
 @pytest.mark.slow
@@ -242,3 +253,39 @@ def test_coordination_verdict_needs_intervals_clear_of_chance_and_the_cnn():
     assert v["softmax"] == {"above_chance": True, "above_cnn": True}
     assert v["top1"] == {"above_chance": True, "above_cnn": False}     # overlaps the CNN's interval
     assert v["identity"] == {"above_chance": False, "above_cnn": False}  # no valid samples
+
+
+@dataclasses.dataclass(frozen=True)
+class _Newer(StudyConfig):
+    """Today's StudyConfig with a setting added since (as a later version adds ``depth``)."""
+    depth: int = option(2, "a setting added with a default")
+
+
+def test_a_saved_config_matches_when_settings_added_since_have_their_default():
+    cfg = StudyConfig.preset("tiny", networks=("none",))
+    saved = cfg.to_dict()
+    assert cfg.matches(saved) and not cfg.matches({**saved, "width": saved["width"] + 1})
+    older = {k: v for k, v in saved.items() if k != "els_patch"}   # written before els_patch existed
+    assert cfg.matches(older)
+    assert not dataclasses.replace(cfg, els_patch=3).matches(older)  # missing, and not at its default now
+    assert not cfg.matches({**saved, "unknown": 1})
+    assert _Newer(**dataclasses.asdict(cfg)).matches(saved)
+    assert not _Newer(**dataclasses.asdict(cfg), depth=3).matches(saved)
+
+
+def test_a_study_written_before_a_setting_existed_resumes_without_retraining(tmp_path, monkeypatch):
+    from fastscore.study import files
+    # as if els_patch had been added after this study.json was written (by today's main)
+    monkeypatch.setattr(files, "STUDY_JSON_KEYS", files.STUDY_JSON_KEYS - {"els_patch"})
+    cfg = StudyConfig.preset("tiny", networks=("none",), analytic=())
+    StudyDir(tmp_path).prepare(cfg, force=False)
+    older = {k: v for k, v in cfg.to_dict().items() if k != "els_patch"}
+    study = json.dumps(older, indent=2)
+    (tmp_path / "study.json").write_text(study)
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "none-seed0.json").write_text("{}")
+    StudyDir(tmp_path).prepare(cfg, force=False)                     # the same study: resumed
+    assert (tmp_path / "study.json").read_text() == study
+    assert StudyDir(tmp_path).finished_rows(cfg.jobs()) == {("none", 0): {}}
+    with pytest.raises(FileExistsError, match="another config"):     # a changed setting is another study
+        StudyDir(tmp_path).prepare(dataclasses.replace(cfg, els_patch=3), force=False)

@@ -83,3 +83,25 @@ def test_torchrun_with_two_gloo_ranks_gives_the_single_process_sweep(tmp_path, f
     assert r.stdout.count("# fastscore sweep") == 1          # only rank 0 prints the table
 
 
+
+
+def test_a_cell_finished_before_a_setting_existed_is_not_run_again(tmp_path):
+    """A cell's results.json written by an older fastscore lacks settings added since: with their
+    default now, the cell counts as finished (the rule study.json follows too)."""
+    g = grid.from_cli(StudyConfig, ["networks=none"], ["n_train=8,64"], "tiny")
+    calls = []
+
+    def old_main(config, path, **kw):   # a finished study as an older version wrote it: without els_patch
+        calls.append(config.n_train)
+        doc = {"config": {k: v for k, v in config.to_dict().items() if k != "els_patch"},
+               "summary": {"baseline": {"analytic_consistent": 0.25}}, "rows": [], "wall_seconds": 1.0}
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "results.json").write_text(json.dumps(doc))
+        return doc
+    sweep.run(g, tmp_path, progress=False, run_cell=old_main)
+    assert sorted(calls) == [8, 64]
+    sweep.run(g, tmp_path, progress=False, run_cell=old_main)
+    assert len(calls) == 2                         # both finished: nothing runs
+    g5 = grid.from_cli(StudyConfig, ["networks=none", "els_patch=3"], ["n_train=8,64"], "tiny")
+    sweep.run(g5, tmp_path, progress=False, run_cell=old_main, force=True)
+    assert len(calls) == 4                         # not at its default now: another study, run again

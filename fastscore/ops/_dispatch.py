@@ -26,7 +26,7 @@ PATHS = ("triton", "sdpa", "torch")
 
 #: What ``backend="auto"`` runs on CUDA tensors, per op: never something slower than torch offers.
 #: Measured on one H100 80GB (torch 2.11 + cu130, triton 3.6, main at 19d5887;
-#: ``shared/gpu-h100/FINDINGS.md``, ``attention-vs-sdpa-h100.log``, ``bench_reverse_step-h100.log``):
+#: ``benchmarks/results/h100-19d5887/``: ``FINDINGS.md``, ``attention-vs-sdpa-h100.log``, ``bench_reverse_step-h100.log``):
 #:
 #: | op                 | auto on CUDA | measurement                                                     |
 #: |--------------------|--------------|-----------------------------------------------------------------|

@@ -1,4 +1,4 @@
-"""Search for the conditions under which attention learns to coordinate pairs (issue 6).
+"""Search for the conditions under which attention learns to coordinate pairs.
 
 Each configuration trains a network on the key-value data and runs the coordination probe
 (fastscore.probe.coordination_probe); optionally it also samples and scores. Rows are

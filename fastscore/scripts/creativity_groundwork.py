@@ -1,4 +1,4 @@
-"""Groundwork for the creativity study (issue 16): how much of the rule a training set covers, the
+"""Groundwork for the creativity study: how much of the rule a training set covers, the
 exact references for consistent-and-novel samples, and the two analytic anchors.
 
     python -m fastscore.scripts.creativity_groundwork [--anchors] [--figures DIR]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fastscore import KVConfig, load_model, make_dataset, sample, score
+from fastscore.ops import BACKENDS
 from fastscore.schedule import make_schedule
 from fastscore.theory import (
     ELSScore,
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
     p.add_argument("--calib-n", type=int, default=32, help="trajectories for --calibrate (default 32)")
     p.add_argument("--padding", choices=("zeros", "circular"), default="zeros")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default=BACKENDS[0])
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--figure", default=None, help="PNG of matched samples side by side (needs matplotlib)")
     a = p.parse_args(argv)

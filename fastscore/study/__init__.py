@@ -10,17 +10,16 @@ wrote: all that ``force`` may remove). Every file is written atomically.
 
 One module per job: ``config`` (``StudyConfig``), ``files`` (the directory, manifest, resumption),
 ``rows`` (``RunContext`` and one row), ``parallel`` (worker processes), ``report`` (pooled numbers,
-markdown), ``figures``, ``run`` (``reproduce``), ``grid`` (a sweep's cells), ``sweep`` (``run_sweep``: a grid of studies over torchrun ranks; ``pairs_sweep``), ``creativity`` (``reproduce --study creativity``: a sweep over the number of training images, scored for copies and new consistent samples). The coordination
+markdown), ``figures``, ``run`` (``reproduce``), ``grid`` (a sweep's cells), ``sweep`` (``run_sweep``: a grid of studies over torchrun ranks; ``pairs_grid``, the grid over the number of pairs), ``creativity`` (``reproduce --study creativity``: a sweep over the number of training images, scored for copies and new consistent samples). The coordination
 probe is ``fastscore.probe``.
 """
-from ..probe import coordination_probe, format_probe
 from .config import ANALYTIC, LABELS, PAPER, StudyConfig
 from .report import coordination_verdict, own_marginal_chance, results_markdown, summarise
 from .rows import RunContext
 from .run import Interrupted, reproduce
-from .sweep import pairs_sweep, sweep_table
+from .sweep import pairs_grid
 from .sweep import run as run_sweep
 
-__all__ = ["ANALYTIC", "LABELS", "PAPER", "Interrupted", "RunContext", "StudyConfig", "coordination_probe",
-           "coordination_verdict", "format_probe", "own_marginal_chance", "pairs_sweep", "reproduce",
-           "results_markdown", "run_sweep", "summarise", "sweep_table"]
+__all__ = ["ANALYTIC", "LABELS", "PAPER", "Interrupted", "RunContext", "StudyConfig",
+           "coordination_verdict", "own_marginal_chance", "pairs_grid", "reproduce",
+           "results_markdown", "run_sweep", "summarise"]

@@ -2,7 +2,7 @@
 
 Settings that belong to a component (the dataset, a network, training) re-declare that component's
 field with ``inherit`` (same help; the study's own default where its recipe differs), and the
-component configs are built from them by name (``values_for``), never positionally. The command
+component configs are built from them by name (``options.build``), never positionally. The command
 line generates its options from these fields (``metadata["cli"]``, ``fastscore.cli``)."""
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .. import _validate
+from .._validate import UsageError
 from ..data import DEFAULT_PALETTE, EXTRA_COLOURS, KVConfig, palette_of_size
 from ..models import ATTENTIONS, ModelConfig
-from ..options import inherit, option, values_for
-from ..sampling import timesteps
+from ..options import build, inherit, matches, option
+from ..sampling import SAMPLERS, timesteps
 from ..training import TrainConfig
 
 LABELS = {"none": "CNN", "top1": "CNN + top-1 attention", "identity": "CNN + identity attention",
@@ -72,7 +73,8 @@ class StudyConfig:
     t_focus_prob: float = inherit(TrainConfig, "t_focus_prob", default=0.5, cli="--t-focus-prob", group=RECIPE)
     n_seeds: int = option(3, "training seeds per network", cli="--n-seeds", group=RUN)
     n_samples: int = option(10000, "samples per network and seed", cli="--n-samples", group=RUN)
-    sampler: str = option("ddim", "sampler: ddim or ddpm", cli="--sampler", group=SAMPLER, choices=("ddim", "ddpm"))
+    sampler: str = option("ddim", "sampler: " + " or ".join(SAMPLERS), cli="--sampler", group=SAMPLER,
+                          choices=SAMPLERS)
     steps: int = option(50, "sampler steps", cli="--steps", group=SAMPLER)
     eta: float = option(1.0, "DDIM eta (1: strided DDPM)", cli="--eta", group=SAMPLER)
     clip_x0: bool = option(True, "clamp the predicted x0 to [-1, 1] at each step", cli="--clip", group=SAMPLER)
@@ -86,22 +88,25 @@ class StudyConfig:
         for n in self.analytic:
             _validate.choice("analytic", n, ANALYTIC)
         if len(set(self.networks)) != len(self.networks) or len(set(self.analytic)) != len(self.analytic):
-            raise ValueError("networks and analytic must not repeat an entry")
+            raise UsageError("networks and analytic must not repeat an entry")
         if self.n_pairs < 2:
-            raise ValueError(f"n_pairs must be >= 2 for the study (consistency needs two pairs), got {self.n_pairs}")
+            raise UsageError(f"n_pairs must be >= 2 for the study (consistency needs two pairs), got {self.n_pairs}")
         _validate.positive_int("n_colours", self.n_colours, minimum=2)
         if self.n_colours > MAX_COLOURS:
-            raise ValueError(f"n_colours must be <= {MAX_COLOURS}, got {self.n_colours}")
-        _validate.choice("sampler", self.sampler, ("ddim", "ddpm"))
+            raise UsageError(f"n_colours must be <= {MAX_COLOURS}, got {self.n_colours}")
+        _validate.choice("sampler", self.sampler, SAMPLERS)
         _validate.finite_float("eta", self.eta, minimum=0.0)
         _validate.positive_int("els_patch", self.els_patch)
         if self.els_patch % 2 == 0:
-            raise ValueError(f"els_patch must be odd, got {self.els_patch}")
-        timesteps(1000, self.steps)
+            raise UsageError(f"els_patch must be odd, got {self.els_patch}")
+        try:
+            timesteps(ModelConfig.T, self.steps)
+        except ValueError as e:
+            raise _validate.usage(e) from None
         for t in self.probe_t:
             _validate.positive_int("probe_t", t, minimum=0)
-            if t >= 1000:
-                raise ValueError(f"probe_t must lie in [0, 1000), got {t}")
+            if t >= ModelConfig.T:
+                raise UsageError(f"probe_t must lie in [0, {ModelConfig.T}), got {t}")
         if self.t_focus is not None:
             object.__setattr__(self, "t_focus", tuple(self.t_focus))
         self.train_config(0)
@@ -114,7 +119,7 @@ class StudyConfig:
             _validate.positive_int(name, getattr(self, name))
         self.data_config()  # validates the geometry
         if self.n_pairs > 4 and not self.coord_channels:
-            raise ValueError(f"n_pairs={self.n_pairs} > 4 uses the border layout, where a translation-equivariant "
+            raise UsageError(f"n_pairs={self.n_pairs} > 4 uses the border layout, where a translation-equivariant "
                              "CNN cannot tell key from value cells: set coord_channels=True")
 
     @classmethod
@@ -126,16 +131,15 @@ class StudyConfig:
         return cls(**base)
 
     def data_config(self) -> KVConfig:
-        return KVConfig(palette=palette_of_size(self.n_colours), **values_for(self, KVConfig))
+        return build(KVConfig, self, palette=palette_of_size(self.n_colours))
 
     def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(seed=seed, **values_for(self, TrainConfig))
+        return build(TrainConfig, self, seed=seed)
 
     def model_config(self, net: str) -> ModelConfig:
         """The network ``net``; ``attn_patch`` applies to the attentions with learned projections."""
-        v = values_for(self, ModelConfig)
-        v["attn_patch"] = v["attn_patch"] and net in PROJECTED
-        return ModelConfig(attention=net, image_size=self.image_size, **v)
+        return build(ModelConfig, self, attention=net, image_size=self.image_size,
+                     attn_patch=self.attn_patch and net in PROJECTED)
 
     def jobs(self) -> list[tuple[str, int]]:
         """The study's rows ``(name, seed)`` in report order: the analytic models, then each network per seed."""
@@ -143,3 +147,18 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> StudyConfig:
+        """The config ``to_dict`` saved (lists back to tuples); a setting it lacks takes its default."""
+        unknown = set(stored) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise UsageError(f"unknown study settings {sorted(unknown)}")
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+        return cls(**kw)
+
+    def matches(self, stored: dict) -> bool:
+        """Whether ``stored`` (a saved ``to_dict``) is this config: the one rule that says a study or a
+        sweep cell on disk is this one (``options.matches``: a setting added with a default since it
+        was saved does not make it another)."""
+        return matches(stored, self)

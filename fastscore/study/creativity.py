@@ -1,4 +1,4 @@
-"""The creativity study (issue 16): are consistent samples new, or copies, as the training set grows?
+"""The creativity study: are consistent samples new, or copies, as the training set grows?
 
 ``run`` is a sweep (``fastscore.study.sweep.run``) over the number of training images: each cell is one
 study (``reproduce``) in ``out/cells/n_train=<n>/`` (CNN and softmax attention by default, beside the

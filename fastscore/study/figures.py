@@ -1,9 +1,8 @@
 """The study's figures (with matplotlib installed; without it, none): sample grids framed by their
-score, consistency per model, loss curves, attention maps, and the pairs sweep."""
+score, consistency per model, loss curves, attention maps."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -182,29 +181,3 @@ def consistency_figure(plt, out: StudyDir, config: StudyConfig, summary: dict) -
                  f"{config.n_samples} samples", fontsize=8)
     ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     return _save(plt, fig, "figures/consistency.png", out)
-
-
-def sweep_figure(out: Path, networks: Sequence[str], docs: dict) -> str | None:
-    """Consistency among valid samples against the number of pairs, per network, with the analytic chance."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    pairs = list(docs)
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot(pairs, [100 * docs[p]["summary"]["baseline"]["analytic_consistent"] for p in pairs], "r--",
-            label="analytic chance")
-    for net in networks:
-        xs, ys, los, his = [], [], [], []
-        for p in pairs:
-            r = docs[p]["summary"]["networks"].get(net, {}).get("rates", {}).get("consistent_among_valid")
-            if r and r["n"]:
-                xs.append(p)
-                ys.append(100 * r["rate"])
-                los.append(100 * (r["rate"] - r["ci95"][0]))
-                his.append(100 * (r["ci95"][1] - r["rate"]))
-        ax.errorbar(xs, ys, yerr=[los, his], marker="o", capsize=3, label=LABELS[net])
-    ax.set_xlabel("pairs per image")
-    ax.set_ylabel("consistent among valid (%)")
-    ax.set_xticks(pairs)
-    ax.legend(fontsize=7)
-    return _save(plt, fig, "sweep.png", out)

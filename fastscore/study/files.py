@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .._validate import UsageError
 from ..checkpoint import atomic_write, atomic_write_text, check_writable, load_tensors, save_model, save_tensors
 from .config import StudyConfig
 
@@ -31,23 +32,32 @@ def row_name(net: str, seed: int) -> str:
     return f"{net}-seed{seed}"
 
 
+# the settings every fastscore study.json holds: StudyConfig's fields when settings could first be
+# added. Never add to this list: a setting added since may be missing from a study.json written before
+# it, and then has its default (``StudyConfig.matches``); a file without these is not a study.json.
+STUDY_JSON_KEYS = frozenset((
+    "n_pairs", "n_colours", "image_size", "n_train", "data_seed", "networks", "analytic", "els_patch", "width",
+    "attn_dim", "attn_patch", "temperature", "coord_channels", "train_steps", "batch_size", "lr", "ema", "t_focus",
+    "t_focus_prob", "n_seeds", "n_samples", "sampler", "steps", "eta", "clip_x0", "probe_t", "probe_n", "n_random"))
+
+
 def read_study_json(path: Path) -> dict:
-    """The config saved in ``path``; ValueError naming the file if it is not a fastscore study.json."""
+    """The config saved in ``path``; UsageError naming the file if it is not a fastscore study.json."""
     try:
         have = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); it is not a fastscore study") from None
+        raise UsageError(f"{path} is not valid JSON ({e}); it is not a fastscore study") from None
     if not isinstance(have, dict):
-        raise ValueError(f"{path} is not a fastscore study.json (not a JSON object); choose another --out")
+        raise UsageError(f"{path} is not a fastscore study.json (not a JSON object); choose another --out")
     fields = set(StudyConfig.__dataclass_fields__)
-    if set(have) != fields:
-        raise ValueError(f"{path} is not a fastscore study.json of this version (missing {sorted(fields - set(have))}"
-                         f", unknown {sorted(set(have) - fields)}); choose another --out")
+    if not STUDY_JSON_KEYS <= set(have) <= fields:
+        raise UsageError(f"{path} is not a fastscore study.json of this version (missing "
+                         f"{sorted(STUDY_JSON_KEYS - set(have))}, unknown {sorted(set(have) - fields)}); "
+                         "choose another --out")
     try:
-        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in have.items()}
-        StudyConfig(**kw)
+        StudyConfig.from_dict(have)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a fastscore study.json (invalid config: {e}); choose another --out") from None
+        raise UsageError(f"{path} is not a fastscore study.json (invalid config: {e}); choose another --out") from None
     return have
 
 
@@ -59,14 +69,14 @@ class StudyDir:
     def prepare(self, config: StudyConfig, force: bool) -> None:
         """Make a new study directory, or resume one with the same config; with ``force``, replace a
         study of another config (its manifest's files only). Refuses any other directory."""
-        out, want = self.path, config.to_dict()
+        out = self.path
         check_writable(out, directory=True)
         study = out / "study.json"
         if out.exists() and any(out.iterdir()):
             if not study.exists():  # never delete anything in a directory the study did not make
                 raise FileExistsError(f"{out} exists, is not empty and is not a fastscore study; choose another --out")
             have = read_study_json(study)
-            if have == want:
+            if config.matches(have):
                 if not (out / MANIFEST).exists():
                     self._adopt(config)
                 return  # resume
@@ -78,7 +88,7 @@ class StudyDir:
                                       "replace it (only the files it wrote are removed), or choose another --out")
             self.remove_written()
         out.mkdir(parents=True, exist_ok=True)
-        self.write_text("study.json", json.dumps(want, indent=2))
+        self.write_text("study.json", json.dumps(config.to_dict(), indent=2))
 
     def _adopt(self, config: StudyConfig) -> None:
         """A study from before the manifest, resumed: record the files it has under the names this

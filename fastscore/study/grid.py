@@ -13,9 +13,13 @@ field's type, so a typo fails before any work. A TOML file looks like::
     [grid]
     n_train = [8, 64, 512, 5000]
     lr = [1e-3, 2e-3]
+    [[cell]]                              # optional: settings of the cells whose axis values match
+    where = {n_train = 5000}
+    set = {n_samples = 2000}
 
 On the command line the same is ``--set networks=none,softmax --set n_seeds=2 --grid n_train=8,64,512,5000
---grid lr=1e-3,2e-3``. A cell's name lists its axis values (``n_train=8,lr=0.001``); its directory
+--grid lr=1e-3,2e-3`` (``[[cell]]`` rules are TOML-only; ``reproduce --pairs-sweep`` builds them: a
+larger image where the pairs do not fit). A cell's name lists its axis values (``n_train=8,lr=0.001``); its directory
 name is the same with filesystem-safe separators, so a rerun finds the same cell again.
 """
 from __future__ import annotations
@@ -28,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PRESETS = ("full", "quick", "tiny")
+from .._validate import UsageError, UsageTypeError
+from .config import PRESETS
 
 
 @dataclass(frozen=True)
@@ -48,21 +53,36 @@ class Cell:
 
 @dataclass(frozen=True)
 class Grid:
-    """``base`` settings, ``axes`` (setting -> values, in order) and the study ``preset`` they start from."""
+    """``base`` settings, ``axes`` (setting -> values, in order), the study ``preset`` they start from,
+    and ``rules``: ``(where, settings)`` pairs that give ``settings`` to every cell whose axis values
+    include all of ``where``."""
     base: Mapping[str, Any] = field(default_factory=dict)
     axes: Mapping[str, tuple] = field(default_factory=dict)
     preset: str = "full"
+    rules: tuple[tuple[Mapping[str, Any], Mapping[str, Any]], ...] = ()
 
     def cells(self) -> list[Cell]:
         names = list(self.axes)
         out = []
         for values in itertools.product(*(self.axes[n] for n in names)):
             point = tuple(zip(names, values))
-            out.append(Cell(point, {**self.base, **dict(point)}))
+            settings = {**self.base, **dict(point)}
+            for where, extra in self.rules:
+                if all(settings.get(k) == v for k, v in where.items()):
+                    settings.update(extra)
+            out.append(Cell(point, settings))
         return out
 
+    @property
+    def columns(self) -> list[str]:
+        """The settings that differ between cells: the axes, then those the rules set."""
+        return list(dict.fromkeys([*self.axes, *(k for _, extra in self.rules for k in extra)]))
+
     def to_dict(self) -> dict:
-        return {"preset": self.preset, "base": dict(self.base), "grid": {k: list(v) for k, v in self.axes.items()}}
+        d: dict[str, Any] = {"preset": self.preset, "base": dict(self.base), "grid": {k: list(v) for k, v in self.axes.items()}}
+        if self.rules:   # absent without rules, so a grid saved before rules existed reads back the same
+            d["cell"] = [{"where": dict(w), "set": dict(e)} for w, e in self.rules]
+        return d
 
 
 def _show(v: Any) -> str:
@@ -81,7 +101,7 @@ def _convert(config_cls: type, name: str, value: Any) -> Any:
     """``value`` (a TOML value or a CLI string) as the type of ``config_cls``'s field ``name``."""
     fields = _fields(config_cls)
     if name not in fields:
-        raise ValueError(f"unknown study setting {name!r}; expected one of {sorted(fields)}")
+        raise UsageError(f"unknown study setting {name!r}; expected one of {sorted(fields)}")
     default = getattr(config_cls(), name)
     optional = "None" in str(fields[name].type)
     if optional and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
@@ -90,15 +110,15 @@ def _convert(config_cls: type, name: str, value: Any) -> Any:
         value = _from_text(name, value, default)
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise TypeError(f"{name} must be true or false, got {value!r}")
+            raise UsageTypeError(f"{name} must be true or false, got {value!r}")
         return value
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an integer, got {value!r}")
+            raise UsageTypeError(f"{name} must be an integer, got {value!r}")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {value!r}")
+            raise UsageTypeError(f"{name} must be a number, got {value!r}")
         return float(value)
     if isinstance(default, tuple):
         if isinstance(value, str):
@@ -115,17 +135,17 @@ def _from_text(name: str, text: str, default: Any) -> Any:
             return True
         if t.lower() in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"{name} must be true or false, got {text!r}")
+        raise UsageError(f"{name} must be true or false, got {text!r}")
     if isinstance(default, int):
         try:
             return int(t)
         except ValueError:
-            raise ValueError(f"{name} must be an integer, got {text!r}") from None
+            raise UsageError(f"{name} must be an integer, got {text!r}") from None
     if isinstance(default, float):
         try:
             return float(t)
         except ValueError:
-            raise ValueError(f"{name} must be a number, got {text!r}") from None
+            raise UsageError(f"{name} must be a number, got {text!r}") from None
     if isinstance(default, tuple):
         parts = [p for p in t.split("+") if p]
         sample = default[0] if isinstance(default, tuple) and default else 0
@@ -135,7 +155,7 @@ def _from_text(name: str, text: str, default: Any) -> Any:
 
 def _split_assignment(option: str, text: str) -> tuple[str, str]:
     if "=" not in text:
-        raise ValueError(f"{option} expects NAME=VALUE[,VALUE...], got {text!r}")
+        raise UsageError(f"{option} expects NAME=VALUE[,VALUE...], got {text!r}")
     name, _, values = text.partition("=")
     return name.strip().replace("-", "_"), values
 
@@ -155,10 +175,10 @@ def from_cli(config_cls: type, sets: Sequence[str] = (), grids: Sequence[str] = 
     for g in grids:
         name, values = _split_assignment("--grid", g)
         if name in axes:
-            raise ValueError(f"--grid {name} given twice")
+            raise UsageError(f"--grid {name} given twice")
         axes[name] = tuple(_convert(config_cls, name, v) for v in values.split(",") if v.strip())
         if not axes[name]:
-            raise ValueError(f"--grid {name} has no values")
+            raise UsageError(f"--grid {name} has no values")
     return _checked(config_cls, Grid(base, axes, preset))
 
 
@@ -177,23 +197,36 @@ def from_toml(config_cls: type, path: str | Path) -> Grid:
     try:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML ({e})") from None
-    unknown = set(doc) - {"preset", "base", "grid"}
+        raise UsageError(f"{path}: not valid TOML ({e})") from None
+    unknown = set(doc) - {"preset", "base", "grid", "cell"}
     if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; expected preset, [base], [grid]")
+        raise UsageError(f"{path}: unknown top-level keys {sorted(unknown)}; expected preset, [base], [grid], "
+                         "[[cell]]")
     base = {k: _convert(config_cls, k, v) for k, v in doc.get("base", {}).items()}
     axes = {}
     for k, vs in doc.get("grid", {}).items():
         if not isinstance(vs, list) or not vs:
-            raise ValueError(f"{path}: grid.{k} must be a non-empty list, got {vs!r}")
+            raise UsageError(f"{path}: grid.{k} must be a non-empty list, got {vs!r}")
         axes[k] = tuple(_convert(config_cls, k, v) for v in vs)
-    return _checked(config_cls, Grid(base, axes, doc.get("preset", "full")))
+    rules = []
+    for rule in doc.get("cell", []):
+        if not isinstance(rule, dict) or set(rule) != {"where", "set"}:
+            raise UsageError(f"{path}: each [[cell]] must hold exactly where = {{...}} and set = {{...}}, got {rule!r}")
+        rules.append(({k: _convert(config_cls, k, v) for k, v in rule["where"].items()},
+                      {k: _convert(config_cls, k, v) for k, v in rule["set"].items()}))
+    return _checked(config_cls, Grid(base, axes, doc.get("preset", "full"), tuple(rules)))
 
 
 def _checked(config_cls: type, grid: Grid) -> Grid:
     if grid.preset not in PRESETS:
-        raise ValueError(f"preset must be one of {list(PRESETS)}, got {grid.preset!r}")
+        raise UsageError(f"preset must be one of {list(PRESETS)}, got {grid.preset!r}")
     both = set(grid.base) & set(grid.axes)
     if both:
-        raise ValueError(f"settings both fixed and swept: {sorted(both)}")
+        raise UsageError(f"settings both fixed and swept: {sorted(both)}")
+    for where, extra in grid.rules:
+        if not set(where) <= set(grid.axes):
+            raise UsageError(f"a cell rule's where names settings that are not swept: {sorted(set(where) - set(grid.axes))}")
+        if set(extra) & (set(grid.axes) | set(grid.base)):
+            raise UsageError(f"a cell rule sets settings already fixed or swept: "
+                             f"{sorted(set(extra) & (set(grid.axes) | set(grid.base)))}")
     return grid

@@ -21,7 +21,7 @@ from ..checkpoint import load_model
 from ..data import make_dataset
 from ..ensemble import Member, train_members
 from ..metrics import score
-from ..models import build_model
+from ..models import ModelConfig, build_model
 from ..probe import coordination_probe, probe_json
 from ..sampling import sample
 from ..schedule import Schedule, make_schedule
@@ -74,7 +74,7 @@ def progress_weights(config: StudyConfig) -> tuple[dict, Callable[[str], float]]
     """Progress in image-forward equivalents: a training step is ~3 passes over a batch, a sample one
     pass per sampler step, the probe two passes per image and t. Returns the weights and the total
     of one row by name."""
-    w = {"train": 3 * config.batch_size, "sample": 1000 if config.sampler == "ddpm" else config.steps,
+    w = {"train": 3 * config.batch_size, "sample": ModelConfig.T if config.sampler == "ddpm" else config.steps,
          "probe": 2 * config.probe_n * len(config.probe_t)}
     return w, lambda net: (0 if net in ANALYTIC else w["train"] * config.train_steps) + w["sample"] * config.n_samples \
         + w["probe"]
@@ -132,7 +132,7 @@ def analytic(ctx: RunContext, kind: str, seed: int) -> Built:
     """An analytic score model (``fastscore.theory``) of the training set."""
     from ..theory import ELSScore, IdealScore
     assert ctx.images is not None, "run_row gives the context its data"
-    sched = make_schedule("linear", 1000)
+    sched = make_schedule("linear", ModelConfig.T)
     model = IdealScore(ctx.images, sched, backend=ctx.backend) if kind == "ideal" else \
         ELSScore(ctx.images, sched, ctx.config.els_patch, padding="zeros", backend=ctx.backend)
     return Built(model, sched)

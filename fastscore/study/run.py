@@ -8,6 +8,7 @@ import torch
 
 from .. import _validate
 from ..metrics import analytic_random_consistency, random_images, score
+from ..ops import BACKENDS
 from .config import PAPER, RANDOM_IMAGES_SEED, StudyConfig
 from .figures import study_figures
 from .files import StudyDir, versions
@@ -40,7 +41,7 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
     missing seeds, or one row) runs in one worker; with several workers a network whose seeds cost
     more than a worker's share is split (``parallel.balance``)."""
     device = _validate.device("device", device)
-    _validate.choice("backend", backend, ("auto", "triton", "torch"))
+    _validate.choice("backend", backend, BACKENDS)
     if workers is not None:
         _validate.positive_int("workers", workers)
     if group_seeds is None:

@@ -5,10 +5,11 @@
 and is not run again, so a finished sweep rerun trains nothing and only rewrites the tables. Under
 ``torchrun --nproc-per-node N -m fastscore sweep ...`` every rank takes every N-th cell (longest
 first) and rank 0 writes the merged ``sweep-results.json``, ``sweep.md``, ``sweep.csv`` and ``sweep.png``
-(``sweep.json`` holds the grid): one row per cell, network and seed, with 95% Wilson intervals, and pooled rows per cell and network.
+(``sweep.json`` holds the grid): one row per cell, network and seed, with 95% Wilson intervals, and
+pooled rows per cell and network.
 
-``pairs_sweep`` (``reproduce --pairs-sweep``) varies the number of key-value pairs, growing the image
-where the pairs do not fit.
+``pairs_grid`` (``reproduce --pairs-sweep``) is the grid over the number of key-value pairs, with a
+larger image where the pairs do not fit.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import contextlib
 import csv
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,13 @@ from typing import Any
 import torch
 
 from .. import distributed
+from .._validate import UsageError, usage
 from ..checkpoint import atomic_write_text
 from ..data import KVConfig, palette_of_size
 from ..metrics import Rate
-from .config import LABELS, StudyConfig
-from .figures import _save, pyplot, sweep_figure
+from .config import StudyConfig
+from .figures import _save, pyplot
 from .grid import Cell, Grid
-from .report import fmt
 from .run import reproduce
 
 RATES = ("valid", "consistent", "consistent_among_valid", "novel")
@@ -38,8 +39,11 @@ RATES = ("valid", "consistent", "consistent_among_valid", "novel")
 
 def cell_config(grid: Grid, cell: Cell):
     """The study configuration of ``cell`` (the preset, then the base settings, then the cell's values);
-    validated here, so a bad value fails before any cell runs."""
-    return replace(StudyConfig.preset(grid.preset), **dict(cell.settings))
+    validated here, so a bad value fails, naming its cell, before any cell runs."""
+    try:
+        return replace(StudyConfig.preset(grid.preset), **dict(cell.settings))
+    except UsageError as e:
+        raise usage(e, f"cell {cell.name}: {e}") from None
 
 
 def _cost(config) -> float:
@@ -48,13 +52,14 @@ def _cost(config) -> float:
     return float(per_net * len(config.networks) * config.n_seeds)
 
 
-def _finished(path: Path, config) -> dict | None:
-    """The results of a finished cell study at ``path`` with this ``config``, else None."""
+def _finished(path: Path, config: StudyConfig) -> dict | None:
+    """The results of a finished cell study at ``path`` with this ``config`` (``StudyConfig.matches``),
+    else None."""
     res = path / "results.json"
     if not res.exists():
         return None
     doc = json.loads(res.read_text())
-    return doc if doc.get("config") == config.to_dict() else None
+    return doc if isinstance(doc.get("config"), dict) and config.matches(doc["config"]) else None
 
 
 def _prepare(out: Path, grid: Grid, force: bool) -> None:
@@ -68,7 +73,7 @@ def _prepare(out: Path, grid: Grid, force: bool) -> None:
         try:
             have = json.loads(spec.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{spec} is not valid JSON ({e}); is this a fastscore sweep?") from None
+            raise UsageError(f"{spec} is not valid JSON ({e}); is this a fastscore sweep?") from None
         if not isinstance(have, dict) or have.get("kind") != "fastscore-sweep":
             raise FileExistsError(f"{spec} was not written by fastscore sweep; choose another --out")
         if have.get("grid") != want["grid"] and not force:
@@ -81,10 +86,12 @@ def _prepare(out: Path, grid: Grid, force: bool) -> None:
     atomic_write_text(spec, json.dumps(want, indent=1), overwrite=True)
 
 
-def _rows(cell: Cell, doc: dict) -> list[dict]:
-    """One flat row per network and seed of a finished cell, with the chance level."""
+def _rows(grid: Grid, cell: Cell, config: StudyConfig, doc: dict) -> list[dict]:
+    """One flat row per network and seed of a finished cell (its settings in ``grid.columns``), with the
+    chance level."""
     chance = doc["summary"]["baseline"]["analytic_consistent"]
-    return [{"cell": cell.name, **{k: _plain(v) for k, v in cell.point}, "network": r["network"], "seed": r["seed"],
+    return [{"cell": cell.name, **{k: _plain(getattr(config, k)) for k in grid.columns}, "network": r["network"],
+             "seed": r["seed"],
              "chance": chance, "final_loss": r["losses"][-1] if r.get("losses") else None,
              **{k: r["rates"][k] for k in RATES}} for r in doc["rows"]]
 
@@ -94,11 +101,11 @@ def _plain(v: Any) -> Any:
 
 
 def run(grid: Grid, out: str | Path, *, device: str | torch.device = "cpu", backend: str = "auto",
-        force: bool = False, progress: bool = True, workers: int | None = None,
+        force: bool = False, progress: bool = True, workers: int | None = None, group_seeds: bool | None = None,
         run_cell: Callable[..., dict] | None = None) -> dict | None:
     """Run (or resume) every cell of ``grid`` under ``out``; returns the merged document on rank 0
-    (``None`` on other ranks). ``run_cell(config, path, device=, backend=, force=, progress=, workers=)``
-    runs one study (default: ``reproduce``)."""
+    (``None`` on other ranks). ``run_cell(config, path, device=, backend=, force=, progress=, workers=,
+    group_seeds=)`` runs one study (default: ``reproduce``)."""
     if run_cell is None:
         run_cell = reproduce
     out = Path(out)
@@ -126,8 +133,8 @@ def run(grid: Grid, out: str | Path, *, device: str | torch.device = "cpu", back
                 bar.set_description(f"sweep [{c.name}]")
             with contextlib.redirect_stdout(io.StringIO()):   # the per-cell tables go to files, not the terminal
                 doc = run_cell(configs[c.name], path, device=dev, backend=backend, force=force, progress=False,
-                               workers=workers)
-        docs[c.name] = {"rows": _rows(c, doc), "wall_seconds": doc.get("wall_seconds", 0.0)}
+                               workers=workers, group_seeds=group_seeds)
+        docs[c.name] = {"rows": _rows(grid, c, configs[c.name], doc), "wall_seconds": doc.get("wall_seconds", 0.0)}
         if bar is not None:
             bar.update(_cost(configs[c.name]))
     if bar is not None:
@@ -167,7 +174,7 @@ def _pct(d: dict) -> str:
 
 def markdown(grid: Grid, result: dict) -> str:
     """The merged table: pooled rows per cell and network, then one row per seed."""
-    axes = list(grid.axes)
+    axes = grid.columns
     head = axes + ["network", "seeds", "chance"] + list(RATES)
     lines = ["# fastscore sweep", "", f"preset {grid.preset}; base settings: "
              + (", ".join(f"{k}={_plain(v)}" for k, v in grid.base.items()) or "none") + "; "
@@ -186,7 +193,7 @@ def markdown(grid: Grid, result: dict) -> str:
 
 def csv_text(grid: Grid, result: dict) -> str:
     """One CSV line per cell, network and seed: each rate's k, n, rate and interval."""
-    axes = list(grid.axes)
+    axes = grid.columns
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["cell", *axes, "network", "seed", "chance"]
@@ -234,48 +241,32 @@ def figure(path: Path, grid: Grid, result: dict) -> str | None:
     return _save(plt, fig, path.name, path.parent)
 
 
-def pairs_sweep(config: StudyConfig, out: Path, pairs: Sequence[int], **kw) -> dict:
-    """One study per number of pairs; writes ``out/pairs-K/`` per K and ``out/sweep.md``.
-
-    Images grow where K pairs do not fit; if any K > 4 (beyond the four corners the zero padding
-    marks), every study of the sweep gets coordinate channels, so all rows share one architecture."""
-    sweep_md = Path(out) / "sweep.md"
-    if sweep_md.exists() and not kw.get("force"):
-        raise FileExistsError(f"{sweep_md} exists; pass --force to replace it")
-    docs = {}
-    need_coords = any(p > 4 for p in pairs)
+def pairs_grid(preset: str, base: Mapping[str, Any], pairs: Sequence[int]) -> Grid:
+    """The grid over the number of pairs (``reproduce --pairs-sweep``): ``base`` settings on ``preset``,
+    one cell per count in ``pairs``. A count that does not fit the image gets the smallest image that
+    holds it (2 pixels larger at a time), as a cell rule; if any count is above 4 (beyond the four
+    corners the zero padding marks), every cell gets coordinate channels, so all share one architecture."""
+    pairs = tuple(pairs)
+    if len(set(pairs)) != len(pairs) or not pairs:
+        raise UsageError(f"pairs must be distinct numbers of pairs, got {list(pairs)}")
+    if "n_pairs" in base:
+        raise UsageError("n_pairs is the pairs sweep's axis; give the counts as its values, not as a base setting")
+    base = dict(base)
+    if any(p > 4 for p in pairs):
+        base["coord_channels"] = True
+    size0 = base.get("image_size", StudyConfig.image_size)
+    palette = palette_of_size(base.get("n_colours", StudyConfig.n_colours))
+    rules = []
     for p in pairs:
-        size = config.image_size
-        while True:
+        size = size0
+        while size < size0 + 64:
             try:
-                KVConfig(n_pairs=p, palette=palette_of_size(config.n_colours), image_size=size)
+                KVConfig(n_pairs=p, palette=palette, image_size=size)
                 break
             except ValueError:
                 size += 2
-        c = replace(config, n_pairs=p, image_size=size, coord_channels=config.coord_channels or need_coords)
-        docs[p] = reproduce(c, Path(out) / f"pairs-{p}", **kw)
-    lines = sweep_table(config.networks, docs)
-    sweep_figure(Path(out), config.networks, docs)
-    atomic_write_text(sweep_md, lines, overwrite=True)
-    print(lines)
-    return docs
-
-
-def sweep_table(networks: Sequence[str], docs: dict) -> str:
-    """Markdown: per pair count, the image size, chance, each network's consistency among valid samples
-    with its validity, and, with the CNN in the sweep, each attention network's gap over it in pp."""
-    attn = [n for n in networks if n != "none"] if "none" in networks else []
-    head = ["pairs", "image", "chance"] + [LABELS[n] for n in networks] + [f"{LABELS[n]} - CNN (pp)" for n in attn]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for p, d in docs.items():
-        s, size = d["summary"], d["config"]["image_size"]
-        nets = s["networks"]
-        cells = [f"{fmt(nets[n]['rates']['consistent_among_valid'])}, valid "
-                 f"{100 * nets[n]['rates']['valid']['rate']:.1f}%" if n in nets else "-" for n in networks]
-        gaps = []
-        for n in attn:
-            a, c = nets[n]["rates"]["consistent_among_valid"], nets["none"]["rates"]["consistent_among_valid"]
-            gaps.append(f"{100 * (a['rate'] - c['rate']):+.1f}" if a["n"] and c["n"] else "n/a")
-        lines.append(f"| {p} | {size}x{size} | {100 * s['baseline']['analytic_consistent']:.2f}% | "
-                     + " | ".join(cells + gaps) + " |")
-    return "\n".join(lines) + "\n"
+        else:
+            size = size0   # fits no image: the cell's own check says why, before any cell runs
+        if size != size0:
+            rules.append(({"n_pairs": p}, {"image_size": size}))
+    return Grid(base, {"n_pairs": pairs}, preset, tuple(rules))
