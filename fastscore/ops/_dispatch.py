@@ -92,7 +92,8 @@ def auto_path(op: str, tensors: tuple[torch.Tensor, ...]) -> str:
     table = load_table()
     t = tensors[0] if tensors else None
     classes: tuple[str, ...] = ("*",)
-    dtypes, buckets = ("*",), ("*",)
+    dtypes: tuple[str, ...] = ("*",)
+    buckets: tuple[str, ...] = ("*",)
     if isinstance(t, torch.Tensor):
         if t.is_cuda:
             classes = (*_device_classes(t.device.index if t.device.index is not None else
