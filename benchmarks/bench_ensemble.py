@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -73,15 +74,15 @@ def measure(network: str, M: int, steps: int, device: torch.device, data: torch.
 def step_rate(network: str, M: int, steps: int, device: torch.device, data: torch.Tensor, graph: bool,
               warm: int = 4) -> dict:
     """Steady-state model-steps/s of one ensemble of M (``train`` itself when ``M == 0``: one network),
-    eager or with the whole step in a CUDA graph: the time between the end of step ``warm`` and the end
-    of the last step (the device synchronised at both), so compilation, warm-up and capture are
+    eager or with the whole step in a CUDA graph: each step after step ``warm`` timed alone (the
+    device synchronised after every step; median, p20, p80), so compilation, warm-up and capture are
     reported apart (``first_s``: start to the end of step ``warm``)."""
     if steps <= warm + 1:
         raise ValueError(f"steps must exceed warm + 1 = {warm + 1}, got {steps}")
     marks: dict[int, float] = {}
 
     def tick(step: int, *_: object) -> None:
-        if step in (warm, steps - 1):
+        if step >= warm:
             _sync(device)
             marks[step] = time.perf_counter()
     nets = _models(network, max(M, 1), device)
@@ -93,11 +94,14 @@ def step_rate(network: str, M: int, steps: int, device: torch.device, data: torc
         train_ensemble(nets, data, _configs(M, steps), device=device, progress=False, callback=tick,
                        stream="device" if device.type == "cuda" else "train", cuda_graph=graph)
     members = max(M, 1)
-    sec = marks[steps - 1] - marks[warm]
+    per_step = sorted(1e3 * (marks[s] - marks[s - 1]) for s in range(warm + 1, steps))
+    q = statistics.quantiles(per_step, n=10, method="inclusive") if len(per_step) > 1 else per_step * 9
+    med = statistics.median(per_step)
     return {"op": "train" if M == 0 else "train_ensemble", "provider": "graph" if graph else "eager",
-            "network": network, "members": members, "steps": steps, "batch_size": 64, "width": 64,
-            "metric": "model-steps/s", "value": members * (steps - 1 - warm) / sec,
-            "median_ms": 1e3 * sec / (steps - 1 - warm), "first_s": marks[warm] - t0, **env()}
+            "network": network, "members": members, "shape": [members, 64, *data.shape[1:]], "dtype": "float32",
+            "steps": steps, "timed_steps": len(per_step), "width": 64, "metric": "model-steps/s",
+            "value": members * 1e3 / med, "median_ms": med, "p20_ms": q[1], "p80_ms": q[7],
+            "first_s": marks[warm] - t0, **env()}
 
 
 def profile_step(network: str, M: int, device: torch.device, data: torch.Tensor, row_limit: int = 25) -> str:

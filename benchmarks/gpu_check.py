@@ -103,6 +103,34 @@ def read_rows(directory: Path) -> list[dict]:
     return rows
 
 
+#: every row carries these; a timed row (a median_ms) also the TIMED fields
+COMMON = ("part", "op", "provider", "status", "device", "torch", "triton", "commit")
+TIMED = ("shape", "dtype", "median_ms", "p20_ms", "p80_ms", "metric", "value")
+
+
+def row_problems(rows: list[dict]) -> list[str]:
+    """What is wrong with rows against the schema: missing fields, unknown statuses, a timed row without
+    its times (or p20 <= median <= p80 broken), an unmeasured row without a reason, an ops row without
+    its pass."""
+    out = [] if rows else ["no rows"]
+    for i, r in enumerate(rows):
+        missing = [k for k in COMMON if k not in r]
+        if missing:
+            out.append(f"row {i}: missing {missing}")
+        if r.get("status") not in STATUSES:
+            out.append(f"row {i}: status {r.get('status')!r} not in {STATUSES}")
+        if r.get("median_ms") is not None and (any(r.get(k) is None for k in TIMED) or
+                                               not 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]):
+            out.append(f"row {i}: a timed row needs {TIMED} with 0 < p20 <= median <= p80: {r}")
+        if r.get("status") in ("unsupported", "skipped", "failed") and r.get("op") not in ("study", "pytest") \
+                and not r.get("reason"):
+            out.append(f"row {i}: status {r['status']} without a reason")
+        if r.get("part") == "ops" and r.get("op") not in ("cap", "part") and r.get("provider") != "all" \
+                and r.get("pass") not in ("fwd", "fwd_bwd"):
+            out.append(f"row {i}: an ops row needs pass fwd or fwd_bwd")
+    return out
+
+
 def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: " + ((str(e).strip().splitlines() or [""])[0][:300])
 
@@ -444,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="every part on the CPU at tiny sizes")
     ap.add_argument("--parts", default=",".join(p for p, _ in PARTS),
                     help="comma list of the parts to run, in their fixed order (default all)")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 1 unless every part ended ok and every row follows the schema (CI's dry run)")
     ap.add_argument("--inject", default="", help=argparse.SUPPRESS)   # PART=crash|hang,...: tests of the driver
     ap.add_argument("--part", help=argparse.SUPPRESS)                 # internal: run one part (child process)
     ap.add_argument("--cap-s", type=float, default=60.0, help=argparse.SUPPRESS)
@@ -474,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     write_summary(a.out, read_rows(a.out), read_rows(a.previous) if a.previous else None, dry=a.dry_run,
                   budget_s=budget, seconds=time.monotonic() - t0)
     problems = check_files(a.out)
+    if a.strict:
+        rows = read_rows(a.out)
+        problems += row_problems(rows)
+        problems += [f"part {r['provider']} ended {r['status']}" for r in rows if r.get("op") == "part" and r["status"] != "ok"]
     for p in problems:
         print("output limit:", p, file=sys.stderr)
     print(f"wrote {a.out} in {time.monotonic() - t0:.0f} s")

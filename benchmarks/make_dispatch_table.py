@@ -7,7 +7,8 @@ class, dtype, shape bucket) the measured shapes and passes are gathered from the
 is a path (``triton``, ``sdpa``, ``torch``; ``sdpa`` is torch's own SDPA choice, what ``auto`` runs)
 and whose status is ``ok``; unsupported, skipped and failed rows are ignored. A path is a candidate
 only if it was measured at every (shape, pass) of the bucket, and the candidate with the smallest
-summed median time wins: a path never measured is never chosen, and a bucket with no candidate gets
+summed median time wins (an attention bucket needs both passes, fwd and fwd_bwd, measured: ``auto``
+serves training and sampling): a path never measured is never chosen, and a bucket with no candidate gets
 no row (the fallback applies). The new rows replace the table's rows for the same device class; the
 fallback rows (device class ``"*"``) are kept.
 """
@@ -43,11 +44,14 @@ def choose(rows: list[dict]) -> list[dict]:
             continue
         key = (r["op"], _dispatch.device_class(r["device"]), r["dtype"], _dispatch.shape_bucket(r["op"], r["shape"]))
         times[key][r["provider"]][(tuple(r["shape"]), r.get("pass", "fwd"))] = float(r["median_ms"])
-        sources[key].add(f"{r['device']}, commit {r.get('commit', '?')}, torch {r.get('torch')}, triton {r.get('triton')}")
+        sources[key].add(f"{r['device']}, commit {r.get('commit', '?')}, torch {r.get('torch')}, triton {r.get('triton')}, "
+                         f"part {r.get('part', '?')}")
     out = []
     for key in sorted(times):
         per_path = times[key]
         cases = set().union(*(set(t) for t in per_path.values()))
+        if key[0] != "reverse_step" and {pss for _, pss in cases} != {"fwd", "fwd_bwd"}:
+            continue   # auto serves training and sampling: an attention bucket needs both passes measured
         totals = {p: sum(t.values()) for p, t in per_path.items() if set(t) == cases}
         if not totals:
             continue
@@ -55,7 +59,7 @@ def choose(rows: list[dict]) -> list[dict]:
         op, dc, dtype, bucket = key
         summary = ", ".join(f"{p} {totals[p]:.3f} ms" for p in sorted(totals, key=totals.__getitem__))
         out.append({"op": op, "device_class": dc, "dtype": dtype, "bucket": bucket, "path": best,
-                    "source": f"gpu check ({'; '.join(sorted(sources[key]))}): summed median over "
+                    "source": f"rows of {'; '.join(sorted(sources[key]))}: summed median over "
                               f"{len(cases)} shape x pass cases: {summary}"})
     return out
 

@@ -61,6 +61,8 @@ def test_the_fastest_measured_path_per_bucket_wins_and_a_path_never_measured_is_
         _row("softmax_attention", "triton", large, None, "unsupported"),
         _row("softmax_attention", "sdpa", large, 2.0), _row("softmax_attention", "sdpa", large, 2.0, pss="fwd_bwd"),
         _row("softmax_attention", "torch", large, 1.0),
+        # forward only: an attention bucket needs both passes -> no row
+        _row("top1_attention", "triton", small, 0.1), _row("top1_attention", "torch", small, 0.3),
         # bfloat16 on another GPU: only skipped rows -> no row, the fallback applies
         _row("top1_attention", "triton", small, None, "skipped", dtype="bfloat16", device="NVIDIA A100-SXM4-80GB"),
         _row("reverse_step", "triton", (4096, 3, 8, 8), 0.01), _row("reverse_step", "torch", (4096, 3, 8, 8), 0.05),
@@ -74,7 +76,8 @@ def test_the_fastest_measured_path_per_bucket_wins_and_a_path_never_measured_is_
 
 
 def test_the_script_rewrites_a_table_that_auto_then_reads(tmp_path, monkeypatch):
-    rows = [_row("top1_attention", "triton", (64, 64, 16), 0.1), _row("top1_attention", "torch", (64, 64, 16), 0.3)]
+    rows = [_row("top1_attention", p, (64, 64, 16), ms, pss=pss) for p, ms in (("triton", 0.1), ("torch", 0.3))
+            for pss in ("fwd", "fwd_bwd")]
     table = tmp_path / "table.json"
     table.write_text(_dispatch.TABLE_PATH.read_text())
     assert make_dispatch_table.main([str(_write(tmp_path, rows)), "--table", str(table)]) == 0
