@@ -119,8 +119,13 @@ def profile_step(network: str, M: int, device: torch.device, data: torch.Tensor,
             prof.stop()
     train_ensemble(_models(network, M, device), data, _configs(M, 4), device=device, progress=False,
                    callback=tick, stream="device" if device.type == "cuda" else "train", cuda_graph=False)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+    keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
+    for key in (*keys, "self_cpu_time_total"):   # torch renamed the CUDA column to "device" (2.4)
+        try:
+            return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return prof.key_averages().table(row_limit=row_limit)
 
 
 def main(argv=None) -> None:
