@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--previous", type=Path)
     a = ap.parse_args(argv)
-    print("wrote", write_summary(a.dir, read_rows(a.dir), read_rows(a.previous) if a.previous else None))
+    rows = read_rows(a.dir)
+    dry = any(r.get("op") == "env" and not r.get("gpu") for r in rows)   # no GPU seen: a dry run
+    print("wrote", write_summary(a.dir, rows, read_rows(a.previous) if a.previous else None, dry=dry))
     return 0
 
 
