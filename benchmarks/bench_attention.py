@@ -1,22 +1,26 @@
-"""Softmax attention (forward, forward + backward), identity attention and top-1: fused vs eager vs SDPA.
+"""Softmax attention (forward, forward + backward), identity attention and top-1: triton vs torch vs SDPA.
 
 GPU:  python benchmarks/bench_attention.py [--quick]   -> benchmarks/results/attention_<device>.json
 CPU:  pytest benchmarks/bench_attention.py --benchmark-only   (reference path and SDPA, small sizes)
 
-Providers, each through ``fastscore.ops`` so that the benchmark's and the tests' code are the same:
-``fused`` (the Triton kernels, ``backend="triton"``), ``eager`` (the references the tests compare
-against: ``softmax_attention_reference``; for top-1 ``top1_attention_reference``: scores, argmax,
-gather), ``sdpa`` (``softmax_attention_sdpa``: SDPA on ``(B, 1, N, D)`` views; each SDPA backend
-is timed alone with ``sdpa_kernel`` and the row names the fastest, ``sdpa:<BACKEND>`` rows hold the
-others) and ``auto`` (what ``backend="auto"`` runs: the path ``fastscore.ops.AUTO_ON_CUDA`` names).
+Providers, each through ``fastscore.ops`` so that the benchmark's and the tests' code are the same,
+named after the op's paths (``fastscore.ops.PATHS``): ``triton`` (our kernels, ``backend="triton"``),
+``torch`` (the references the tests compare against: ``softmax_attention_reference``; for top-1
+``top1_attention_reference``: scores, argmax, gather), ``sdpa`` (``softmax_attention_sdpa``: SDPA on
+``(B, 1, N, D)`` views with torch's own backend choice, what ``auto`` runs), ``sdpa:<BACKEND>``
+(each SDPA backend forced alone with ``sdpa_kernel``; one that refuses the inputs is a row with
+status ``unsupported``) and ``auto`` (what ``backend="auto"`` runs; the row names the path). A
+provider that would materialise more than ``SCORE_LIMIT`` scores is a ``skipped`` row.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
-from _common import env, gpu_time, print_table, row, time_sdpa_backends, write_rows
+from _common import SDPA_BACKENDS, Timer, env, gpu_time, print_table, row, time_sdpa_backends, write_rows
 from roofline import DATASHEET, attention_cost, expected_for_row, top1_cost
 
 from fastscore import ops
@@ -24,25 +28,32 @@ from fastscore import ops
 # issue 15's grid (B*M sequences x N tokens x D features) and its large-N case
 SIZES = [(B, N, D) for B in (64, 768, 4096) for N in (64, 144, 256) for D in (16, 32, 64)] + [(1024, 1024, 64)]
 QUICK = [(1024, 64, 16), (64, 64, 32), (4096, 64, 64), (1024, 256, 32), (1024, 1024, 64)]
-OPS = ("softmax_attention_fwd", "softmax_attention_fwd_bwd", "identity_attention_fwd", "identity_attention_fwd_bwd",
-       "top1_fwd", "top1_fwd_bwd")
+#: (op, pass) pairs; pass "fwd" runs under no_grad, "fwd_bwd" differentiates every input
+OPS = [(op, p) for op in ("softmax_attention", "identity_attention", "top1_attention") for p in ("fwd", "fwd_bwd")]
+#: at most this many B x N x N scores may be materialised (the torch reference, SDPA's MATH backend)
+SCORE_LIMIT = 2 ** 31
 
 
 def providers(op: str) -> list[tuple[str, object]]:
-    """(name, fn(q, k, v) -> out) pairs for an op; ``sdpa`` is timed per SDPA backend."""
-    if op.startswith("top1"):
-        return [("fused", lambda q, k, v: ops.top1_attention(q, k, v, backend="triton")[0]),
-                ("eager", lambda q, k, v: ops.top1_attention_reference(q, k, v)[0]),
+    """(name, fn(q, k, v) -> out) pairs for an op; ``sdpa`` is also timed per SDPA backend."""
+    if op == "top1_attention":
+        return [("triton", lambda q, k, v: ops.top1_attention(q, k, v, backend="triton")[0]),
+                ("torch", lambda q, k, v: ops.top1_attention_reference(q, k, v)[0]),
                 ("auto", lambda q, k, v: ops.top1_attention(q, k, v)[0])]
-    if op.startswith("identity"):
-        return [("fused", lambda q, k, v: ops.identity_attention(q, backend="triton")),
-                ("eager", lambda q, k, v: ops.softmax_attention_reference(q, q, q, q.shape[-1] ** -0.5)),
+    if op == "identity_attention":
+        return [("triton", lambda q, k, v: ops.identity_attention(q, backend="triton")),
+                ("torch", lambda q, k, v: ops.softmax_attention_reference(q, q, q, q.shape[-1] ** -0.5)),
                 ("sdpa", lambda q, k, v: ops.softmax_attention_sdpa(q, q, q, q.shape[-1] ** -0.5)),
                 ("auto", lambda q, k, v: ops.identity_attention(q))]
-    return [("fused", lambda q, k, v: ops.softmax_attention(q, k, v, backend="triton")),
-            ("eager", lambda q, k, v: ops.softmax_attention_reference(q, k, v, q.shape[-1] ** -0.5)),
+    return [("triton", lambda q, k, v: ops.softmax_attention(q, k, v, backend="triton")),
+            ("torch", lambda q, k, v: ops.softmax_attention_reference(q, k, v, q.shape[-1] ** -0.5)),
             ("sdpa", lambda q, k, v: ops.softmax_attention_sdpa(q, k, v, q.shape[-1] ** -0.5)),
             ("auto", lambda q, k, v: ops.softmax_attention(q, k, v))]
+
+
+def too_many_scores(path: str, B: int, N: int) -> bool:
+    """True when ``path`` (``torch``, ``sdpa:MATH``) would materialise more than SCORE_LIMIT scores."""
+    return path in ("torch", "sdpa:MATH") and B * N * N > SCORE_LIMIT
 
 
 def _inputs(B, N, D, dtype, device, grad):
@@ -60,37 +71,64 @@ def _step(fn, q, k, v, do, bwd: bool, identity: bool):
     return step
 
 
-def run_gpu(sizes, dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:  # pragma: no cover - needs a GPU
-    rows = []
+def _case_row(op, pss, shape, dt, flops, provider, ms, status="ok", **extra) -> dict:
+    return row(op, provider, shape, dt, ms, "TFLOP/s", flops, status, **{"pass": pss}, **extra)
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: " + ((str(e).strip().splitlines() or [""])[0][:200])
+
+
+def measure(sizes: Sequence[tuple[int, int, int]], dtypes: Sequence[torch.dtype], device: str | torch.device,
+            timer: Timer = gpu_time, op_passes: Sequence[tuple[str, str]] = OPS,
+            sdpa_backends: Sequence[str] = SDPA_BACKENDS) -> Iterator[dict]:
+    """One row per (dtype, shape, op, pass, provider), all providers of a case side by side: status
+    ``ok`` (timed), ``unsupported`` (the provider refused the inputs: TypeError/ValueError from the
+    kernels' checks, or an SDPA backend with no kernel for them), ``skipped`` (SCORE_LIMIT; an SDPA
+    backend not in ``sdpa_backends``) or ``failed`` (any other error, e.g. out of memory)."""
     for dtype in dtypes:
         dt = str(dtype).replace("torch.", "")
         for B, N, D in sizes:
-            for op in OPS:
-                bwd = op.endswith("fwd_bwd")
-                identity = op.startswith("identity")
-                if op.startswith("top1"):
+            for op, pss in op_passes:
+                bwd, identity = pss == "fwd_bwd", op == "identity_attention"
+                if op == "top1_attention":
                     flops = top1_cost(B, N, D, dt, backward=bwd)[0]
                 else:
                     flops = attention_cost(B, N, D, dt, backward=bwd, identity=identity)[0]
+                out = functools.partial(_case_row, op, pss, (B, N, D), dt, flops)
                 for name, fn in providers(op):
-                    if name == "eager" and B * N * N * 4 > 8e9:  # the N x N matrix would not fit
-                        continue
-                    q, k, v = _inputs(B, N, D, dtype, "cuda", bwd)
-                    do = torch.randn(B, N, D, device="cuda", dtype=dtype)
+                    q, k, v = _inputs(B, N, D, dtype, device, bwd)
+                    do = torch.randn(B, N, D, device=device, dtype=dtype)
                     step = _step(fn, q, k, v, do, bwd, identity)
-                    try:
-                        if name == "sdpa":
-                            timed = sorted(time_sdpa_backends(step), key=lambda t: t[1][0])
-                            for i, (backend, ms) in enumerate(timed):
-                                rows.append(row(op, "sdpa" if i == 0 else f"sdpa:{backend}", (B, N, D), dt, ms,
-                                                "TFLOP/s", flops, sdpa_backend=backend))
-                            continue
-                        ms = gpu_time(step)
-                    except torch.cuda.OutOfMemoryError:
-                        torch.cuda.empty_cache()
+                    extra = {}
+                    path = name
+                    if name == "auto":
+                        path = extra["auto_path"] = ops.resolve_backend("auto", *((q,) if identity else (q, k, v)), op=op)
+                    if too_many_scores(path, B, N):
+                        yield out(name, None, "skipped", reason=f"would materialise {B * N * N} > 2^31 scores")
                         continue
-                    rows.append(row(op, name, (B, N, D), dt, ms, "TFLOP/s", flops))
-    return rows
+                    try:
+                        yield out(name, timer(step), **extra)
+                    except (TypeError, ValueError) as e:
+                        yield out(name, None, "unsupported", reason=_reason(e))
+                    except Exception as e:  # noqa: BLE001 - recorded, the next provider still runs
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        yield out(name, None, "failed", reason=_reason(e))
+                    if name != "sdpa":
+                        continue
+                    for backend in SDPA_BACKENDS:
+                        if backend not in sdpa_backends:
+                            yield out(f"sdpa:{backend}", None, "skipped", reason="not measured on this device")
+                        elif too_many_scores(f"sdpa:{backend}", B, N):
+                            yield out(f"sdpa:{backend}", None, "skipped", reason=f"would materialise {B * N * N} > 2^31 scores")
+                    wanted = [b for b in sdpa_backends if not too_many_scores(f"sdpa:{b}", B, N)]
+                    for backend, ms, why in time_sdpa_backends(step, timer, wanted):
+                        yield out(f"sdpa:{backend}", ms, "ok" if ms else "unsupported", **({"reason": why} if why else {}))
+
+
+def run_gpu(sizes, dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:  # pragma: no cover - needs a GPU
+    return list(measure(sizes, dtypes, "cuda"))
 
 
 def main() -> None:  # pragma: no cover - needs a GPU
@@ -111,8 +149,8 @@ def main() -> None:  # pragma: no cover - needs a GPU
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 BENCH_SIZES = QUICK if CUDA else [(64, 64, 16), (16, 256, 32)]
-SOFTMAX_PROVIDERS = ["fused", "eager", "sdpa", "auto"] if CUDA else ["eager", "sdpa", "auto"]
-TOP1_PROVIDERS = ["fused", "eager", "auto"] if CUDA else ["eager", "auto"]
+SOFTMAX_PROVIDERS = ["triton", "torch", "sdpa", "auto"] if CUDA else ["torch", "sdpa", "auto"]
+TOP1_PROVIDERS = ["triton", "torch", "auto"] if CUDA else ["torch", "auto"]
 
 
 def _sync():
@@ -120,8 +158,8 @@ def _sync():
         torch.cuda.synchronize()
 
 
-CASES = [("softmax_attention_fwd", size, p) for size in BENCH_SIZES for p in SOFTMAX_PROVIDERS] + \
-    [("top1_fwd", BENCH_SIZES[0], p) for p in TOP1_PROVIDERS]
+CASES = [("softmax_attention", size, p) for size in BENCH_SIZES for p in SOFTMAX_PROVIDERS] + \
+    [("top1_attention", BENCH_SIZES[0], p) for p in TOP1_PROVIDERS]
 
 
 @pytest.mark.parametrize("op, size, provider", CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else c)

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
+import statistics
 import time
-from pathlib import Path
 
 import torch
+from _common import env, write_rows
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env, write_rows  # noqa: E402
-
-from fastscore.data import KVConfig, make_dataset, palette_of_size  # noqa: E402
-from fastscore.ensemble import train_ensemble  # noqa: E402
-from fastscore.models import ScoreNet  # noqa: E402
-from fastscore.training import TrainConfig, train  # noqa: E402
+from fastscore.data import KVConfig, make_dataset, palette_of_size
+from fastscore.ensemble import train_ensemble
+from fastscore.models import ScoreNet
+from fastscore.training import TrainConfig, train
 
 NETWORKS = {"cnn": ("none", False), "softmax": ("softmax", True)}
 
@@ -35,15 +32,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _models(network: str, M: int, device: torch.device) -> list[ScoreNet]:
+    attention, patch = NETWORKS[network]
+    backend = "torch" if device.type == "cpu" else "auto"
+    out = []
+    for s in range(M):
+        torch.manual_seed(1000 + s)
+        out.append(ScoreNet(attention, 64, attn_patch=patch, backend=backend))
+    return out
+
+
+def _configs(M: int, steps: int) -> list[TrainConfig]:
+    return [TrainConfig(steps=steps, batch_size=64, seed=s, t_focus=(50, 400), t_focus_prob=0.5) for s in range(M)]
+
+
 def measure(network: str, M: int, steps: int, device: torch.device, data: torch.Tensor,
             repeat: int = 3) -> list[dict]:
     """Best-of-``repeat`` wall time (set-up included) of the ensemble and of M separate train calls."""
-    attention, patch = NETWORKS[network]
-    models = []
-    for s in range(M):
-        torch.manual_seed(1000 + s)
-        models.append(ScoreNet(attention, 64, attn_patch=patch, backend="torch" if device.type == "cpu" else "auto"))
-    configs = [TrainConfig(steps=steps, batch_size=64, seed=s, t_focus=(50, 400), t_focus_prob=0.5) for s in range(M)]
+    models, configs = _models(network, M, device), _configs(M, steps)
     stream = "device" if device.type == "cuda" else "train"
     best = {"separate": float("inf"), "ensemble": float("inf")}
     for _ in range(repeat):   # alternate the two and keep each one's best: the CPU may be shared
@@ -63,6 +69,63 @@ def measure(network: str, M: int, steps: int, device: torch.device, data: torch.
              **env()} for p, sec in best.items()]
     rows[1]["speedup"] = rows[1]["value"] / rows[0]["value"]
     return rows
+
+
+def step_rate(network: str, M: int, steps: int, device: torch.device, data: torch.Tensor, graph: bool,
+              warm: int = 4) -> dict:
+    """Steady-state model-steps/s of one ensemble of M (``train`` itself when ``M == 0``: one network),
+    eager or with the whole step in a CUDA graph: each step after step ``warm`` timed alone (the
+    device synchronised after every step; median, p20, p80), so compilation, warm-up and capture are
+    reported apart (``first_s``: start to the end of step ``warm``)."""
+    if steps <= warm + 1:
+        raise ValueError(f"steps must exceed warm + 1 = {warm + 1}, got {steps}")
+    marks: dict[int, float] = {}
+
+    def tick(step: int, *_: object) -> None:
+        if step >= warm:
+            _sync(device)
+            marks[step] = time.perf_counter()
+    nets = _models(network, max(M, 1), device)
+    _sync(device)
+    t0 = time.perf_counter()
+    if M == 0:
+        train(nets[0], data, _configs(1, steps)[0], device=device, progress=False, callback=tick)
+    else:
+        train_ensemble(nets, data, _configs(M, steps), device=device, progress=False, callback=tick,
+                       stream="device" if device.type == "cuda" else "train", cuda_graph=graph)
+    members = max(M, 1)
+    per_step = sorted(1e3 * (marks[s] - marks[s - 1]) for s in range(warm + 1, steps))
+    q = statistics.quantiles(per_step, n=10, method="inclusive") if len(per_step) > 1 else per_step * 9
+    med = statistics.median(per_step)
+    return {"op": "train" if M == 0 else "train_ensemble", "provider": "graph" if graph else "eager",
+            "network": network, "members": members, "shape": [members, 64, *data.shape[1:]], "dtype": "float32",
+            "steps": steps, "timed_steps": len(per_step), "width": 64, "metric": "model-steps/s",
+            "value": members * 1e3 / med, "median_ms": med, "p20_ms": q[1], "p80_ms": q[7],
+            "first_s": marks[warm] - t0, **env()}
+
+
+def profile_step(network: str, M: int, device: torch.device, data: torch.Tensor, row_limit: int = 25) -> str:
+    """``torch.profiler``'s table (sorted by device time) of one eager ensemble step of M networks, the
+    third (compilation and first-call costs are past; a graph replay would hide the kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=acts)
+
+    def tick(step: int, *_: object) -> None:
+        _sync(device)
+        if step == 1:
+            prof.start()
+        elif step == 2:
+            prof.stop()
+    train_ensemble(_models(network, M, device), data, _configs(M, 4), device=device, progress=False,
+                   callback=tick, stream="device" if device.type == "cuda" else "train", cuda_graph=False)
+    keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
+    for key in (*keys, "self_cpu_time_total"):   # torch renamed the CUDA column to "device" (2.4)
+        try:
+            return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return prof.key_averages().table(row_limit=row_limit)
 
 
 def main(argv=None) -> None:

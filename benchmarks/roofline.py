@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 LAUNCH_US = 3.0
-ELT = {"float32": 4, "float16": 2, "bfloat16": 2}
+ELT = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,23 @@ DATASHEET = {
 }
 
 
+def copy_bandwidth(device: str = "cuda", n: int = 1 << 28, timer=None) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write) of ``n`` float32 elements (1 GiB by
+    default), timed with ``do_bench`` or ``timer(fn) -> (median ms, p20, p80)``: the denominator of
+    every "% of peak bandwidth"."""
+    if timer is None:
+        from triton.testing import do_bench
+        timer = lambda fn: (do_bench(fn),)
+    a = torch.empty(n, device=device, dtype=torch.float32)
+    b = torch.empty_like(a)
+    ms = timer(lambda: b.copy_(a))[0]
+    return 2 * 4 * n / (ms * 1e-3)
+
+
 def measure_device() -> Device:
     """Peaks measured on the local GPU: a 1 GiB copy and an 8192^3 matmul in TF32 and bf16."""
     from triton.testing import do_bench
-    n = 1 << 28
-    a = torch.empty(n, device="cuda", dtype=torch.float32)
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a))
-    bw = 2 * 4 * n / (ms * 1e-3)
+    bw = copy_bandwidth()
     m = 8192
     x = torch.randn(m, m, device="cuda")
     was = torch.backends.cuda.matmul.allow_tf32
@@ -121,16 +130,20 @@ def expected_ms(flops: float, bytes_: float, launches: int, exps: float, dev: De
     return 1e3 * max(flops / peak, bytes_ / dev.bandwidth, exps / dev.sfu) + launches * LAUNCH_US * 1e-3
 
 
+def _backward(r: dict) -> bool:
+    return r.get("pass") == "fwd_bwd" or r["op"].endswith("fwd_bwd")
+
+
 def expected_for_row(r: dict, dev: Device) -> float:
-    """Expected ms for a benchmark row (``op`` names as in benchmarks/bench_*.py)."""
+    """Expected ms for a benchmark row (``op`` and ``pass`` as in benchmarks/bench_*.py)."""
     op, s, dt = r["op"], r["shape"], r["dtype"]
     if op.startswith("softmax_attention") or op.startswith("identity_attention"):
         B, N, D = s
-        return expected_ms(*attention_cost(B, N, D, dt, backward=op.endswith("fwd_bwd"),
+        return expected_ms(*attention_cost(B, N, D, dt, backward=_backward(r),
                                            identity=op.startswith("identity")), dev, dt, FP32_DOT["attention"])
     if op.startswith("top1"):
         B, N, D = s
-        return expected_ms(*top1_cost(B, N, D, dt, backward=op.endswith("fwd_bwd")), dev, dt, FP32_DOT["top1"])
+        return expected_ms(*top1_cost(B, N, D, dt, backward=_backward(r)), dev, dt, FP32_DOT["top1"])
     if op == "reverse_step":
         n = 1
         for x in s:

@@ -179,6 +179,7 @@ def _session_processes(sid: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only   # a signal test: the CLI's behaviour, not the device's
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads sessions from /proc")
 def test_reproduce_stops_on_sigint_and_sigterm_and_resumes(tmp_path):
     out = tmp_path / "study"
@@ -229,6 +230,7 @@ def test_docs_hold_no_code():
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only   # a signal test: the CLI's behaviour, not the device's
 @pytest.mark.parametrize("delay", [0.05, 0.3, 0.6])
 def test_an_interrupt_while_torch_imports_is_one_line_too(tmp_path, delay):
     """Ctrl-C in the first second (torch still importing, where an interrupt inside its C++ init would

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import compile_report  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# cpu_only: a CPU-side compile for sm_80/sm_90a; on a GPU machine the GPU check runs the kernels themselves
+pytestmark = [pytest.mark.slow, pytest.mark.cpu_only]
 
 _seen: dict[str, int] = {}
 

@@ -9,13 +9,19 @@ in float64, what the tests compare against). The rule, the same for every op:
 * ``"triton"``: the kernels, always; inputs the kernels cannot take (dtype, feature size), CPU
   tensors without ``TRITON_INTERPRET=1``, or a missing triton package raise TypeError / ValueError
   naming the limit. Never a silent fallback: the caller asked for the kernels.
-* ``"auto"``: off CUDA, the reference. On CUDA, the path ``AUTO_ON_CUDA`` names for the op; where
-  that is ``"triton"`` and the kernels cannot take the inputs, the reference.
+* ``"auto"``: off CUDA, the reference. On CUDA, the path the measured table (``auto_path``,
+  ``dispatch_table.json``) names for the op, GPU, dtype and shape; where that is ``"triton"`` and
+  the kernels cannot take the inputs, the reference.
 """
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -24,26 +30,88 @@ from .. import _validate
 BACKENDS = ("auto", "triton", "torch")
 PATHS = ("triton", "sdpa", "torch")
 
-#: What ``backend="auto"`` runs on CUDA tensors, per op: never something slower than torch offers.
-#: Measured on one H100 80GB (torch 2.11 + cu130, triton 3.6, main at 19d5887;
-#: ``benchmarks/results/h100-19d5887/``: ``FINDINGS.md``, ``attention-vs-sdpa-h100.log``, ``bench_reverse_step-h100.log``):
-#:
-#: | op                 | auto on CUDA | measurement                                                     |
-#: |--------------------|--------------|-----------------------------------------------------------------|
-#: | softmax_attention  | sdpa         | SDPA (4-D inputs) fastest at every measured shape, 1.3-13x the  |
-#: |                    |              | fused kernel; (1024, 64, 16) fp32 fwd+bwd 0.212 vs 1.131 ms     |
-#: | identity_attention | sdpa         | same kernels and shapes as softmax; training step 5.6 ms with   |
-#: |                    |              | torch vs 11.0 ms with the identity kernel                       |
-#: | top1_attention     | torch        | training step (batch 64) 10.7 ms torch vs 47.4 ms Triton        |
-#: | reverse_step       | triton       | 4096x3x32x32 fp32: 58.7 us = 2,573 GB/s, 6.5x eager             |
-#:
-#: Change a row only with a measurement that beats the row's current choice at the study's shapes.
-AUTO_ON_CUDA: dict[str, str] = {
-    "softmax_attention": "sdpa",
-    "identity_attention": "sdpa",
-    "top1_attention": "torch",
-    "reverse_step": "triton",
+#: The ``backend="auto"`` table: ``dispatch_table.json`` beside this file, shipped in the package.
+#: Each row maps (op, device class, dtype, shape bucket) to a path; ``"*"`` matches anything. Rows
+#: come from a GPU check's measurements (``benchmarks/gpu_check.py``, then
+#: ``benchmarks/make_dispatch_table.py DIR``), never typed by hand; the ``"*"`` rows are the fallback
+#: for GPUs never measured, each naming its source.
+TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
+#: N (sequence length) bucket edges of the attention ops, numel edges of the reverse step
+BUCKET_EDGES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "softmax_attention": ("N", (64, 256)), "identity_attention": ("N", (64, 256)),
+    "top1_attention": ("N", (64, 256)), "reverse_step": ("numel", (1 << 20,)),
 }
+
+
+def shape_bucket(op: str, shape: Sequence[int]) -> str:
+    """The table's shape bucket of op ``op`` for its first input's shape: ``"N<=64"``, ``"N<=256"``,
+    ``"N>256"`` for attention (``(B, N, D)``), ``"numel<=1048576"`` / ``"numel>1048576"`` for the
+    reverse step."""
+    name, edges = BUCKET_EDGES[op]
+    size = math.prod(shape) if name == "numel" else int(shape[1])
+    for edge in edges:
+        if size <= edge:
+            return f"{name}<={edge}"
+    return f"{name}>{edges[-1]}"
+
+
+def device_class(name: str) -> str:
+    """A GPU's class in the table from its name: ``"NVIDIA H100 80GB HBM3"`` -> ``"H100"``."""
+    name = name.strip()
+    name = name.removeprefix("NVIDIA ")
+    return re.split(r"[\s-]", name, maxsplit=1)[0] or "*"
+
+
+@functools.cache
+def load_table(path: str = str(TABLE_PATH)) -> dict[tuple[str, str, str, str], str]:
+    """The table as ``{(op, device_class, dtype, bucket): path}``; raises ValueError naming the file
+    and the row when a row is malformed or names an unknown op or path."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    table = {}
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or r.get("path") not in PATHS or r.get("op") not in BUCKET_EDGES or \
+                not all(isinstance(r.get(f), str) for f in ("device_class", "dtype", "bucket")):
+            raise ValueError(f"{path}: row {i} must name an op of {sorted(BUCKET_EDGES)}, a path of {list(PATHS)} "
+                             f"and device_class, dtype, bucket strings, got {r!r}")
+        table[(r["op"], r["device_class"], r["dtype"], r["bucket"])] = r["path"]
+    for op in BUCKET_EDGES:
+        if (op, "*", "*", "*") not in table:
+            raise ValueError(f"{path}: no fallback row (device_class, dtype, bucket all '*') for op {op!r}")
+    return table
+
+
+@functools.cache
+def _device_classes(index: int) -> tuple[str, ...]:
+    major, minor = torch.cuda.get_device_capability(index)
+    return device_class(torch.cuda.get_device_name(index)), f"sm_{major}{minor}"
+
+
+def auto_path(op: str, tensors: tuple[torch.Tensor, ...]) -> str:
+    """The table's path for op ``op`` on CUDA ``tensors``: the most specific row that matches, device
+    class first (the name's class, then ``sm_XY``), then dtype, then shape bucket; else the fallback."""
+    table = load_table()
+    t = tensors[0] if tensors else None
+    classes: tuple[str, ...] = ("*",)
+    dtypes: tuple[str, ...] = ("*",)
+    buckets: tuple[str, ...] = ("*",)
+    if isinstance(t, torch.Tensor):
+        if t.is_cuda:
+            classes = (*_device_classes(t.device.index if t.device.index is not None else
+                                        torch.cuda.current_device()), "*")
+        dtypes = (str(t.dtype).removeprefix("torch."), "*")
+        if t.dim() >= (3 if op != "reverse_step" else 1):
+            buckets = (shape_bucket(op, tuple(t.shape)), "*")
+    for c in classes:
+        for d in dtypes:
+            for b in buckets:
+                path = table.get((op, c, d, b))
+                if path is not None:
+                    return path
+    return table[(op, "*", "*", "*")]
+
+
+#: What ``backend="auto"`` runs on CUDA on a GPU the table has no row for (its fallback rows).
+AUTO_ON_CUDA: dict[str, str] = {op: load_table()[(op, "*", "*", "*")] for op in BUCKET_EDGES}
 
 
 def interpreting() -> bool:
@@ -111,7 +179,7 @@ def resolve(op: str, backend: str, tensors: tuple[torch.Tensor, ...],
     if backend == "auto":
         if not on_cuda:
             return "torch"
-        path = AUTO_ON_CUDA[op]
+        path = auto_path(op, tensors)
         if path == "triton":
             if not triton_available():
                 return "torch"
