@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import env, write_rows  # noqa: E402
 
 from fastscore.data import KVConfig, make_dataset, palette_of_size  # noqa: E402
-from fastscore.ensemble import train_ensemble  # noqa: E402
 from fastscore.models import ScoreNet  # noqa: E402
 from fastscore.training import TrainConfig, train  # noqa: E402
 
@@ -55,7 +54,7 @@ def measure(network: str, M: int, steps: int, device: torch.device, data: torch.
                 for net, cfg in zip(nets, configs):
                     train(net, data, cfg, device=device, progress=False)
             else:
-                train_ensemble(nets, data, configs, device=device, stream=stream, progress=False)
+                train(nets, data, configs, device=device, stream=stream, progress=False)
             _sync(device)
             best[provider] = min(best[provider], time.perf_counter() - t0)
     rows = [{"op": "train", "provider": p, "network": network, "members": M, "steps": steps, "batch_size": 64,
