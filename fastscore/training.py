@@ -183,8 +183,13 @@ class _Trainer:
         return a.sqrt() * self.data[i] + (1 - a).sqrt() * eps, t, eps
 
     def step(self) -> None:
-        """One step of all members; no host synchronisation on the 'device' stream (graph-capturable
-        unless the members take a Gumbel seed, a host integer per step)."""
+        """One step of all members."""
+        self.device_step()
+        self.step_host += 1
+
+    def device_step(self) -> None:
+        """One step's device work (the host step counter is not advanced): no host synchronisation on
+        the 'device' stream, so graph-capturable unless the members take a Gumbel seed."""
         x_t, t, eps = self._draw()
         seeds = torch.tensor([gumbel_seed(c.seed, self.step_host) for c in self.configs]) \
             if self.ens.takes_seed else None
@@ -212,7 +217,6 @@ class _Trainer:
                 self.ema[n].lerp_(p, ema_w)
             self.losses.index_copy_(1, self.k, per.detach().unsqueeze(1))
             self.k += 1
-        self.step_host += 1
 
 
 def capture(step: Callable[[], None], device: torch.device, warmup: int,
@@ -360,8 +364,8 @@ def _train_group(models: list[nn.Module], data: torch.Tensor, configs: list[Trai
     checked = 0
     while tr.step_host < tr.steps:
         if use_graph and replay is None and tr.steps - tr.step_host > 3:
-            replay = capture(tr.step, device, 3, tr.gens)
-            tr.step_host -= 1   # the captured call advanced the host counter; the graph's replays do not
+            replay = capture(tr.device_step, device, 3, tr.gens)   # three real warm-up steps, then the capture
+            tr.step_host += 3
         if replay is not None:
             replay()
             tr.step_host += 1
