@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import overload
 
 import torch
 import torch.nn as nn
@@ -273,6 +274,20 @@ def _check(models: list[nn.Module], data: torch.Tensor, configs: list[TrainConfi
     return schedule
 
 
+@overload
+def train(model: nn.Module, data: torch.Tensor, config: TrainConfig | Sequence[TrainConfig] = ..., *,
+          schedule: Schedule | None = ..., device: str | torch.device | None = ..., members: str = ...,
+          stream: str = ..., cuda_graph: bool | None = ..., chunk: int | None = ..., progress: bool = ...,
+          desc: str = ..., callback: Callable | None = ...) -> TrainResult: ...
+
+
+@overload
+def train(model: Sequence[nn.Module], data: torch.Tensor, config: TrainConfig | Sequence[TrainConfig] = ..., *,
+          schedule: Schedule | None = ..., device: str | torch.device | None = ..., members: str = ...,
+          stream: str = ..., cuda_graph: bool | None = ..., chunk: int | None = ..., progress: bool = ...,
+          desc: str = ..., callback: Callable | None = ...) -> list[TrainResult]: ...
+
+
 def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
           config: TrainConfig | Sequence[TrainConfig] = TrainConfig(), *, schedule: Schedule | None = None,
           device: str | torch.device | None = None, members: str = "auto", stream: str = "train",
@@ -293,9 +308,9 @@ def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
     NaN/inf (naming the step).
     """
     single = isinstance(model, nn.Module)
-    models = [model] if single else list(model) if isinstance(model, (list, tuple)) else None
-    if models is None:
+    if not single and not isinstance(model, (list, tuple)):
         raise TypeError(f"model must be a torch.nn.Module or a list of them, got {type(model).__name__}")
+    models: list[nn.Module] = [model] if isinstance(model, nn.Module) else list(model)
     if not models:
         raise ValueError("model must hold at least one module")
     for i, m in enumerate(models):

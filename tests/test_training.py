@@ -216,15 +216,15 @@ def test_members_agree_with_train_alone(data, attention, patch, members):
 @pytest.mark.slow
 @pytest.mark.parametrize("attention, patch", NETS)
 def test_members_after_300_steps_agree_with_train_alone(data, attention, patch):
-    """The stated tolerance: after 300 CPU steps a vmapped member is within 1e-3 (relative, per
-    parameter) of the network trained alone."""
+    """The stated tolerance: after 300 CPU steps a vmapped member is within 1e-5 (relative, per
+    parameter) of the network trained alone (measured: 2.9e-7 .. 4.0e-7 over the four kinds)."""
     models = _members(attention, patch, 3, width=8)
     configs = _configs(300, 3)
     alone = [train(net, data, cfg, progress=False) for net, cfg in zip(copy.deepcopy(models), configs)]
     res = train(models, data, configs, members="vmap", progress=False)
     worst = max(_worst(r.raw_model, a.raw_model) for r, a in zip(res, alone))
     print(f"{attention}: worst relative parameter difference after 300 steps {worst:.2e}")
-    assert worst < 1e-3
+    assert worst < 1e-5
 
 
 def test_schedule_table_follows_torchs_onecycle():

@@ -60,8 +60,10 @@ class RunContext:
 
     def on_ensemble_step(self) -> Callable | None:
         """``train``'s callback ``(step, losses)`` for a list of members: one training step per member."""
-        bar, w = self.bar, self.weights.get("train")
-        return None if bar is None else lambda step, losses: bar.update(w * len(losses))
+        if self.bar is None:
+            return None
+        bar, w = self.bar, self.weights["train"]
+        return lambda step, losses: bar.update(w * len(losses))
 
     def on_sample_batch(self) -> Callable | None:
         """``sample``'s callback ``(n)``: ``n`` samples of progress (None without a bar)."""
