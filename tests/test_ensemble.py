@@ -181,3 +181,21 @@ def test_vmap_on_the_gpu_equals_the_loop(seed, attention, patch):
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-3, atol=1e-4 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_reverse_step_under_vmap_gives_each_member_its_own_noise(seed, backend):
+    from torch.func import vmap
+
+    from fastscore.ops import ddim_coefficients, reverse_step
+    x, eps = torch.randn(3, 4, 3, 5, 5), torch.randn(3, 4, 3, 5, 5)
+    seeds, offsets = torch.tensor([7, 8, 2**40]), torch.tensor([0, 4, 9])
+    c = ddim_coefficients(0.5, 0.7, 1.0)
+    got = vmap(lambda x, e, s, o: reverse_step(x, e, c, seed=s, step=3, sample_offset=o, clip_x0=True,
+                                                backend=backend))(x, eps, seeds, offsets)
+    for m in range(3):
+        ref = reverse_step(x[m], eps[m], c, seed=int(seeds[m]), step=3, sample_offset=int(offsets[m]), clip_x0=True,
+                           backend=backend)
+        assert torch.equal(got[m], ref), m
+    with pytest.raises(ValueError, match="out cannot be given under vmap"):
+        vmap(lambda x, e: reverse_step(x, e, c, seed=1, step=0, out=x))(x, eps)
