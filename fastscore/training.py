@@ -396,10 +396,11 @@ def _train_group(models: list[nn.Module], data: torch.Tensor, configs: list[Trai
         with torch.no_grad():   # like a plain training loop, the given module ends trained
             model.to(device).load_state_dict(tr.ens.state(m))
         model.eval()
-        ema = copy.deepcopy(model)
+        ema = model
         if c.ema > 0:
+            ema = copy.deepcopy(model)
             ema.load_state_dict(tr.ens.state(m, tr.ema))
-        out.append(TrainResult(ema if c.ema > 0 else model, model, losses[m], seconds))
+        out.append(TrainResult(ema, model, losses[m], seconds))
     return out
 
 
