@@ -7,7 +7,7 @@
 member dimension into their batch through their vmap rules; few launches, for GPUs) and ``"loop"``
 (``forward`` once per member on views of the stacked tensors: on a CPU, which is compute-bound,
 oneDNN's grouped convolutions from vmap were 1.5x slower than M plain ones). ``"auto"``: vmap on
-CUDA, loop elsewhere.
+CUDA, loop elsewhere and for M = 1 (where the loop is the plain call).
 
 ``fastscore.training.train`` trains a list of modules through ``Ensemble.run`` (M = 1 included);
 ``fastscore.sample`` samples an ``Ensemble`` as one ``(x_t, t) -> eps`` module: row r of a batch
@@ -123,7 +123,7 @@ class Ensemble(nn.Module):
             seeds = None
         elif seeds.shape != (M,) or seeds.dtype != torch.int64:
             raise ValueError(f"seeds must be an int64 tensor of shape ({M},), got {seeds.dtype} {tuple(seeds.shape)}")
-        if self.members == "vmap" or (self.members == "auto" and x.is_cuda):
+        if self.members == "vmap" or (self.members == "auto" and x.is_cuda and M > 1):
             def one(p, b, x, t, s):
                 return functional_call(net, (p, b), (x, t), {} if s is None else {"seed": s})
             return vmap(one, in_dims=(0, 0, 0, 0, None if seeds is None else 0),

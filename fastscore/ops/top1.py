@@ -46,29 +46,33 @@ def _scores(q: torch.Tensor, k: torch.Tensor, noise: torch.Tensor | None) -> tor
 
 
 class _Top1Reference(torch.autograd.Function):
+    """Returns ``(out, idx, noise)``: the Gumbel noise (zeros (B, 1, 1) without it) is an output so that
+    backward reuses it instead of drawing it again."""
+
     @staticmethod
     def forward(q, k, v, temperature: float, gumbel: bool, seed: int):
-        noise = gumbel_noise(seed, q.shape[0], q.shape[1], k.shape[1], q.device) if gumbel else None
-        s = _scores(q, k, noise)
+        noise = gumbel_noise(seed, q.shape[0], q.shape[1], k.shape[1], q.device) if gumbel else \
+            q.new_zeros((q.shape[0], 1, 1), dtype=torch.float32)
+        s = _scores(q, k, noise if gumbel else None)
         idx = torch.argmax(s, dim=-1)  # first maximal index on ties
-        return torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1])), idx
+        return torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1])), idx, noise
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, temperature, gumbel, seed = inputs
-        ctx.save_for_backward(q, k, v, output[1])
-        ctx.temperature, ctx.gumbel, ctx.seed = temperature, gumbel, seed
-        ctx.mark_non_differentiable(output[1])
+        _, idx, noise = output
+        ctx.save_for_backward(q, k, v, idx, noise)
+        ctx.temperature, ctx.gumbel = temperature, gumbel
+        ctx.mark_non_differentiable(idx, noise)
 
     @staticmethod
-    def backward(ctx, dout, _didx):
-        q, k, v, idx = ctx.saved_tensors
+    def backward(ctx, dout, _didx, _dnoise):
+        q, k, v, idx, noise = ctx.saved_tensors
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dout = dout.to(acc)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         dv.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]), dout)
-        noise = gumbel_noise(ctx.seed, q.shape[0], q.shape[1], k.shape[1], q.device) if ctx.gumbel else None
-        p = torch.softmax(_scores(q, k, noise) / ctx.temperature, dim=-1)
+        p = torch.softmax(_scores(q, k, noise if ctx.gumbel else None) / ctx.temperature, dim=-1)
         dp = torch.matmul(dout, v.to(acc).transpose(-1, -2))
         ds = p * (dp - (dp * p).sum(-1, keepdim=True)) / ctx.temperature
         dq = torch.matmul(ds, k.to(acc))
@@ -88,7 +92,7 @@ def _top1_vmap(op, info, in_dims, q, k, v, temperature, gumbel, seed):
         return unfold(M, *op(*fold(M, in_dims[:3], q, k, v), temperature, gumbel, seed))
     outs = [op(member(q, in_dims[0], m), member(k, in_dims[1], m), member(v, in_dims[2], m), temperature, gumbel,
                seed) for m in range(M)]
-    return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+    return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
 
 
 class _PerMemberSeed(torch.autograd.Function):
@@ -119,7 +123,8 @@ class _PerMemberSeed(torch.autograd.Function):
 def top1_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: float = 1.0,
                              gumbel: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The eager top-1 (scores, argmax, gather) with the straight-through backward; no checks."""
-    return _Top1Reference.apply(q, k, v, float(temperature), gumbel, seed)
+    out, idx, _ = _Top1Reference.apply(q, k, v, float(temperature), gumbel, seed)
+    return out, idx
 
 
 # ---------------------------------------------------------------------------------------------
