@@ -20,7 +20,6 @@ import torch
 from _common import env, write_rows
 
 from fastscore.data import KVConfig, make_dataset, palette_of_size
-from fastscore.ensemble import train_ensemble
 from fastscore.models import ScoreNet
 from fastscore.training import TrainConfig, train
 
@@ -61,7 +60,7 @@ def measure(network: str, M: int, steps: int, device: torch.device, data: torch.
                 for net, cfg in zip(nets, configs):
                     train(net, data, cfg, device=device, progress=False)
             else:
-                train_ensemble(nets, data, configs, device=device, stream=stream, progress=False)
+                train(nets, data, configs, device=device, stream=stream, progress=False)
             _sync(device)
             best[provider] = min(best[provider], time.perf_counter() - t0)
     rows = [{"op": "train", "provider": p, "network": network, "members": M, "steps": steps, "batch_size": 64,
@@ -91,7 +90,7 @@ def step_rate(network: str, M: int, steps: int, device: torch.device, data: torc
     if M == 0:
         train(nets[0], data, _configs(1, steps)[0], device=device, progress=False, callback=tick)
     else:
-        train_ensemble(nets, data, _configs(M, steps), device=device, progress=False, callback=tick,
+        train(nets, data, _configs(M, steps), device=device, progress=False, callback=tick,
                        stream="device" if device.type == "cuda" else "train", cuda_graph=graph)
     members = max(M, 1)
     per_step = sorted(1e3 * (marks[s] - marks[s - 1]) for s in range(warm + 1, steps))
@@ -117,7 +116,7 @@ def profile_step(network: str, M: int, device: torch.device, data: torch.Tensor,
             prof.start()
         elif step == 2:
             prof.stop()
-    train_ensemble(_models(network, M, device), data, _configs(M, 4), device=device, progress=False,
+    train(_models(network, M, device), data, _configs(M, 4), device=device, progress=False,
                    callback=tick, stream="device" if device.type == "cuda" else "train", cuda_graph=False)
     keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
     for key in (*keys, "self_cpu_time_total"):   # torch renamed the CUDA column to "device" (2.4)

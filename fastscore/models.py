@@ -123,7 +123,7 @@ class ScoreNet(nn.Module):
             r = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype).view(1, 1, H, 1).expand(B, 1, H, W)
             cc = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype).view(1, 1, 1, W).expand(B, 1, H, W)
             x = torch.cat([x, r, cc], dim=1)
-        e1, e2 = self.time_mlp(timestep_embedding(t, self.config.width, self.config.T)).chunk(2, dim=1)
+        e1, e2 = self.time_mlp(timestep_embedding(t, self.config.width, self.config.T).to(x.dtype)).chunk(2, dim=1)
         h = F.silu(self.conv1(x) + e1[:, :, None, None])
         return F.silu(self.conv2(h) + e2[:, :, None, None])
 
@@ -134,7 +134,13 @@ class ScoreNet(nn.Module):
             raise ValueError("attend needs x (the network input, (B, C, H, W)) when attn_patch=True")
         return torch.cat([tok, patch_features(x).to(tok.dtype)], dim=-1)
 
-    def attend(self, z: torch.Tensor, *, seed: int = 0, x: torch.Tensor | None = None) -> torch.Tensor:
+    def attention_scale(self) -> float:
+        """The score scale of the attention layer: ``width**-0.5`` for identity attention (q = k = z),
+        ``attn_dim**-0.5`` for the learned projections; top-1's surrogate temperature is
+        ``temperature / attention_scale()``, i.e. the softmax model's scaling at temperature 1."""
+        return (self.config.width if self.config.attention == "identity" else self.config.attn_dim) ** -0.5
+
+    def attend(self, z: torch.Tensor, *, seed: int | torch.Tensor = 0, x: torch.Tensor | None = None) -> torch.Tensor:
         """Residual attention over the H*W tokens of z (B, width, H, W); returns the same shape.
         ``x`` (the network input) is needed with ``attn_patch``."""
         kind = self.config.attention
@@ -142,22 +148,25 @@ class ScoreNet(nn.Module):
             return z
         B, w, H, W = z.shape
         tok = z.flatten(2).transpose(1, 2)                              # (B, N, w)
+        scale = self.attention_scale()
         if kind == "identity":
-            a = ops.identity_attention(tok.contiguous(), w ** -0.5, backend=self.backend)
+            a = ops.identity_attention(tok.contiguous(), scale, backend=self.backend)
         else:
             q, k, v = self.qkv(self._qkv_input(tok, x)).chunk(3, dim=-1)
             if kind == "softmax":
-                a = ops.softmax_attention(q, k, v, self.config.attn_dim ** -0.5, backend=self.backend)
+                a = ops.softmax_attention(q, k, v, scale, backend=self.backend)
             else:
-                a, idx = ops.top1_attention(q, k, v, temperature=self.config.temperature * self.config.attn_dim ** 0.5,
+                a, idx = ops.top1_attention(q, k, v, temperature=self.config.temperature / scale,
                                             gumbel=self.config.gumbel and self.training, seed=seed,
                                             backend=self.backend)
-                self.last_index = idx.detach()
+                if not _batched(idx):   # under vmap the index map stays inside
+                    self.last_index = idx.detach()
             a = self.proj(a)
         return z + a.transpose(1, 2).reshape(B, w, H, W)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
-        """eps_hat (B, C, H, W) for x (B, C, H, W) and integer timesteps t (B,) (or a scalar)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *, seed: int | torch.Tensor = 0) -> torch.Tensor:
+        """eps_hat (B, C, H, W) for x (B, C, H, W) and integer timesteps t (B,) (or a scalar).
+        ``seed``: top-1's Gumbel seed in training (an int64 tensor per member under ``torch.func.vmap``)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must have shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
         t = self._check_t(t, x)
@@ -176,7 +185,7 @@ class ScoreNet(nn.Module):
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},) or be a scalar, got {tuple(t.shape)}")
-        if not torch.compiler.is_compiling() and not t.is_cuda and t.numel() and \
+        if not torch.compiler.is_compiling() and not t.is_cuda and t.numel() and not _batched(t) and \
                 (int(t.min()) < 0 or int(t.max()) >= self.config.T):
             raise ValueError(f"t must lie in [0, T={self.config.T})")
         return t
@@ -194,14 +203,17 @@ class ScoreNet(nn.Module):
                 return torch.eye(H * W, device=x.device).expand(B, -1, -1)
             if kind == "identity":
                 q = k = tok
-                scale = w ** -0.5
             else:
                 q, k, _ = self.qkv(self._qkv_input(tok, x.float())).chunk(3, dim=-1)
-                scale = self.config.attn_dim ** -0.5
             s = q @ k.transpose(1, 2)
             if kind == "top1":
                 return F.one_hot(s.argmax(-1), H * W).float()
-            return torch.softmax(s * scale, -1)
+            return torch.softmax(s * self.attention_scale(), -1)
+
+
+def _batched(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a tensor inside ``torch.func.vmap`` (its values cannot reach the host)."""
+    return torch._C._functorch.is_batchedtensor(x)
 
 
 def build_model(config: ModelConfig, backend: str = "auto") -> ScoreNet:

@@ -1,25 +1,46 @@
 """Denoising score matching with eps-prediction: loss = E_{x0, t, eps} |eps_hat(x_t, t) - eps|^2.
 
-t is uniform on [0, T); AdamW; a learning-rate schedule (OneCycle by default); optional EMA of the
-weights with decay ``min(ema, (1 + step) / (10 + step))`` (the usual warm-up, so short runs do not
-average in the random initial weights); the EMA copy is what sampling should use. Seeded: the same config, data and seed give
-the same weights on the same device and backend.
+One engine trains one network or M networks of one architecture (any ``nn.Module`` that
+``torch.func``'s ensembling takes; ``fastscore.ensemble.Ensemble`` stacks them and runs their own
+``forward``, as a vmap or a loop over members: two schedules of one step). ``train(model)`` is that
+engine at M = 1. Per member, from its own ``TrainConfig``:
+- data: a ``torch.Generator`` seeded ``config.seed`` draws per step the batch indices, the timesteps
+  (uniform on [0, T), or from ``t_focus`` with probability ``t_focus_prob``) and the noise. With
+  ``stream="train"`` the generators live on the CPU (the same draws on every device); ``"device"``
+  puts them on the training device (on CUDA a different, equally seeded stream a CUDA graph can capture);
+- loss: its own mean squared error (the step differentiates the sum of the M losses);
+- clipping by its own global gradient norm (``clip_grad_norm_``'s formula); AdamW
+  (``torch.optim.AdamW``'s update: decoupled weight decay, betas (0.9, 0.999), eps 1e-8) on stacked
+  tensors; lr and beta1 of the lr schedule (OneCycle by default) read from torch's own scheduler
+  into a per-step table; EMA of the weights with decay ``min(ema, (1 + step) / (10 + step))`` (the
+  usual warm-up, so short runs do not average in the random initial weights); the EMA copy is what
+  sampling should use;
+- top-1's Gumbel seed ``gumbel_seed(config.seed, step)``, passed as ``seed`` when ``forward`` takes one.
+Seeded: the same configs, data and seeds give the same weights on the same device, backend and
+schedule. A member of M agrees with the same network trained alone up to float32 summation order
+(measured in tests/test_training.py), not bitwise.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import overload
 
 import torch
 import torch.nn as nn
 
-from . import _validate
+from . import _validate, graphs
+from .ensemble import Ensemble, takes_seed
 from .options import option
 from .schedule import Schedule, make_schedule
 
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
+STREAMS = ("train", "device")
+_BETA2, _ADAM_EPS = 0.999, 1e-8   # torch.optim.AdamW's defaults
 
 
 @dataclass(frozen=True)
@@ -66,17 +87,13 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """``model``: the network to sample from (the EMA copy when EMA is on), in eval mode;
-    ``raw_model``: the optimised weights; ``losses``: per-step training loss; ``seconds``: wall time."""
+    ``raw_model``: the given module with its optimised weights; ``losses``: per-step training loss;
+    ``seconds``: wall time (of an ensemble: its wall time over its size)."""
     model: nn.Module
     raw_model: nn.Module
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
-
-@torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1 - decay)
 
 
 # top-1's Gumbel noise at training step `step` of a run seeded `seed`: a prime stride keeps the
@@ -85,14 +102,13 @@ GUMBEL_SEED_STRIDE = 1_000_003
 
 
 def gumbel_seed(seed: int, step: int) -> int:
-    """The Gumbel-noise seed that top-1 attention gets at training step ``step`` (``train`` and the
-    ensemble engine pass the same one, so a member sees what it would see alone)."""
+    """The Gumbel-noise seed that top-1 attention gets at training step ``step`` of a run seeded ``seed``."""
     return (seed * GUMBEL_SEED_STRIDE + step) % 2**63
 
 
 def make_lr_scheduler(opt: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
     """``config.lr_schedule`` over ``config.steps`` steps for ``opt``: OneCycle (peak ``config.lr``),
-    cosine annealing, or None (constant). ``train`` and the ensemble engine build it here."""
+    cosine annealing, or None (constant)."""
     if config.lr_schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps)
     if config.lr_schedule == "cosine":
@@ -100,18 +116,122 @@ def make_lr_scheduler(opt: torch.optim.Optimizer, config: TrainConfig) -> torch.
     return None
 
 
-def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfig(), *,
-          schedule: Schedule | None = None, device: str | torch.device | None = None,
-          progress: bool = True, desc: str = "train", callback=None) -> TrainResult:
-    """Train ``model`` (``(x_t, t) -> eps_hat``) on images ``data`` (M, C, H, W) in [-1, 1].
+def schedule_table(config: TrainConfig) -> torch.Tensor:
+    """(steps, 5) float64: per step, the scalars of AdamW, the lr schedule and the EMA:
+    ``1 - lr * weight_decay``, ``1 - beta1``, ``lr / (1 - beta1**s)``, ``sqrt(1 - beta2**s)`` (s = step + 1),
+    ``1 - ema decay``; lr and beta1 read from torch's own scheduler (``make_lr_scheduler``)."""
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.AdamW([p], lr=config.lr, weight_decay=config.weight_decay)
+    sched = make_lr_scheduler(opt, config)
+    group = opt.param_groups[0]
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # "scheduler.step() before optimizer.step()": intended
+        for step in range(config.steps):
+            lr, beta1, s = group["lr"], group["betas"][0], float(step + 1)
+            ema = min(config.ema, (1 + step) / (10 + step)) if config.ema > 0 else 0.0
+            rows.append((1 - lr * config.weight_decay, 1 - beta1, lr / (1 - beta1 ** s),
+                         (1 - _BETA2 ** s) ** 0.5, 1 - ema))
+            if sched is not None and step + 1 < config.steps:
+                sched.step()
+    return torch.tensor(rows, dtype=torch.float64)
 
-    ``schedule`` defaults to the linear schedule with ``model.config.T`` (or 1000) steps.
-    ``callback(step, loss)`` is called after every step when given. Raises ValueError before any
-    work when ``data`` or the model's parameters hold NaN/inf, and FloatingPointError at the first
-    step whose loss is NaN/inf (naming the step).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+class _Trainer:
+    """The state of M members (stacked parameters, AdamW moments, EMA, per-member tables and data
+    generators) and one training step of all of them (see the module docstring)."""
+
+    def __init__(self, ens: Ensemble, data: torch.Tensor, configs: list[TrainConfig], schedule: Schedule,
+                 device: torch.device, stream: str) -> None:
+        self.ens, self.configs, self.schedule, self.device = ens.to(device).train(), configs, schedule, device
+        self.params = ens.parameters_by_name()
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()}
+        self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        tables: dict[tuple, torch.Tensor] = {}   # members usually share their hyper-parameters
+        keys = [(c.lr, c.weight_decay, c.lr_schedule, c.ema, c.steps) for c in configs]
+        for key, c in zip(keys, configs):
+            if key not in tables:
+                tables[key] = schedule_table(c)
+        self.table = torch.stack([tables[k] for k in keys]).to(device, torch.float32)   # (M, steps, 5)
+        self.clip = torch.tensor([c.grad_clip for c in configs], dtype=torch.float32, device=device)
+        self.k = torch.zeros(1, dtype=torch.int64, device=device)   # the step counter, on the device
+        self.step_host = 0
+        self.steps = configs[0].steps
+        self.losses = torch.zeros(len(configs), self.steps, dtype=torch.float32, device=device)
+        self.data = data.to(device, torch.float32)
+        self.ab = schedule.alpha_bar.to(device, torch.float32)
+        gen_dev = device if stream == "device" else torch.device("cpu")
+        self.gens = [torch.Generator(device=gen_dev).manual_seed(c.seed) for c in configs]
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_t (M, B, ...), t (M, B), eps: each member's draws, in this order, from its generator."""
+        B, n, T = self.configs[0].batch_size, self.data.shape[0], self.schedule.T
+        idx, ts, noise = [], [], []
+        for c, g in zip(self.configs, self.gens):
+            gd = g.device
+            i = torch.randint(0, n, (B,), generator=g, device=gd)
+            t = torch.randint(0, T, (B,), generator=g, device=gd)
+            if c.t_focus is not None and c.t_focus_prob > 0:
+                lo, hi = c.t_focus
+                focus = torch.rand(B, generator=g, device=gd) < c.t_focus_prob
+                t = torch.where(focus, torch.randint(lo, hi + 1, (B,), generator=g, device=gd), t)
+            idx.append(i)
+            ts.append(t)
+            noise.append(torch.randn((B, *self.data.shape[1:]), generator=g, device=gd))
+        i, t, eps = (torch.stack(v).to(self.device) for v in (idx, ts, noise))
+        a = self.ab[t].view(*t.shape, *(1,) * (eps.dim() - 2))
+        return a.sqrt() * self.data[i] + (1 - a).sqrt() * eps, t, eps
+
+    def step(self) -> None:
+        """One step of all members."""
+        self.device_step()
+        self.step_host += 1
+
+    def device_step(self) -> None:
+        """One step's device work (the host step counter is not advanced): no host synchronisation on
+        the 'device' stream, so graph-capturable unless the members take a Gumbel seed."""
+        x_t, t, eps = self._draw()
+        seeds = torch.tensor([gumbel_seed(c.seed, self.step_host) for c in self.configs]) \
+            if self.ens.takes_seed else None
+        per = ((self.ens.run(x_t, t, seeds=seeds) - eps) ** 2).flatten(1).mean(1)      # (M,) member losses
+        names = list(self.params)
+        params = [self.params[n] for n in names]
+        grads = torch.autograd.grad(per.sum(), params, allow_unused=True)
+        M = per.shape[0]
+        grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+        with torch.no_grad():
+            row = self.table.index_select(1, self.k).squeeze(1)                           # (M, 5)
+            col = [row[:, j] for j in range(5)]
+            norms = torch.stack([torch.linalg.vector_norm(g.reshape(M, -1), dim=1) for g in grads])
+            coef = torch.clamp(self.clip / (torch.linalg.vector_norm(norms, dim=0) + 1e-6), max=1.0)
+            coef = torch.where(self.clip > 0, coef, torch.ones_like(coef))              # grad_clip = 0: off
+            for n, p, g in zip(names, params, grads):
+                shape = (M,) + (1,) * (p.dim() - 1)
+                decay, one_minus_b1, step_size, bc2_sqrt, ema_w = (c.view(shape) for c in col)
+                g = g * coef.view(shape)
+                p.mul_(decay)
+                m, v = self.exp_avg[n], self.exp_avg_sq[n]
+                m.lerp_(g, one_minus_b1)
+                v.mul_(_BETA2).addcmul_(g, g, value=1 - _BETA2)
+                p.sub_(step_size * m / ((v.sqrt() / bc2_sqrt).add_(_ADAM_EPS)))
+                self.ema[n].lerp_(p, ema_w)
+            self.losses.index_copy_(1, self.k, per.detach().unsqueeze(1))
+            self.k += 1
+
+
+def capture(step: Callable[[], None], device: torch.device, warmup: int,
+            generators: Sequence[torch.Generator] = ()) -> Callable[[], None]:
+    """Run ``step`` ``warmup`` times on a side stream (real steps), capture one call of it in a CUDA
+    graph (``fastscore.graphs``) and return the graph's replay."""
+    for _ in range(warmup):
+        graphs.warm_up(step, device)
+    return graphs.capture(step, device, generators=generators)
+
+
+def _check(models: list[nn.Module], data: torch.Tensor, configs: list[TrainConfig], schedule: Schedule | None,
+           stream: str) -> Schedule:
+    """Validate the arguments before any work; returns the schedule."""
     _validate.tensor("data", data, ndim=4)
     if data.shape[0] == 0:
         raise ValueError("data must hold at least one image")
@@ -119,70 +239,183 @@ def train(model: nn.Module, data: torch.Tensor, config: TrainConfig = TrainConfi
     if bad.any():
         raise ValueError(f"data holds NaN or inf in {int(bad.sum())} of {data.shape[0]} images "
                          f"(first: image {int(bad.nonzero()[0])}); training on them would only produce NaN")
-    bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
-    if bad_params:
-        raise ValueError(f"model has NaN or inf parameters ({', '.join(bad_params[:3])}); nothing to train from")
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    shape = getattr(models[0], "image_shape", None)
+    if shape is not None and tuple(data.shape[1:]) != tuple(shape):
+        raise ValueError(f"data must hold images of shape {tuple(shape)}, got {tuple(data.shape[1:])}")
+    for i, m in enumerate(models):
+        bad_params = [n for n, p in m.named_parameters() if not torch.isfinite(p.detach()).all()]
+        if bad_params:
+            raise ValueError(f"model {i} has NaN or inf parameters ({', '.join(bad_params[:3])}); nothing to train from")
+    if len(configs) != len(models):
+        raise ValueError(f"config must give one TrainConfig per model: {len(models)} models, {len(configs)} configs")
+    _validate.choice("stream", stream, STREAMS)
     if schedule is None:
-        schedule = make_schedule("linear", getattr(getattr(model, "config", None), "T", 1000))
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device).train()
-    data = data.to(device, torch.float32)
-    gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    ema = copy.deepcopy(model).eval() if config.ema > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = make_lr_scheduler(opt, config)
-    ab = schedule.alpha_bar.to(device, torch.float32)
-    losses: list[float] = []
-    bar = _progress(config.steps, desc, progress)
-    start = time.perf_counter()
-    for step in range(config.steps):
-        i = torch.randint(0, data.shape[0], (config.batch_size,), generator=gen).to(device)
-        t = torch.randint(0, schedule.T, (config.batch_size,), generator=gen)
-        if config.t_focus is not None and config.t_focus_prob > 0:
-            lo, hi = config.t_focus
-            if hi >= schedule.T:
-                raise ValueError(f"t_focus must lie in [0, T={schedule.T}), got {config.t_focus}")
-            focus = torch.rand(config.batch_size, generator=gen) < config.t_focus_prob
-            t = torch.where(focus, torch.randint(lo, hi + 1, (config.batch_size,), generator=gen), t)
-        t = t.to(device)
-        eps = torch.randn((config.batch_size, *data.shape[1:]), generator=gen).to(device)
-        a = ab[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * data[i] + (1 - a).sqrt() * eps
-        kwargs = {"seed": gumbel_seed(config.seed, step)} if _accepts_seed(model) else {}
-        loss = torch.mean((model(x_t, t, **kwargs) - eps) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        if ema is not None:  # warm-up: early on the average must not keep the random initial weights
-            _ema_update(ema, model, min(config.ema, (1 + step) / (10 + step)))
-        losses.append(float(loss.detach()))   # the one host sync per step; the NaN check below is free
-        if not math.isfinite(losses[-1]):   # every earlier loss was finite, or we would have stopped there
-            if bar is not None:
-                bar.close()
-            before = f"{losses[-2]:.4g} at step {step - 1}" if step else "none"
-            raise FloatingPointError(f"training diverged: the loss is {losses[-1]} at step {step} of {config.steps} "
-                                     f"(the loss before: {before}); try a lower lr or a smaller grad_clip")
-        if callback is not None:
-            callback(step, losses[-1])
+        schedule = make_schedule("linear", getattr(getattr(models[0], "config", None), "T", 1000))
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    for i, c in enumerate(configs):
+        if not isinstance(c, TrainConfig):
+            raise TypeError(f"config[{i}] must be a TrainConfig, got {type(c).__name__}")
+        if (c.steps, c.batch_size) != (configs[0].steps, configs[0].batch_size):
+            raise ValueError(f"config[{i}] has steps/batch_size ({c.steps}, {c.batch_size}), config[0] "
+                             f"({configs[0].steps}, {configs[0].batch_size}): members must share them")
+        if c.t_focus is not None and c.t_focus_prob > 0 and c.t_focus[1] >= schedule.T:
+            raise ValueError(f"t_focus must lie in [0, T={schedule.T}), got {c.t_focus}")
+    return schedule
+
+
+@overload
+def train(model: nn.Module, data: torch.Tensor, config: TrainConfig | Sequence[TrainConfig] = ..., *,
+          schedule: Schedule | None = ..., device: str | torch.device | None = ..., members: str = ...,
+          stream: str = ..., cuda_graph: bool | None = ..., chunk: int | None = ..., progress: bool = ...,
+          desc: str = ..., callback: Callable | None = ...) -> TrainResult: ...
+
+
+@overload
+def train(model: Sequence[nn.Module], data: torch.Tensor, config: TrainConfig | Sequence[TrainConfig] = ..., *,
+          schedule: Schedule | None = ..., device: str | torch.device | None = ..., members: str = ...,
+          stream: str = ..., cuda_graph: bool | None = ..., chunk: int | None = ..., progress: bool = ...,
+          desc: str = ..., callback: Callable | None = ...) -> list[TrainResult]: ...
+
+
+def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
+          config: TrainConfig | Sequence[TrainConfig] = TrainConfig(), *, schedule: Schedule | None = None,
+          device: str | torch.device | None = None, members: str = "auto", stream: str = "train",
+          cuda_graph: bool | None = None, chunk: int | None = None, progress: bool = True, desc: str = "train",
+          callback: Callable | None = None) -> TrainResult | list[TrainResult]:
+    """Train ``model`` (``(x_t, t) -> eps_hat``), or a list of M models of one architecture together, on
+    images ``data`` (N, C, H, W) in [-1, 1]; see the module docstring for what each member gets.
+
+    Returns a ``TrainResult`` for one model, a list (in order) for a list. ``config``: one TrainConfig,
+    or one per model (shared ``steps`` and ``batch_size``). ``schedule`` defaults to the linear schedule
+    with ``model.config.T`` (or 1000) steps. ``members``: ``Ensemble``'s schedule (vmap, loop, auto).
+    ``stream``: ``"train"`` or ``"device"``. ``cuda_graph``: replay the step from a CUDA graph (default:
+    on CUDA with the device stream, unless the members take a Gumbel seed). ``chunk``: at most this many
+    members per step (default all); an ensemble that runs out of memory is split in halves and rerun.
+    ``callback(step, loss)`` after each step (``loss`` a float, for a list a list of floats; on CUDA
+    reported in bursts, at each check of the losses). Raises ValueError before any work when ``data``
+    or a model's parameters hold NaN/inf, and FloatingPointError at the first step whose loss is
+    NaN/inf (naming the step).
+    """
+    single = isinstance(model, nn.Module)
+    if not single and not isinstance(model, (list, tuple)):
+        raise TypeError(f"model must be a torch.nn.Module or a list of them, got {type(model).__name__}")
+    models: list[nn.Module] = [model] if isinstance(model, nn.Module) else list(model)
+    if not models:
+        raise ValueError("model must hold at least one module")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"model{'' if single else f'[{i}]'} must be a torch.nn.Module, got {type(m).__name__}")
+    if isinstance(config, TrainConfig):
+        configs = [config] * len(models)
+    elif isinstance(config, (list, tuple)):
+        configs = list(config)
+    else:
+        raise TypeError(f"config must be a TrainConfig or a list of them, got {type(config).__name__}")
+    if chunk is not None:
+        _validate.positive_int("chunk", chunk)
+    schedule = _check(models, data, configs, schedule, stream)
+    Ensemble(models, members=members)   # one architecture, a known schedule: checked before any work
+    dev = torch.device(device) if device is not None else next(models[0].parameters()).device
+    cfg = getattr(models[0], "config", None)   # a Gumbel seed per step is a host integer: no graph
+    seed_taken = takes_seed(models[0]) and getattr(cfg, "attention", "top1") == "top1" and getattr(cfg, "gumbel", True)
+    use_graph = dev.type == "cuda" and stream == "device" and not seed_taken if cuda_graph is None else bool(cuda_graph)
+    if use_graph and (dev.type != "cuda" or stream != "device" or seed_taken):
+        raise ValueError("cuda_graph=True needs a CUDA device, stream='device' and members without a per-step "
+                         "Gumbel seed (top-1 attention)")
+    M = len(models)
+    size = min(chunk or M, M)
+    results: list[TrainResult | None] = [None] * M
+    bar = _progress(configs[0].steps * M, desc, progress)
+    start = 0
+    try:
+        while start < M:
+            part = list(range(start, min(start + size, M)))
+            try:
+                out = _train_group([models[i] for i in part], data, [configs[i] for i in part], schedule, dev,
+                                   members, stream, use_graph, bar,
+                                   None if callback is None else _callback(callback, single))
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                if size == 1 or not _out_of_memory(e):
+                    raise
+                size = math.ceil(size / 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                warnings.warn(f"ensemble of {len(part)} ran out of memory; retrying in chunks of {size}",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            for i, r in zip(part, out):
+                results[i] = r
+            start += len(part)
+    finally:
         if bar is not None:
-            bar.update(1)
+            bar.close()
+    done = [r for r in results if r is not None]
+    return done[0] if single else done
+
+
+def _callback(callback: Callable, single: bool) -> Callable[[int, list[float]], None]:
+    return (lambda step, losses: callback(step, losses[0])) if single else callback
+
+
+def _train_group(models: list[nn.Module], data: torch.Tensor, configs: list[TrainConfig], schedule: Schedule,
+                 device: torch.device, members: str, stream: str, use_graph: bool, bar,
+                 callback: Callable[[int, list[float]], None] | None) -> list[TrainResult]:
+    """Train ``models`` as one ensemble; write the trained weights back into them."""
+    t0 = time.perf_counter()
+    tr = _Trainer(Ensemble(models, members=members), data, configs, schedule, device, stream)
+    replay: Callable[[], None] | None = None
+    check_every = 1 if device.type != "cuda" else 50   # a loss check is a host sync
+    checked = 0
+    while tr.step_host < tr.steps:
+        if use_graph and replay is None and tr.steps - tr.step_host > 3:
+            replay = capture(tr.device_step, device, 3, tr.gens)   # three real warm-up steps, then the capture
+            tr.step_host += 3
+        if replay is not None:
+            replay()
+            tr.step_host += 1
+        else:
+            tr.step()
+        if tr.step_host - checked >= check_every or tr.step_host == tr.steps:
+            _check_losses(tr, checked, bar, callback)
+            checked = tr.step_host
+    seconds = (time.perf_counter() - t0) / len(models)
+    losses = tr.losses.cpu().tolist()
+    out = []
+    for m, (model, c) in enumerate(zip(models, configs)):
+        with torch.no_grad():   # like a plain training loop, the given module ends trained
+            model.to(device).load_state_dict(tr.ens.state(m))
+        model.eval()
+        ema = model
+        if c.ema > 0:
+            ema = copy.deepcopy(model)
+            ema.load_state_dict(tr.ens.state(m, tr.ema))
+        out.append(TrainResult(ema, model, losses[m], seconds))
+    return out
+
+
+def _check_losses(tr: _Trainer, start: int, bar, callback: Callable[[int, list[float]], None] | None) -> None:
+    """Report steps ``start`` .. ``tr.step_host - 1`` in order; FloatingPointError at the first non-finite loss."""
+    rows = tr.losses[:, start:tr.step_host].T.cpu().tolist()
+    M = len(tr.configs)
+    for step, losses in enumerate(rows, start):
+        for m, loss in enumerate(losses):
+            if not math.isfinite(loss):   # every earlier loss was finite, or we would have stopped there
+                before = f"{tr.losses[m, step - 1].item():.4g} at step {step - 1}" if step else "none"
+                who = "" if M == 1 else f"member {m}: "
+                raise FloatingPointError(f"training diverged: {who}the loss is {loss} at step {step} of {tr.steps} "
+                                         f"(the loss before: {before}); try a lower lr or a smaller grad_clip")
+        if callback is not None:
+            callback(step, losses)
+        if bar is not None:
+            bar.update(M)
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    if bar is not None:
-        bar.close()
-    model.eval()
-    return TrainResult(ema if ema is not None else model, model, losses, time.perf_counter() - start)
+                bar.set_postfix(loss=f"{sum(losses) / M:.4f}")
 
 
-def _accepts_seed(model: nn.Module) -> bool:
-    from .models import ScoreNet
-    return isinstance(model, ScoreNet)
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA raises ``torch.OutOfMemoryError``; the CPU allocator a plain RuntimeError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -137,3 +137,38 @@ def test_every_setting_is_declared_once_with_its_help():
     assert build_model(m.config).config == m.config
     with pytest.raises(TypeError, match="attn_dims"):
         ScoreNet("softmax", 16, attn_dims=8)
+
+
+@pytest.mark.parametrize("attention, scale_of", [("identity", "width"), ("softmax", "attn_dim"), ("top1", "attn_dim")])
+def test_the_attention_scale_rule_is_the_one_the_layer_and_the_figures_use(attention, scale_of, seed):
+    """``attention_scale``: width**-0.5 for identity (q = k = z), attn_dim**-0.5 for the projections; the
+    layer's output and ``attention_weights`` both follow it, and top-1's surrogate temperature is
+    ``temperature / scale``."""
+    from unittest import mock
+
+    from fastscore import ops
+    m = ScoreNet(attention, 12, attn_dim=6, temperature=0.7, backend="torch").train()
+    want = {"width": 12, "attn_dim": 6}[scale_of] ** -0.5
+    assert m.attention_scale() == want
+    seen = {}
+    real = {n: getattr(ops, n) for n in ("identity_attention", "softmax_attention", "top1_attention")}
+
+    def spy(name):
+        def call(*args, **kw):
+            seen[name] = (args, kw)
+            return real[name](*args, **kw)
+        return call
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
+    with mock.patch.multiple(ops, **{n: spy(n) for n in real}):
+        m(x, t)
+    name, (args, kw) = next(iter(seen.items()))
+    if attention == "top1":
+        assert kw["temperature"] == pytest.approx(0.7 / want, rel=1e-15)
+    else:
+        assert args[-1] == want
+    if attention != "top1":
+        z = m.embed(x, t).flatten(2).transpose(1, 2).double()
+        q = z if attention == "identity" else m.qkv(z.float()).chunk(3, -1)[0].double()
+        k = z if attention == "identity" else m.qkv(z.float()).chunk(3, -1)[1].double()
+        ref = torch.softmax(q @ k.transpose(1, 2) * want, -1)
+        assert torch.allclose(m.attention_weights(x, t).double(), ref, atol=1e-5)

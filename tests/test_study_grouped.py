@@ -57,11 +57,11 @@ def test_grouped_training_gives_each_row_its_own_network_and_resumes_without_tra
     for g, r in zip(grouped["rows"], alone["rows"]):
         name = f"{g['network']}-seed{g['seed']}"
         if g["network"] != "els":
-            # each checkpoint is the one its row trains alone, up to float32 rounding (measured: bitwise
-            # equal on a CPU, where the ensemble runs each member's forward on its own)
+            # each checkpoint is the one its row trains alone: one engine; on a CPU its loop schedule
+            # runs each member's forward on its own, so bitwise; on CUDA vmap's summation order differs
             (tg, mg), (tr, mr) = [load_tensors(tmp_path / d / "checkpoints" / f"{name}.safetensors", "model")
                                   for d in ("g", "r")]
-            assert _relative(tg, tr) < 1e-4, name
+            assert _relative(tg, tr) <= (1e-4 if torch.cuda.is_available() else 0.0), name
             # the same record: configs, training set, losses every 10th step; only the wall time differs
             assert {k: v for k, v in mg.items() if k != "extra"} == {k: v for k, v in mr.items() if k != "extra"}
             assert mg["extra"].keys() == mr["extra"].keys()

@@ -37,7 +37,7 @@ def _inputs(b, n, d, dv=None, dtype=torch.float32):
 def _reference(q, k, v, do, temperature, gumbel, seed, acc=torch.float64):
     """Reference (out, idx, dq, dk, dv) computed in ``acc`` from the given inputs."""
     qr, kr, vr = (x.detach().to(acc).requires_grad_() for x in (q, k, v))
-    out, idx = _Top1Reference.apply(qr, kr, vr, temperature, gumbel, seed)
+    out, idx, _ = _Top1Reference.apply(qr, kr, vr, temperature, gumbel, seed)
     out.backward(do.to(acc))
     return out.detach(), idx, qr.grad, kr.grad, vr.grad
 

@@ -18,6 +18,10 @@ Paths (``fastscore.ops._dispatch`` has the rule and the ``backend="auto"`` table
     ``fastscore::attention_bwd``, and ``fastscore::identity_attention_fwd`` /
     ``identity_attention_bwd`` for q = k = v = z (each tile loaded once). The forward saves the
     log-sum-exp (B, NQ) float32 for backward and never builds NQ x N.
+
+vmap (``torch.func``, e.g. an ensemble of networks): the torch paths are plain torch; the custom ops,
+forward and backward, carry ``torch.library.register_vmap`` rules that fold the vmapped (member)
+dimension into the batch: attention is independent per batch row, so folding is exact.
 """
 from __future__ import annotations
 
@@ -85,7 +89,42 @@ def softmax_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
 
 # ---------------------------------------------------------------------------------------------
-# the Triton path: custom ops, their fakes and autograd
+# vmap: fold the vmapped dimension into the batch (every op here is independent per batch row)
+# ---------------------------------------------------------------------------------------------
+def fold(size: int, in_dims, *args):
+    """The tensors of ``args`` with their vmapped dim (``in_dims``, None: unbatched) moved to the front,
+    expanded to ``size`` where unbatched, and merged with the batch dim: (size * B, ...)."""
+    out = []
+    for x, d in zip(args, in_dims):
+        if isinstance(x, torch.Tensor):
+            x = x.unsqueeze(0).expand(size, *x.shape) if d is None else x.movedim(d, 0)
+            x = x.reshape(size * x.shape[1], *x.shape[2:])
+        out.append(x)
+    return out
+
+
+def unfold(size: int, *outs: torch.Tensor):
+    """Split the folded batch of ``outs`` back into (size, B, ...); returns ``(outs, out_dims)``."""
+    return tuple(o.view(size, -1, *o.shape[1:]) for o in outs), (0,) * len(outs)
+
+
+def member(x, d, m: int):
+    """Member ``m`` of ``x`` batched at ``d`` (``x`` itself when unbatched or not a tensor)."""
+    return x if d is None or not isinstance(x, torch.Tensor) else x.select(d, m)
+
+
+def _folded(op):
+    """A vmap rule that runs ``op`` once on the folded batch."""
+    def rule(info, in_dims, *args):
+        out = op(*fold(info.batch_size, in_dims, *args))
+        if isinstance(out, torch.Tensor):
+            return out.view(info.batch_size, -1, *out.shape[1:]), 0
+        return unfold(info.batch_size, *out)
+    return rule
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton path: custom ops, their fakes, autograd and vmap
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastscore::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +165,8 @@ def _attention_backward(ctx, dout, dlse):
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+torch.library.register_vmap(_attention_fwd, _folded(_attention_fwd))
+torch.library.register_vmap(_attention_bwd, _folded(_attention_bwd))
 
 
 @torch.library.custom_op("fastscore::identity_attention_fwd", mutates_args=())
@@ -165,6 +206,8 @@ def _identity_backward(ctx, dout, dlse):
 
 
 _identity_fwd.register_autograd(_identity_backward, setup_context=_identity_setup)
+torch.library.register_vmap(_identity_fwd, _folded(_identity_fwd))
+torch.library.register_vmap(_identity_bwd, _folded(_identity_bwd))
 
 
 # ---------------------------------------------------------------------------------------------

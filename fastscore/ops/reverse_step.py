@@ -18,6 +18,10 @@ Paths (``fastscore.ops._dispatch`` has the rule and the ``backend="auto"`` table
     be device tensors that the kernel reads, so a captured CUDA graph serves every batch. Takes
     float32/float16/bfloat16 (other dtypes raise under ``backend="triton"``, run the reference
     under ``"auto"``). ``auto`` on CUDA. No autograd: sampling runs without gradients.
+
+vmap (``torch.func``): over members with their own ``seed`` (and ``sample_offset``), one update per
+member, so member m's noise is the one it draws alone (folding the members into the batch would
+shift their element indices).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 
 from .. import _validate
 from . import _dispatch, philox
+from .attention import member
 
 
 class StepCoefficients(NamedTuple):
@@ -124,6 +129,32 @@ def reverse_step_reference(x_t: torch.Tensor, eps: torch.Tensor, coef: StepCoeff
     return y.to(x_t.dtype)
 
 
+class _PerMember(torch.autograd.Function):
+    """``reverse_step`` under ``torch.func.vmap``: its vmap rule runs one update per member."""
+
+    @staticmethod
+    def forward(x_t, eps, coefficients, seed, step, sample_offset, clip_x0, backend):
+        raise RuntimeError("_PerMember runs under vmap only")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("reverse_step has no autograd")
+
+    @staticmethod
+    def vmap(info, in_dims, x_t, eps, coefficients, seed, step, sample_offset, clip_x0, backend):
+        def host(v, d, m):   # a member's seed / offset as a host int: the member's own call validates it
+            v = member(v, d, m)
+            return int(v) if isinstance(v, torch.Tensor) else v
+        outs = [reverse_step(member(x_t, in_dims[0], m), member(eps, in_dims[1], m), coefficients,
+                             seed=host(seed, in_dims[3], m), step=step, sample_offset=host(sample_offset, in_dims[5], m),
+                             clip_x0=clip_x0, backend=backend) for m in range(info.batch_size)]
+        return torch.stack(outs), 0
+
+
 def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coefficients: StepCoefficients, *, seed: int | torch.Tensor,
                  step: int, sample_offset: int | torch.Tensor = 0, clip_x0: bool = False, out: torch.Tensor | None = None,
                  backend: str = "auto") -> torch.Tensor:
@@ -131,7 +162,13 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coefficients: StepCoeffic
 
     ``seed`` (in [0, 2**63)) and ``sample_offset`` may be 1-element int64 tensors on x_t's device:
     the Triton kernel reads them from memory, so one captured CUDA graph serves every batch.
+    Under ``torch.func.vmap`` (not with ``out``) each member may have its own seed and offset.
     """
+    if any(isinstance(v, torch.Tensor) and torch._C._functorch.is_batchedtensor(v)
+           for v in (x_t, eps, seed, sample_offset)):
+        if out is not None:
+            raise ValueError("out cannot be given under vmap (an in-place update of a batched tensor)")
+        return _PerMember.apply(x_t, eps, coefficients, seed, step, sample_offset, clip_x0, backend)
     coef = _check(x_t, eps, coefficients, seed, step, sample_offset, out)
     if _resolve(backend, x_t, eps) == "triton":
         return _triton_reverse_step(x_t, eps, coef, seed, step, sample_offset, clip_x0, out)

@@ -26,7 +26,7 @@ import torch
 
 from .. import _validate
 from . import _dispatch, philox
-from .attention import _check
+from .attention import _check, fold, member, unfold
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,36 +46,85 @@ def _scores(q: torch.Tensor, k: torch.Tensor, noise: torch.Tensor | None) -> tor
 
 
 class _Top1Reference(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, temperature: float, gumbel: bool, seed: int):
-        noise = gumbel_noise(seed, q.shape[0], q.shape[1], k.shape[1], q.device) if gumbel else None
-        s = _scores(q, k, noise)
-        idx = torch.argmax(s, dim=-1)  # first maximal index on ties
-        out = torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]))
-        ctx.save_for_backward(q, k, v, idx)
-        ctx.temperature, ctx.noise = temperature, noise
-        ctx.mark_non_differentiable(idx)
-        return out, idx
+    """Returns ``(out, idx, noise)``: the Gumbel noise (zeros (B, 1, 1) without it) is an output so that
+    backward reuses it instead of drawing it again."""
 
     @staticmethod
-    def backward(ctx, dout, _didx):
-        q, k, v, idx = ctx.saved_tensors
+    def forward(q, k, v, temperature: float, gumbel: bool, seed: int):
+        noise = gumbel_noise(seed, q.shape[0], q.shape[1], k.shape[1], q.device) if gumbel else \
+            q.new_zeros((q.shape[0], 1, 1), dtype=torch.float32)
+        s = _scores(q, k, noise if gumbel else None)
+        idx = torch.argmax(s, dim=-1)  # first maximal index on ties
+        return torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1])), idx, noise
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, temperature, gumbel, seed = inputs
+        _, idx, noise = output
+        ctx.save_for_backward(q, k, v, idx, noise)
+        ctx.temperature, ctx.gumbel = temperature, gumbel
+        ctx.mark_non_differentiable(idx, noise)
+
+    @staticmethod
+    def backward(ctx, dout, _didx, _dnoise):
+        q, k, v, idx, noise = ctx.saved_tensors
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dout = dout.to(acc)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         dv.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]), dout)
-        p = torch.softmax(_scores(q, k, ctx.noise) / ctx.temperature, dim=-1)
+        p = torch.softmax(_scores(q, k, noise if ctx.gumbel else None) / ctx.temperature, dim=-1)
         dp = torch.matmul(dout, v.to(acc).transpose(-1, -2))
         ds = p * (dp - (dp * p).sum(-1, keepdim=True)) / ctx.temperature
         dq = torch.matmul(ds, k.to(acc))
         dk = torch.matmul(ds.transpose(-1, -2), q.to(acc))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, temperature, gumbel, seed):
+        return _top1_vmap(_Top1Reference.apply, info, in_dims, q, k, v, temperature, gumbel, seed)
+
+
+def _top1_vmap(op, info, in_dims, q, k, v, temperature, gumbel, seed):
+    """vmap rule of both top-1 paths: the member dim folded into the batch; with Gumbel noise one call
+    per member instead, so that each member's noise is keyed by its own batch indices, as alone."""
+    M = info.batch_size
+    if not gumbel:
+        return unfold(M, *op(*fold(M, in_dims[:3], q, k, v), temperature, gumbel, seed))
+    outs = [op(member(q, in_dims[0], m), member(k, in_dims[1], m), member(v, in_dims[2], m), temperature, gumbel,
+               seed) for m in range(M)]
+    return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+
+
+class _PerMemberSeed(torch.autograd.Function):
+    """Top-1 with a Gumbel seed per vmapped member (a batched int64 seed, e.g. ``ScoreNet``'s ``seed``
+    under ``torch.func.vmap``): its vmap rule calls ``top1_attention`` once per member with that member's
+    int seed, which autograd records as usual. Only reached under vmap."""
+
+    @staticmethod
+    def forward(q, k, v, temperature: float, gumbel: bool, seed: torch.Tensor, backend: str):
+        raise RuntimeError("_PerMemberSeed runs under vmap only (top1_attention passes an unbatched seed as an int)")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("unreachable: the vmap rule records the per-member ops")
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, temperature, gumbel, seed, backend):
+        outs = [top1_attention(member(q, in_dims[0], m), member(k, in_dims[1], m), member(v, in_dims[2], m),
+                               temperature=temperature, gumbel=gumbel, seed=int(member(seed, in_dims[5], m)),
+                               backend=backend) for m in range(info.batch_size)]
+        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+
 
 def top1_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: float = 1.0,
                              gumbel: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The eager top-1 (scores, argmax, gather) with the straight-through backward; no checks."""
-    return _Top1Reference.apply(q, k, v, float(temperature), gumbel, seed)
+    out, idx, _ = _Top1Reference.apply(q, k, v, float(temperature), gumbel, seed)
+    return out, idx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,19 +198,43 @@ def _backward(ctx, dout, _didx):
 
 
 torch.library.register_autograd("fastscore::top1_attention", _backward, setup_context=_setup_context)
+torch.library.register_vmap(_top1_fwd_op, lambda info, in_dims, *args: _top1_vmap(_top1_fwd_op, info, in_dims, *args))
+
+
+def _top1_bwd_vmap(info, in_dims, dout, q, k, v, idx, temperature, gumbel, seed):
+    M = info.batch_size
+    if not gumbel:
+        return unfold(M, *_top1_bwd_op(*fold(M, in_dims[:5], dout, q, k, v, idx), temperature, gumbel, seed))
+    outs = [_top1_bwd_op(*(member(x, d, m) for x, d in zip((dout, q, k, v, idx), in_dims)), temperature, gumbel, seed)
+            for m in range(M)]
+    return tuple(torch.stack(g) for g in zip(*outs)), (0, 0, 0)
+
+
+torch.library.register_vmap(_top1_bwd_op, _top1_bwd_vmap)
 
 
 # ---------------------------------------------------------------------------------------------
 # the op
 # ---------------------------------------------------------------------------------------------
 def top1_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, temperature: float = 1.0,
-                   gumbel: bool = False, seed: int = 0,
+                   gumbel: bool = False, seed: int | torch.Tensor = 0,
                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard attention ``out_i = v[argmax_j q_i . k_j]``; returns ``(out (B, N, Dv), idx (B, N) int64)``."""
+    """Hard attention ``out_i = v[argmax_j q_i . k_j]``; returns ``(out (B, N, Dv), idx (B, N) int64)``.
+
+    ``seed`` (Gumbel noise) may be a one-element int64 tensor; under ``torch.func.vmap`` a batched one
+    gives each member its own seed."""
     _check(q, k, v, None)
     _validate.finite_float("temperature", temperature, minimum=0.0, strict=True)
     if not isinstance(gumbel, bool):
         raise TypeError(f"gumbel must be a bool, got {type(gumbel).__name__}")
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed given as a tensor must be one int64, got {seed.dtype} x {seed.numel()}")
+        if torch._C._functorch.is_batchedtensor(seed):
+            if not gumbel:   # the seed changes nothing: fold the members
+                return top1_attention(q, k, v, temperature=temperature, backend=backend)
+            return _PerMemberSeed.apply(q, k, v, float(temperature), gumbel, seed, backend)
+        seed = int(seed)
     _validate.seed("seed", seed)
     if _resolve(backend, q, k, v) == "triton":
         return _top1_fwd_op(q, k, v, float(temperature), gumbel, int(seed))

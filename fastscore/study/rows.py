@@ -4,10 +4,10 @@
 so a new kind of row is one more entry in ``MODELS``: a function ``(ctx, name, seed) -> Built``.
 
 The unit of work is a network with its seeds (``units``, ``run_unit``): with ``group_seeds`` the
-seeds whose checkpoints are missing are trained together as one ensemble
-(``fastscore.ensemble.train_members``: each member gets its row's model config, train config and
-init seed, so each checkpoint is the one the row would train alone up to float32 rounding); then
-each row is evaluated and saved as it would be alone. Without it, one row at a time (the reference)."""
+seeds whose checkpoints are missing are trained together as one ensemble (``fastscore.train`` on a
+list: each member gets its row's model config, train config and init seed; the same engine trains a
+row alone, so each checkpoint is the one the row would train alone up to float32 summation order);
+then each row is evaluated and saved as it would be alone. Without it, one row at a time."""
 from __future__ import annotations
 
 import time
@@ -19,7 +19,6 @@ import torch
 
 from ..checkpoint import load_model
 from ..data import make_dataset
-from ..ensemble import Member, train_members
 from ..metrics import score
 from ..models import ModelConfig, build_model
 from ..probe import coordination_probe, probe_json
@@ -60,9 +59,11 @@ class RunContext:
         return None if bar is None else lambda step, loss: bar.update(w)
 
     def on_ensemble_step(self) -> Callable | None:
-        """``train_members``' callback ``(step, members)``: one training step per member of progress."""
-        bar, w = self.bar, self.weights.get("train")
-        return None if bar is None else lambda step, members: bar.update(w * members)
+        """``train``'s callback ``(step, losses)`` for a list of members: one training step per member."""
+        if self.bar is None:
+            return None
+        bar, w = self.bar, self.weights["train"]
+        return lambda step, losses: bar.update(w * len(losses))
 
     def on_sample_batch(self) -> Callable | None:
         """``sample``'s callback ``(n)``: ``n`` samples of progress (None without a bar)."""
@@ -122,9 +123,12 @@ def train_together(ctx: RunContext, net: str, seeds: list[int]) -> dict[int, Bui
     does (``seconds``: the ensemble's wall time over its size). Returns ``{seed: Built}``."""
     c = ctx.config
     assert ctx.images is not None, "run_unit gives the context its data"
-    members = [Member(c.model_config(net), c.train_config(s), MODEL_SEED + s) for s in seeds]
-    results = train_members(members, ctx.images, backend=ctx.backend, device=ctx.device, progress=False,
-                            callback=ctx.on_ensemble_step())
+    models = []
+    for s in seeds:
+        torch.manual_seed(MODEL_SEED + s)
+        models.append(build_model(c.model_config(net), backend=ctx.backend))
+    results = train(models, ctx.images, [c.train_config(s) for s in seeds], device=ctx.device, progress=False,
+                    callback=ctx.on_ensemble_step())
     return {s: _save_trained(ctx, net, s, res) for s, res in zip(seeds, results)}
 
 
