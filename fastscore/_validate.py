@@ -6,7 +6,7 @@ is a bug in the library and keeps its traceback."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -68,8 +68,8 @@ def finite_float(name: str, x: Any, *, minimum: float | None = None, strict: boo
     return x
 
 
-def choice(name: str, x: Any, options: Sequence[str]) -> str:
-    """Check that ``x`` is one of ``options``."""
+def choice(name: str, x: Any, options: Collection[str]) -> str:
+    """Check that ``x`` is one of ``options`` (a sequence, or a mapping's keys)."""
     if x not in options:
         raise UsageError(f"{name} must be one of {list(options)}, got {x!r}")
     return x
