@@ -1,0 +1,34 @@
+"""The CNN's depth (ModelConfig.depth): the receptive field it sets, and checkpoints of before."""
+import pytest
+import torch
+
+from fastscore.models import ModelConfig, ScoreNet
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_depth_sets_the_receptive_field(depth, seed):
+    """The CNN's output at (0, 0) sees exactly the pixels within Chebyshev distance ``depth``."""
+    torch.manual_seed(seed)
+    m = ScoreNet("none", 8, image_channels=1, image_size=12, depth=depth).eval()
+    x = torch.randn(1, 1, 12, 12, requires_grad=True)
+    m(x, torch.tensor([300]))[0, 0, 0, 0].backward()
+    seen = x.grad[0, 0].abs() > 0
+    ys, xs = seen.nonzero().unbind(1)
+    assert int(ys.max()) == depth and int(xs.max()) == depth     # nothing beyond, everything up to it
+    assert bool(seen[: depth + 1, : depth + 1].all())
+
+
+def test_default_depth_keeps_the_parameters_of_before():
+    m = ScoreNet("softmax", 16)
+    names = {n.split(".")[0] for n, _ in m.named_parameters()}
+    assert names == {"time_mlp", "conv1", "conv2", "qkv", "proj", "head1", "head2"}
+    assert m.time_mlp[2].out_features == 32
+    old = {k: v for k, v in m.config.to_dict().items() if k != "depth"}     # a config written before depth
+    assert ModelConfig(**old) == m.config
+    deep = ScoreNet("none", 16, depth=4)
+    assert hasattr(deep, "conv4") and deep.time_mlp[2].out_features == 64
+
+
+def test_bad_depth():
+    with pytest.raises(ValueError, match="depth"):
+        ModelConfig(depth=0)
