@@ -464,14 +464,15 @@ def calibrate_patch_sizes(cnn_model: Callable, train_images: torch.Tensor, sched
                           steps: int = 20, n: int = 16, eta: float = 1.0, padding: str = "zeros", seed: int = 0,
                           clip_x0: bool = True, shape: Sequence[int] | None = None,
                           device: str | torch.device | None = None, deduplicate: bool = True,
-                          backend: str = "auto") -> Calibration:
+                          backend: str = "auto", machine: str = "els") -> Calibration:
     """Kamb & Ganguli's locality calibration: the patch size whose ELS eps best matches the CNN's.
 
     Runs the CNN's own DDIM(eta) trajectory from ``n`` initial noises (``fastscore.sampling``'s
     Philox stream, ``seed``) over ``t_values`` (decreasing; default ``timesteps(T, steps)``); at each
     step compares the CNN's eps with the ELS eps of every size in ``sizes`` (odd, <= image size)
     by per-sample cosine similarity, takes each sample's best size, and aggregates per step by the
-    median and the mode over samples (as the reference ``scales_calibration.py`` does)."""
+    median and the mode over samples (as the reference ``scales_calibration.py`` does).
+    ``machine="local"`` calibrates the position-specific ``LocalScore`` instead (``padding`` unused)."""
     from .sampling import initial_noise, sample_ddim, timesteps
     if not callable(cnn_model):
         raise TypeError(f"cnn_model must be callable (x_t, t) -> eps, got {type(cnn_model).__name__}")
@@ -493,7 +494,10 @@ def calibrate_patch_sizes(cnn_model: Callable, train_images: torch.Tensor, sched
         params = list(cnn_model.parameters()) if isinstance(cnn_model, nn.Module) else []
         device = params[0].device if params else torch.device("cpu")
     device = torch.device(device)
-    els = ELSScore(train.to(device), schedule, sizes[0], padding=padding, deduplicate=deduplicate, backend=backend)
+    _validate.choice("machine", machine, ("els", "local"))
+    els = (ELSScore(train.to(device), schedule, sizes[0], padding=padding, deduplicate=deduplicate, backend=backend)
+           if machine == "els" else LocalScore(train.to(device), schedule, sizes[0], deduplicate=deduplicate,
+                                               backend=backend))
     cos = torch.zeros(len(ts), n, len(sizes), dtype=torch.float64)
     step = {"i": 0}
 
@@ -539,6 +543,36 @@ def correlation_summary(r: torch.Tensor) -> dict:
     q = torch.quantile(r, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
     return {"n": int(r.numel()), "median": float(q[1]), "q25": float(q[0]), "q75": float(q[2]),
             "mean": float(r.mean())}
+
+
+def bootstrap_summary(r: torch.Tensor, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Median and quartiles of per-sample correlations r (n,) and of r^2, each with a percentile bootstrap
+    interval (``n_boot`` resamples of the n samples with replacement, ``seed``; ``level`` coverage); NaNs
+    dropped. ``{"n", "r": {...}, "r2": {...}}``, each ``{"median", "q25", "q75", "median_ci", "q25_ci",
+    "q75_ci"}``."""
+    _validate.positive_int("n_boot", n_boot)
+    _validate.seed("seed", seed)
+    _validate.finite_float("level", level, minimum=0.0, strict=True)
+    if level >= 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    r = r.detach().to(torch.float64).flatten().cpu()
+    r = r[~torch.isnan(r)]
+    nan = float("nan")
+    if r.numel() == 0:
+        empty = {k: nan for k in ("median", "q25", "q75")} | {k: [nan, nan] for k in ("median_ci", "q25_ci", "q75_ci")}
+        return {"n": 0, "r": dict(empty), "r2": dict(empty)}
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, r.numel(), (n_boot, r.numel()), generator=g)
+    qs = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    out: dict[str, Any] = {"n": int(r.numel())}
+    for name, v in (("r", r), ("r2", r * r)):
+        point = torch.quantile(v, qs)
+        boot = torch.quantile(v[idx], qs, dim=1)                                 # (3, n_boot)
+        ci = torch.quantile(boot, torch.tensor([lo, hi], dtype=torch.float64), dim=1)  # (2, 3)
+        out[name] = {"median": float(point[1]), "q25": float(point[0]), "q75": float(point[2]),
+                     "median_ci": ci[:, 1].tolist(), "q25_ci": ci[:, 0].tolist(), "q75_ci": ci[:, 2].tolist()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,3 +117,34 @@ def test_calibration_picks_the_known_size_on_digits(seed, padding):
     sat = calibrate_patch_sizes(ELSScore(train, sched, 7, padding=padding), train, sched, sizes=(3, 5, 7),
                                 t_values=ts[:2], n=2, eta=0.0, padding=padding, seed=1)
     assert sat.saturated == ts[:2]
+
+
+def test_bootstrap_summary_covers_the_quantiles(seed):
+    from fastscore.theory import bootstrap_summary
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(400, generator=g, dtype=torch.float64) * 2 - 1
+    r[3] = float("nan")
+    doc = bootstrap_summary(r, n_boot=300, seed=1)
+    v = r[~torch.isnan(r)]
+    assert doc["n"] == 399
+    for name, x in (("r", v), ("r2", v * v)):
+        d = doc[name]
+        assert d["median"] == pytest.approx(float(x.median() if x.numel() % 2 else x.quantile(0.5)))
+        assert d["q25"] == pytest.approx(float(x.quantile(0.25))) and d["q75"] == pytest.approx(float(x.quantile(0.75)))
+        for q in ("median", "q25", "q75"):
+            lo, hi = d[q + "_ci"]
+            assert lo <= d[q] <= hi and hi - lo < 0.3
+    wide = bootstrap_summary(r[:40], n_boot=300, seed=1)["r"]
+    assert wide["median_ci"][1] - wide["median_ci"][0] > doc["r"]["median_ci"][1] - doc["r"]["median_ci"][0]
+    assert bootstrap_summary(torch.full((3,), float("nan")))["n"] == 0
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_summary(r, n_boot=0)
+
+
+def test_calibration_of_the_local_machine_picks_its_size(seed):
+    train = digits(60)
+    sched = make_schedule("cosine", T)
+    ts = timesteps(T, 20)[4::5]
+    cal = calibrate_patch_sizes(LocalScore(train, sched, 3), train, sched, sizes=(3, 5, 7), t_values=ts, n=2,
+                                eta=0.0, machine="local", seed=seed % 2**31)
+    assert cal.median.tolist() == [3] * len(ts)
