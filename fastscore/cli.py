@@ -203,9 +203,13 @@ def cmd_reproduce(a) -> int:
     from .study import pairs_sweep, reproduce
     mode = "quick" if a.quick else ("tiny" if a.tiny else "full")
     if a.out is None:
-        a.out = f"runs/{'creativity' if a.study == 'creativity' else 'reproduce'}"
+        a.out = f"runs/{a.study if a.study in ('creativity', 'theory') else 'reproduce'}"
     if a.study == "creativity":
         return _creativity(a, mode)
+    if a.study == "theory":
+        return _theory(a, mode)
+    if a.dataset is not None:
+        raise ValueError("--dataset belongs to --study theory")
     cfg = _study_config(a, mode)
     _check_start(a, directory=True)
     kw = dict(device=a.device, backend=a.backend, force=a.force, progress=not a.quiet, workers=a.workers,
@@ -214,6 +218,21 @@ def cmd_reproduce(a) -> int:
         pairs_sweep(cfg, Path(a.out), [int(p) for p in a.pairs_sweep.split(",")], **kw)
     else:
         reproduce(cfg, Path(a.out), **kw)
+    return 0
+
+
+def _theory(a, mode: str) -> int:
+    """``reproduce --study theory``: Kamb & Ganguli's test on each dataset of ``--dataset``, one report."""
+    from .study import theory
+    if a.pairs_sweep:
+        raise ValueError("--pairs-sweep belongs to --study coordination")
+    given = _study_options(a)
+    configs = [theory.preset(mode, dataset=d, **given) for d in (a.dataset or "digits").split(",")]
+    out = Path(a.out)
+    _check_start(a, directory=True)
+    for cfg in configs:
+        theory.run(cfg, out, device=a.device, backend=a.backend, force=a.force, progress=not a.quiet)
+    print((out / "theory.md").read_text())
     return 0
 
 
@@ -311,12 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"the few-minute version ({QUICK_TIME} on a 2-core CPU): 5,000 training steps, 1 seed, "
                            "1,000 samples per network")
     mode.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
-    r.add_argument("--study", choices=("coordination", "creativity"), default="coordination",
+    r.add_argument("--study", choices=("coordination", "creativity", "theory"), default="coordination",
                    help="coordination: the four networks at one training set (results.md). creativity: are "
                         "consistent samples new or copies? A sweep over the number of training images (8, 16, 32, "
                         "64, 128, 256, 5000; --quick 16, 64, 256; --tiny 8, 32) of the CNN and softmax attention "
                         "beside the ideal score and the ELS machine, without the probe; cells in OUT/cells/, "
-                        "creativity.md, creativity.json and figures in OUT (default coordination)")
+                        "creativity.md, creativity.json and figures in OUT. theory: does Kamb & Ganguli's calibrated "
+                        "ELS machine predict the CNN's samples, and the attention network's, from the same noise "
+                        "(theory.md in OUT, default runs/theory; docs/theory-real-images.md) (default coordination)")
+    r.add_argument("--dataset", default=None, help="--study theory: comma list of digits (scikit-learn), kv (the "
+                   "key-value images) or .npy/.safetensors files (N, C, H, W) (default digits)")
     r.add_argument("--out", default=None,
                    help="output directory (default runs/reproduce; --study creativity: runs/creativity)")
     r.add_argument("--workers", type=int, default=None,
