@@ -62,6 +62,12 @@ def test_theory_refuses_other_settings_and_foreign_options(tmp_path, capsys):
     doc = theory.run(theory.preset("tiny", networks=("none",), machines=("ideal",), width=4), out, force=True,
                      progress=False)
     assert doc["datasets"]["digits"]["config"]["width"] == 4
+    net = out / "digits" / "nets" / "none-s0.safetensors"
+    stamp = net.stat().st_mtime_ns
+    theory.run(theory.preset("tiny", networks=("none",), machines=("ideal",), width=4, n_samples=5), out, force=True,
+               progress=False)                              # a sampling setting: the network is kept
+    assert net.stat().st_mtime_ns == stamp
+    assert len(json.loads((out / "digits" / "rows" / "none-s0.json").read_text())["r"]["ideal"]) == 5
     with pytest.raises(ValueError, match="n_pairs do not apply to the theory study"):
         theory.preset("tiny", n_pairs=4)
     with pytest.raises(ValueError, match="machines"):

@@ -10,7 +10,9 @@ Per dataset and network (``ScoreNet`` with ``depth`` 3x3 conv layers, without (`
    separately for the ELS machine with zero padding (boundary-broken), circular (the torus), circular
    with training patches at valid positions only (the reference's), and the position-specific machine;
 3. samples the network, the four calibrated machines and the ideal score from the same initial noise
-   (cosine schedule, deterministic DDIM, eta = 0, ``steps`` steps, ``clip_x0`` off by default);
+   (cosine schedule, deterministic DDIM, eta = 0, ``steps`` steps, the predicted x0 clamped to [-1, 1]:
+   without it the first step, at alpha_bar = 2e-9, multiplies a difference in eps by ~1,600 and the
+   network's and the machine's samples part however well their scores agree);
 4. reports per network the per-sample Pearson r of mean-centred images (``sample_correlation``) with
    each machine: median and quartiles of r and r^2 with percentile bootstrap intervals.
 
@@ -19,7 +21,8 @@ networks); ``<dataset>/machines/<machine>-<sizes>.safetensors`` (machine samples
 schedule: networks whose calibrations agree share them); ``<dataset>/rows/<net>-s<seed>.json`` (the
 calibrations, per-sample r, timings); ``theory.json``, ``theory.md`` and ``theory-pairs-<dataset>.png``
 over every dataset in ``out``. Each file is written once, atomically: a rerun resumes; another
-configuration for a dataset already there raises unless ``force`` (which replaces that dataset's files).
+configuration for a dataset already there raises unless ``force`` (which replaces that dataset's files;
+its trained networks only when a setting they depend on changed).
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ ELS_MACHINES = ("els_zeros", "els_circular", "els_circular_valid")
 PUBLISHED = {"MNIST (CNNs)": 0.94, "FashionMNIST (CNNs)": 0.94, "CIFAR-10 (CNNs)": 0.95, "CelebA (CNNs)": 0.96,
              "CIFAR-10 (UNet + self-attention)": 0.77}
 T = 1000
+# the settings a trained network depends on: force keeps the networks when only others changed
+TRAINING_FIELDS = ("dataset", "n_train", "data_seed", "depth", "width", "train_steps", "batch_size", "lr", "ema")
 MODEL_SEED, SAMPLE_SEED, BOOT_SEED = 1000, 10_000, 5
 
 
@@ -86,7 +91,7 @@ class TheoryConfig:
     n_samples: int = 1000
     n_calib: int = 64
     steps: int = 20
-    clip_x0: bool = False
+    clip_x0: bool = True
     machines: tuple[str, ...] = tuple(MACHINES)
     n_boot: int = 2000
 
@@ -266,7 +271,8 @@ def _prepare(config: TheoryConfig, root: Path, force: bool) -> None:
                 diff = sorted(k for k in set(old) | set(config.to_dict()) if old.get(k) != config.to_dict().get(k))
                 raise ValueError(f"{root} holds a theory study of other settings ({', '.join(diff)}): pass force=True "
                                  "(--force) to replace it, or another output directory")
-            for sub in ("nets", "machines", "rows"):
+            same_nets = all(old.get(k) == config.to_dict().get(k) for k in TRAINING_FIELDS)
+            for sub in ("machines", "rows") if same_nets else ("nets", "machines", "rows"):
                 d = root / sub
                 if d.is_dir():
                     for f in d.iterdir():
