@@ -1,6 +1,7 @@
-"""Analytic score models: the ideal score and the equivariant local score (ELS) machine.
+"""Analytic score models: the ideal score, the equivariant local score (ELS) machine and the
+position-specific local score machine.
 
-Both are eps-prediction modules with ``ScoreNet``'s call signature, ``model(x_t, t) -> eps_hat``
+All are eps-prediction modules with ``ScoreNet``'s call signature, ``model(x_t, t) -> eps_hat``
 with ``x_t`` (B, C, H, W) and integer timesteps ``t`` (B,) (or a scalar), so ``fastscore.sample``
 draws from them unchanged (pass ``schedule=`` when it is not the default linear one of
 ``config.T`` steps). Each computes a posterior mean ``x0_hat`` and returns
