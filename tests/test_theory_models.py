@@ -32,3 +32,19 @@ def test_default_depth_keeps_the_parameters_of_before():
 def test_bad_depth():
     with pytest.raises(ValueError, match="depth"):
         ModelConfig(depth=0)
+
+
+@pytest.mark.parametrize("members", ["vmap", "loop"])
+@pytest.mark.parametrize("attention", ["none", "softmax"])
+def test_a_deep_ensemble_equals_each_member(seed, attention, members):
+    """The one trainer's ensemble engine runs deeper CNNs unchanged (it calls ScoreNet.embed)."""
+    from fastscore.ensemble import EnsembleNet
+    torch.manual_seed(seed)
+    models = [ScoreNet(attention, 8, image_channels=1, image_size=8, depth=4) for _ in range(2)]
+    ens = EnsembleNet(models, members=members).eval()
+    x = torch.randn(2, 3, 1, 8, 8)
+    t = torch.randint(0, 1000, (2, 3))
+    out = ens(x, t)
+    for m, net in enumerate(models):
+        ref = net.eval()(x[m], t[m])
+        assert torch.allclose(out[m], ref, rtol=1e-5, atol=1e-6), (m, (out[m] - ref).abs().max())
