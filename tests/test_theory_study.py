@@ -70,6 +70,8 @@ def test_theory_refuses_other_settings_and_foreign_options(tmp_path, capsys):
     assert len(json.loads((out / "digits" / "rows" / "none-s0.json").read_text())["r"]["ideal"]) == 5
     with pytest.raises(ValueError, match="n_pairs do not apply to the theory study"):
         theory.preset("tiny", n_pairs=4)
+    with pytest.raises(ValueError, match="dataset must be 'digits', 'kv' or a .npy/.safetensors path, got 'mnist'"):
+        theory.TheoryConfig(dataset="mnist")
     with pytest.raises(ValueError, match="machines"):
         theory.TheoryConfig(machines=("els_torus",))
     assert main(["reproduce", "--dataset", "digits", "--tiny", "--out", str(tmp_path / "c"), "--quiet"]) == 2

@@ -96,7 +96,8 @@ class TheoryConfig:
     n_boot: int = 2000
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dataset, str) or not self.dataset:
+        if not isinstance(self.dataset, str) or (self.dataset not in ("digits", "kv")
+                                                 and Path(self.dataset).suffix not in (".npy", ".safetensors")):
             raise ValueError(f"dataset must be 'digits', 'kv' or a .npy/.safetensors path, got {self.dataset!r}")
         for n in self.networks:
             _validate.choice("networks", n, NETWORKS)
