@@ -219,12 +219,17 @@ def cmd_probe(a) -> int:
 
 
 def cmd_reproduce(a) -> int:
+    from ._validate import UsageError
     from .study import reproduce
     mode = "quick" if a.quick else ("tiny" if a.tiny else "full")
     if a.out is None:
-        a.out = f"runs/{'creativity' if a.study == 'creativity' else 'reproduce'}"
+        a.out = f"runs/{a.study if a.study in ('creativity', 'theory') else 'reproduce'}"
     if a.study == "creativity":
         return _creativity(a, mode)
+    if a.study == "theory":
+        return _theory(a, mode)
+    if a.dataset is not None:
+        raise UsageError("--dataset belongs to --study theory")
     if a.pairs_sweep:
         return _pairs_sweep(a, mode)
     cfg = _study_config(a, mode)
@@ -252,6 +257,22 @@ def _pairs_sweep(a, mode: str) -> int:
                          "studies resume one at a time (reproduce --pairs K --out OUT/pairs-K with the settings "
                          "in their study.json); choose another --out for the sweep")
     return _sweep(a, pairs_grid(mode, _study_options(a), pairs))
+
+
+def _theory(a, mode: str) -> int:
+    """``reproduce --study theory``: Kamb & Ganguli's test on each dataset of ``--dataset``, one report."""
+    from ._validate import UsageError
+    from .study import theory
+    if a.pairs_sweep:
+        raise UsageError("--pairs-sweep belongs to --study coordination")
+    given = _study_options(a)
+    configs = [theory.preset(mode, dataset=d, **given) for d in (a.dataset or "digits").split(",")]
+    out = Path(a.out)
+    _check_start(a, directory=True)
+    for cfg in configs:
+        theory.run(cfg, out, device=a.device, backend=a.backend, force=a.force, progress=not a.quiet)
+    print((out / "theory.md").read_text())
+    return 0
 
 
 def _creativity(a, mode: str) -> int:
@@ -375,13 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     for m, what in (("quick", "the few-minute version"), ("tiny", "a seconds-long smoke run (CI)")):
         mode.add_argument(f"--{m}", action="store_true", help=f"{what}: " + ", ".join(
             f"{flag.get(k, k)} {_show(v)}" for k, v in PRESETS[m].items()))
-    r.add_argument("--study", choices=("coordination", "creativity"), default="coordination",
+    r.add_argument("--study", choices=("coordination", "creativity", "theory"), default="coordination",
                    help="coordination: the networks (--networks) at one training set (results.md). creativity: are "
                         "consistent samples new or copies? A sweep over the number of training images "
                         f"({_show(SIZES['full'])}; --quick {_show(SIZES['quick'])}; --tiny {_show(SIZES['tiny'])}) "
                         "of the CNN and softmax attention "
                         "beside the ideal score and the ELS machine, without the probe; cells in OUT/cells/, "
-                        "creativity.md, creativity.json and figures in OUT (default coordination)")
+                        "creativity.md, creativity.json and figures in OUT. theory: does Kamb & Ganguli's calibrated "
+                        "ELS machine predict the CNN's samples, and the attention network's, from the same noise "
+                        "(theory.md in OUT, default runs/theory; docs/theory-real-images.md) (default coordination)")
+    r.add_argument("--dataset", default=None, help="--study theory: comma list of digits (scikit-learn), kv (the "
+                   "key-value images) or .npy/.safetensors files (N, C, H, W) (default digits)")
     r.add_argument("--out", default=None,
                    help="output directory (default runs/reproduce; --study creativity: runs/creativity)")
     _run_options(r)

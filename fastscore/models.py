@@ -5,6 +5,7 @@
 
 Architecture (all variants share it, so all non-locality comes from the attention layer):
   z = SiLU(conv3x3(SiLU(conv3x3(x) + e1(t))) + e2(t))          # CNN g: 5x5 receptive field
+      (``depth`` such layers, default 2; receptive field (2 depth + 1)^2)
   h = z + A(z)                                                  # residual attention over H*W tokens
   eps_hat = conv1x1(SiLU(conv1x1(h)))                           # pointwise head
 with ``A`` = 0 (``"none"``), ``identity_attention(z)`` (``"identity"``: q = k = v = z, scale
@@ -47,6 +48,7 @@ class ModelConfig:
     gumbel: bool = option(True, "Gumbel noise in the top-1 surrogate while training")
     coord_channels: bool = option(False, "two coordinate input channels (row, col in [-1, 1])")
     attn_patch: bool = option(False, "queries, keys and values also see the raw 3x3 neighbourhood (softmax, top-1)")
+    depth: int = option(2, "3x3 conv layers of the CNN (receptive field 2 * depth + 1)")
 
     def __post_init__(self) -> None:
         _validate.choice("attention", self.attention, ATTENTIONS)
@@ -55,6 +57,7 @@ class ModelConfig:
         _validate.positive_int("image_channels", self.image_channels)
         _validate.positive_int("image_size", self.image_size)
         _validate.positive_int("T", self.T, minimum=2)
+        _validate.positive_int("depth", self.depth)
         _validate.finite_float("temperature", self.temperature, minimum=0.0, strict=True)
         object.__setattr__(self, "temperature", float(self.temperature))
         if not all(isinstance(b, bool) for b in (self.gumbel, self.coord_channels, self.attn_patch)):
@@ -100,9 +103,10 @@ class ScoreNet(nn.Module):
         c, w = self.config.image_channels, width
         coord_channels, attn_patch = self.config.coord_channels, self.config.attn_patch
         cin = c + (2 if coord_channels else 0)
-        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 2 * w))
-        self.conv1 = nn.Conv2d(cin, w, 3, padding=1)
-        self.conv2 = nn.Conv2d(w, w, 3, padding=1)
+        depth = self.config.depth
+        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, depth * w))
+        for i in range(depth):         # conv1, conv2, ...: depth 2 keeps the names (and checkpoints) of before
+            setattr(self, f"conv{i + 1}", nn.Conv2d(cin if i == 0 else w, w, 3, padding=1))
         d = self.config.attn_dim
         if attention in ("softmax", "top1"):
             self.qkv = nn.Linear(w + (9 * c if attn_patch else 0), 3 * d)
@@ -123,9 +127,11 @@ class ScoreNet(nn.Module):
             r = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype).view(1, 1, H, 1).expand(B, 1, H, W)
             cc = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype).view(1, 1, 1, W).expand(B, 1, H, W)
             x = torch.cat([x, r, cc], dim=1)
-        e1, e2 = self.time_mlp(timestep_embedding(t, self.config.width, self.config.T).to(x.dtype)).chunk(2, dim=1)
-        h = F.silu(self.conv1(x) + e1[:, :, None, None])
-        return F.silu(self.conv2(h) + e2[:, :, None, None])
+        emb = self.time_mlp(timestep_embedding(t, self.config.width, self.config.T).to(x.dtype))
+        h = x
+        for i, e in enumerate(emb.chunk(self.config.depth, dim=1)):
+            h = F.silu(getattr(self, f"conv{i + 1}")(h) + e[:, :, None, None])
+        return h
 
     def _qkv_input(self, tok: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
         if not self.config.attn_patch:

@@ -1,6 +1,7 @@
-"""Analytic score models: the ideal score and the equivariant local score (ELS) machine.
+"""Analytic score models: the ideal score, the equivariant local score (ELS) machine and the
+position-specific local score machine.
 
-Both are eps-prediction modules with ``ScoreNet``'s call signature, ``model(x_t, t) -> eps_hat``
+All are eps-prediction modules with ``ScoreNet``'s call signature, ``model(x_t, t) -> eps_hat``
 with ``x_t`` (B, C, H, W) and integer timesteps ``t`` (B,) (or a scalar), so ``fastscore.sample``
 draws from them unchanged (pass ``schedule=`` when it is not the default linear one of
 ``config.T`` steps). Each computes a posterior mean ``x0_hat`` and returns
@@ -19,11 +20,17 @@ draws from them unchanged (pass ``schedule=`` when it is not the default linear 
   patches whose window has the same padding pattern (interior pixels against interior patches,
   a pixel at distance r < k//2 from the top edge against patches at distance r from the top
   edge, and so on; corners by both), as in the reference's ``LocalEquivBordersScoreModule``.
-  The reference's circular module cuts training patches only at valid (unpadded) positions;
-  here they wrap, so the circular machine is the exact ELS of the torus.
+  ``padding="circular_valid"``: queries as ``"circular"``, but training patches cut only at the
+  (H - k + 1)(W - k + 1) valid (unpadded) positions, as the reference's circular module does (on a
+  small image most wrapped patches then have no training counterpart); ``"circular"`` wraps them, so
+  it is the exact ELS of the torus.
+* ``LocalScore``: the position-specific local score machine: as ``ELSScore`` with zero padding, but
+  the k x k noisy patch at a pixel is compared only with the training patches at *that same
+  position* (locality without equivariance).
 
-Both are softmax attentions with distance logits, run on ``fastscore.ops.softmax_attention``
-(Triton on CUDA, the torch reference elsewhere) through the identity
+All are softmax attentions with distance logits, run on ``fastscore.ops.softmax_attention`` (on
+the path its dispatch picks: with ``backend="auto"``, on CUDA what the measured table says is fastest,
+the torch reference elsewhere) through the identity
 ``-||q - aP||^2 / (2 s2) + log m = q.(aP / s2) - a^2 ||P||^2 / (2 s2) + log m - ||q||^2 / (2 s2)``:
 queries ``[q, 1]``, keys ``[aP / s2, -a^2 ||P||^2 / (2 s2) + log m]``, scale 1; the last term is
 constant per query and cancels. Training images and patches are deduplicated, each distinct one
@@ -32,7 +39,8 @@ Float32 inputs are computed in float32 (logits reach ~|x||P| / (1 - ab), so at t
 absolute rounding error is ~0.1, harmless next to the gaps between distinct patches); float64
 inputs run the float64 reference.
 
-Also: ``calibrate_patch_sizes`` (the locality calibration of Kamb & Ganguli),
+Also: ``calibrate_patch_sizes`` (the locality calibration of Kamb & Ganguli; ``odd_sizes`` gives
+their candidates 3, 5, ... up to the image, ``Calibration.saturated`` where the choice hits the largest),
 ``sample_correlation`` / ``correlation_summary`` (per-sample Pearson r of mean-centred images).
 """
 from __future__ import annotations
@@ -50,7 +58,7 @@ from . import _validate, ops
 from .ops import softmax_attention
 from .schedule import Schedule
 
-PADDINGS = ("zeros", "circular")
+PADDINGS = ("zeros", "circular", "circular_valid")
 _TORCH_CHUNK = 2**24                    # logits materialised at once by a path that may build M x N
 
 PatchSizes = int | Sequence[int] | Callable[[int], int]
@@ -261,9 +269,9 @@ def _axis_class(n: int, d: int) -> torch.Tensor:
 
 def position_classes(H: int, W: int, k: int, padding: str) -> list[torch.Tensor]:
     """Positions (flat indices y*W + x, int64) grouped by the padding pattern of their k x k window.
-    ``"circular"``: one group with all H*W positions; ``"zeros"``: up to k*k groups."""
+    ``"circular"`` and ``"circular_valid"``: one group with all H*W positions; ``"zeros"``: up to k*k groups."""
     _validate.choice("padding", padding, PADDINGS)
-    if padding == "circular" or k == 1:
+    if padding != "zeros" or k == 1:
         return [torch.arange(H * W)]
     d = k // 2
     cls = (_axis_class(H, d)[:, None] * (2 * d + 1) + _axis_class(W, d)[None, :]).flatten()
@@ -272,10 +280,11 @@ def position_classes(H: int, W: int, k: int, padding: str) -> list[torch.Tensor]
 
 def extract_patches(x: torch.Tensor, k: int, padding: str) -> torch.Tensor:
     """(B, H*W, C*k*k) k x k patches around every pixel of x (B, C, H, W); rows in (C, ky, kx) order,
-    the window padded by zeros or circularly. The centre pixel is column ``c*k*k + (k//2)*(k+1)``."""
+    the window padded by zeros or circularly (``"circular"``, ``"circular_valid"``). The centre pixel is
+    column ``c*k*k + (k//2)*(k+1)``."""
     d = k // 2
     if d:
-        x = F.pad(x, (d, d, d, d), mode="circular") if padding == "circular" else F.pad(x, (d, d, d, d))
+        x = F.pad(x, (d, d, d, d), mode="circular") if padding != "zeros" else F.pad(x, (d, d, d, d))
     return F.unfold(x, k).transpose(1, 2)
 
 
@@ -284,8 +293,8 @@ class ELSScore(_AnalyticScore):
 
     ``train_images`` (N, C, H, W) floating, N >= 1; ``schedule`` the diffusion ``Schedule``;
     ``patch_size``: an odd int <= min(H, W), a sequence of T such ints (index = timestep), or a
-    callable ``t -> int`` (checked when first used); ``padding``: ``"zeros"`` or ``"circular"``;
-    ``deduplicate`` merges equal training patches (per padding class) with ``log(multiplicity)``.
+    callable ``t -> int`` (checked when first used); ``padding``: ``"zeros"``, ``"circular"`` or
+    ``"circular_valid"``; ``deduplicate`` merges equal training patches (per padding class) with ``log(multiplicity)``.
     """
 
     kind = "els"
@@ -330,18 +339,26 @@ class ELSScore(_AnalyticScore):
             imgs = self.train_images.to(device, dtype)
             counts = self.train_counts.to(device)
             C = imgs.shape[1]
-            P = extract_patches(imgs, k, self.padding)                          # (N, HW, Ckk)
             centre = torch.arange(C, device=device) * k * k + (k // 2) * (k + 1)
+            if self.padding == "circular_valid":                                  # (N, valid positions, Ckk)
+                P = F.unfold(imgs, k).transpose(1, 2)
+            else:
+                P = extract_patches(imgs, k, self.padding)                      # (N, HW, Ckk)
             rows = []
-            for pos in position_classes(*self.image_shape[1:], k, self.padding):
+            for pos in self._groups(k):
                 pos = pos.to(device)
-                p = P[:, pos].reshape(-1, P.shape[2])
-                m = counts.repeat_interleave(pos.numel())
+                src = torch.arange(P.shape[1], device=device) if self.padding == "circular_valid" else pos
+                p = P[:, src].reshape(-1, P.shape[2])
+                m = counts.repeat_interleave(src.numel())
                 if self.deduplicate:
                     p, m = unique_with_counts(p, m)
                 rows.append((pos, p.contiguous(), m.log(), p[:, centre].contiguous()))
             self._tables[key] = rows
         return self._tables[key]
+
+    def _groups(self, k: int) -> list[torch.Tensor]:
+        """Query positions answered together (each group against its own training patches)."""
+        return position_classes(*self.image_shape[1:], k, self.padding)
 
     def n_keys(self, k: int) -> int:
         """Total number of keys (distinct training patches over all padding classes) at patch size k."""
@@ -370,6 +387,24 @@ class ELSScore(_AnalyticScore):
             xi = x[idx]
             out[idx] = (xi - math.sqrt(ab) * self._x0(xi, int(tv), k)) / math.sqrt(1 - ab)
         return out
+
+
+class LocalScore(ELSScore):
+    """Position-specific local score machine: ``ELSScore`` with zero padding in which the k x k noisy
+    patch around a pixel is compared only with the training patches around the *same* pixel (no
+    translation equivariance). ``patch_size`` and ``deduplicate`` as ``ELSScore``. With k covering the
+    whole image from every pixel it is the ideal score; at k = 1 each pixel is denoised on its own."""
+
+    kind = "local"
+
+    def __init__(self, train_images: torch.Tensor, schedule: Schedule, patch_size: PatchSizes = 3, *,
+                 deduplicate: bool = True, backend: str = "auto") -> None:
+        super().__init__(train_images, schedule, patch_size, padding="zeros", deduplicate=deduplicate,
+                         backend=backend)
+
+    def _groups(self, k: int) -> list[torch.Tensor]:
+        _, H, W = self.image_shape
+        return list(torch.arange(H * W).view(-1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +436,28 @@ class Calibration:
             out.append(int(vals[best]))
         return out
 
+    @property
+    def saturated(self) -> list[int]:
+        """The calibrated timesteps whose (median) size is the largest candidate: there the calibration
+        is bounded by the image (or the candidates), not by the network's locality."""
+        return [t for t, k in zip(self.timesteps, self.median.tolist()) if k == max(self.sizes)]
+
+    def to_dict(self) -> dict:
+        """JSON-ready: timesteps, sizes, per-step median and mode, mean best cosine per step, saturated."""
+        return {"timesteps": list(self.timesteps), "sizes": list(self.sizes), "median": self.median.tolist(),
+                "mode": self.mode.tolist(), "best_cosine": self.cosine.max(2).values.mean(1).tolist(),
+                "saturated": self.saturated}
+
+
+def odd_sizes(image_size: int, smallest: int = 3) -> tuple[int, ...]:
+    """Kamb & Ganguli's calibration candidates: the odd patch sizes ``smallest, smallest + 2, ...`` up to
+    ``image_size`` (the largest odd size that fits)."""
+    _validate.positive_int("image_size", image_size)
+    _validate.positive_int("smallest", smallest)
+    if smallest % 2 == 0 or smallest > image_size:
+        raise ValueError(f"smallest must be odd and <= image_size={image_size}, got {smallest}")
+    return tuple(range(smallest, image_size + 1, 2))
+
 
 @torch.no_grad()
 def calibrate_patch_sizes(cnn_model: Callable, train_images: torch.Tensor, schedule: Schedule,
@@ -408,14 +465,15 @@ def calibrate_patch_sizes(cnn_model: Callable, train_images: torch.Tensor, sched
                           steps: int = 20, n: int = 16, eta: float = 1.0, padding: str = "zeros", seed: int = 0,
                           clip_x0: bool = True, shape: Sequence[int] | None = None,
                           device: str | torch.device | None = None, deduplicate: bool = True,
-                          backend: str = "auto") -> Calibration:
+                          backend: str = "auto", machine: str = "els") -> Calibration:
     """Kamb & Ganguli's locality calibration: the patch size whose ELS eps best matches the CNN's.
 
     Runs the CNN's own DDIM(eta) trajectory from ``n`` initial noises (``fastscore.sampling``'s
     Philox stream, ``seed``) over ``t_values`` (decreasing; default ``timesteps(T, steps)``); at each
     step compares the CNN's eps with the ELS eps of every size in ``sizes`` (odd, <= image size)
     by per-sample cosine similarity, takes each sample's best size, and aggregates per step by the
-    median and the mode over samples (as the reference ``scales_calibration.py`` does)."""
+    median and the mode over samples (as the reference ``scales_calibration.py`` does).
+    ``machine="local"`` calibrates the position-specific ``LocalScore`` instead (``padding`` unused)."""
     from .sampling import initial_noise, sample_ddim, timesteps
     if not callable(cnn_model):
         raise TypeError(f"cnn_model must be callable (x_t, t) -> eps, got {type(cnn_model).__name__}")
@@ -437,7 +495,10 @@ def calibrate_patch_sizes(cnn_model: Callable, train_images: torch.Tensor, sched
         params = list(cnn_model.parameters()) if isinstance(cnn_model, nn.Module) else []
         device = params[0].device if params else torch.device("cpu")
     device = torch.device(device)
-    els = ELSScore(train.to(device), schedule, sizes[0], padding=padding, deduplicate=deduplicate, backend=backend)
+    _validate.choice("machine", machine, ("els", "local"))
+    els = (ELSScore(train.to(device), schedule, sizes[0], padding=padding, deduplicate=deduplicate, backend=backend)
+           if machine == "els" else LocalScore(train.to(device), schedule, sizes[0], deduplicate=deduplicate,
+                                               backend=backend))
     cos = torch.zeros(len(ts), n, len(sizes), dtype=torch.float64)
     step = {"i": 0}
 
@@ -483,6 +544,36 @@ def correlation_summary(r: torch.Tensor) -> dict:
     q = torch.quantile(r, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
     return {"n": int(r.numel()), "median": float(q[1]), "q25": float(q[0]), "q75": float(q[2]),
             "mean": float(r.mean())}
+
+
+def bootstrap_summary(r: torch.Tensor, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Median and quartiles of per-sample correlations r (n,) and of r^2, each with a percentile bootstrap
+    interval (``n_boot`` resamples of the n samples with replacement, ``seed``; ``level`` coverage); NaNs
+    dropped. ``{"n", "r": {...}, "r2": {...}}``, each ``{"median", "q25", "q75", "median_ci", "q25_ci",
+    "q75_ci"}``."""
+    _validate.positive_int("n_boot", n_boot)
+    _validate.seed("seed", seed)
+    _validate.finite_float("level", level, minimum=0.0, strict=True)
+    if level >= 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    r = r.detach().to(torch.float64).flatten().cpu()
+    r = r[~torch.isnan(r)]
+    nan = float("nan")
+    if r.numel() == 0:
+        empty = {k: nan for k in ("median", "q25", "q75")} | {k: [nan, nan] for k in ("median_ci", "q25_ci", "q75_ci")}
+        return {"n": 0, "r": dict(empty), "r2": dict(empty)}
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, r.numel(), (n_boot, r.numel()), generator=g)
+    qs = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    out: dict[str, Any] = {"n": int(r.numel())}
+    for name, v in (("r", r), ("r2", r * r)):
+        point = torch.quantile(v, qs)
+        boot = torch.quantile(v[idx], qs, dim=1)                                 # (3, n_boot)
+        ci = torch.quantile(boot, torch.tensor([lo, hi], dtype=torch.float64), dim=1)  # (2, 3)
+        out[name] = {"median": float(point[1]), "q25": float(point[0]), "q75": float(point[2]),
+                     "median_ci": ci[:, 1].tolist(), "q25_ci": ci[:, 0].tolist(), "q75_ci": ci[:, 2].tolist()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
