@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, TL_DTYPES, TL_LOG2E, feature_block, make_config
+from ._common import LOG2E, TL_DTYPES, TL_LOG2E, config_key, feature_block, make_config
 from .top1 import _gumbel
 
 MAX_N = 256
@@ -550,13 +550,16 @@ def block_backward(g: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None, w_q
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time compile configurations
 # ----------------------------------------------------------------------------------------------
-#: the study's shapes and their neighbours: (N, C, P, d)
-STUDY_SHAPES = ((64, 64, 27, 64), (64, 64, 0, 64), (64, 64, 27, 16), (256, 64, 27, 64), (64, 16, 27, 16))
+#: the study's shapes and their neighbours, (N, C, P, d), and the smallest blocks (N, C, d <= 16, c = 1:
+#: what the GPU-compile guard launches)
+STUDY_SHAPES = ((64, 64, 27, 64), (64, 64, 0, 64), (64, 64, 27, 16), (256, 64, 27, 64), (64, 16, 27, 16),
+                (16, 16, 9, 16), (16, 16, 0, 16))
 
 
 def compile_configs(dtypes=("fp32", "bf16")) -> list[dict]:
     """The configurations the launchers launch at ``STUDY_SHAPES``: forward and backward, each kind
-    (identity only without patches), GUMBEL for top-1, WRITE_DPATCH off. Each a ``make_config`` dict."""
+    (identity only without patches), GUMBEL for top-1, WRITE_DPATCH (the dx path) with patches.
+    Each a ``make_config`` dict."""
     out = []
     data = {"Z", "X", "WQKV", "BQKV", "WO", "BO", "OUT", "G", "DZ"}
     for dt, (n, c, p, d), kind in itertools.product(dtypes, STUDY_SHAPES, KINDS):
@@ -564,7 +567,8 @@ def compile_configs(dtypes=("fp32", "bf16")) -> list[dict]:
             continue
         nw, ns = launch_config(torch.float32)
         meta = _meta(kind, c, p, d, n)
-        for fn, extra in ((_block_fwd_kernel, {}), (_block_bwd_kernel, {"WRITE_DPATCH": False})):
+        bwd = [(_block_bwd_kernel, {"WRITE_DPATCH": w}) for w in ((False, True) if p else (False,))]
+        for fn, extra in [(_block_fwd_kernel, {}), *bwd]:
             gumbels = (False, True) if kind == "top1" else (False,)
             for gumbel in gumbels:
                 args = set(fn.arg_names)
@@ -573,9 +577,11 @@ def compile_configs(dtypes=("fp32", "bf16")) -> list[dict]:
                             and a not in ("BLOCK", "KIND", "GUMBEL", "PREC")}
                 pointers["IDX"] = "i64"
                 const = dict(meta, GUMBEL=gumbel, PREC="ieee", **extra)
-                out.append(make_config(f"attention_block.{fn.__name__}.{kind}", fn, dt, const, nw, ns,
-                                       pointers=pointers, fp32=tuple(a for a in ("qk_scale", "sm_scale") if a in args),
-                                       i64=("seed",), aligned=tuple(pointers)))
+                cfg = make_config(f"attention_block.{fn.__name__}.{kind}", fn, dt, const, nw, ns,
+                                  pointers=pointers, fp32=tuple(a for a in ("qk_scale", "sm_scale") if a in args),
+                                  i64=("seed",), aligned=tuple(pointers))
+                if all(config_key(cfg) != config_key(o) for o in out):   # N = 64 and 256 share BLOCK = 64
+                    out.append(cfg)
     return out
 
 

@@ -29,6 +29,8 @@ Paths (``fastscore.ops._dispatch``):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -137,15 +139,18 @@ def _linear(u: torch.Tensor, w: torch.Tensor, b: torch.Tensor, members: int | No
 def attention_block_reference(z: torch.Tensor, x: torch.Tensor | None, w_qkv: torch.Tensor | None,
                               b_qkv: torch.Tensor | None, w_out: torch.Tensor | None, b_out: torch.Tensor | None,
                               *, kind: str, scale: float | None = None, temperature: float = 1.0,
-                              gumbel: bool = False, seed: int = 0):
-    """The eager composition (``ScoreNet.attend``'s maths), differentiable by autograd; no checks."""
+                              gumbel: bool = False, seed: int = 0, core: Callable | None = None):
+    """The eager composition (``ScoreNet.attend``'s maths), differentiable by autograd; no checks.
+    ``core(q, k, v, scale)`` replaces ``softmax_attention_reference`` for softmax and identity (the
+    benchmarks time the same composition around SDPA: ``softmax_attention_sdpa``)."""
+    core = core or softmax_attention_reference
     members = z.shape[0] if z.dim() == 5 else None
     zf = z.flatten(0, 1) if members is not None else z
     NB, C, H, W = zf.shape
     tok = zf.flatten(2).transpose(1, 2)                                   # (NB, N, C)
     idx = None
     if kind == "identity":
-        a = softmax_attention_reference(tok, tok, tok, scale)
+        a = core(tok, tok, tok, scale)
     else:
         u = tok
         if x is not None:
@@ -153,7 +158,7 @@ def attention_block_reference(z: torch.Tensor, x: torch.Tensor | None, w_qkv: to
             u = torch.cat([tok, _patch_features(xf).to(tok.dtype)], dim=-1)
         q, k, v = _linear(u, w_qkv, b_qkv, members).chunk(3, dim=-1)
         if kind == "softmax":
-            a = softmax_attention_reference(q, k, v, scale)
+            a = core(q, k, v, scale)
         else:
             a, idx = top1_attention_reference(q, k, v, temperature, gumbel, seed)
         a = _linear(a, w_out, b_out, members)
