@@ -475,11 +475,19 @@ def _strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)  # type: ignore[return-value]
 
 
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` when its data is 16-byte aligned (what the compiled variants assume, as the JIT infers it
+    from the pointer), else an aligned copy with the same strides (so launches stay ``compile_configs()``)."""
+    if t is None or t.data_ptr() % 16 == 0:
+        return t
+    return torch.empty_like(t).copy_(t)
+
+
 def _weights(kind: str, w_qkv, b_qkv, w_out, b_out, like: torch.Tensor):
     if kind == "identity":
         e = like.new_zeros(1)
         return e, e, e, e
-    return tuple(w.contiguous() for w in (w_qkv, b_qkv, w_out, b_out))
+    return tuple(_aligned(w.contiguous()) for w in (w_qkv, b_qkv, w_out, b_out))
 
 
 def block_forward(z: torch.Tensor, x: torch.Tensor | None, w_qkv, b_qkv, w_out, b_out, *, kind: str,
@@ -494,6 +502,7 @@ def block_forward(z: torch.Tensor, x: torch.Tensor | None, w_qkv, b_qkv, w_out, 
     P = 0 if x is None else 9 * x.shape[1]
     D = C if kind == "identity" else w_qkv.shape[-2] // 3
     check_inputs(kind, z.dtype, N, C, P, D)
+    z, x = _aligned(z), _aligned(x)
     meta = _meta(kind, C, P, D, N)
     wq, bq, wo, bo = _weights(kind, w_qkv, b_qkv, w_out, b_out, z)
     if out is None:
@@ -522,6 +531,7 @@ def block_backward(g: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None, w_q
     P = 0 if x is None else 9 * x.shape[1]
     D = C if kind == "identity" else w_qkv.shape[-2] // 3
     check_inputs(kind, z.dtype, N, C, P, D)
+    g, z, x = _aligned(g), _aligned(z), _aligned(x)
     meta = _meta(kind, C, P, D, N)
     wq, bq, wo, _ = _weights(kind, w_qkv, b_qkv, w_out, b_out, z)
     B_per = NB // members
@@ -561,7 +571,8 @@ def compile_configs(dtypes=("fp32", "bf16")) -> list[dict]:
     (identity only without patches), GUMBEL for top-1, WRITE_DPATCH (the dx path) with patches.
     Each a ``make_config`` dict."""
     out = []
-    data = {"Z", "X", "WQKV", "BQKV", "WO", "BO", "OUT", "G", "DZ"}
+    data = {"Z", "X", "WQKV", "BQKV", "WO", "BO", "OUT", "G", "DZ"}      # pointers of the data dtype
+    f32_ptrs = {"LSE", "DELTA", "DPATCH", "PWQKV", "PBQKV", "PWO", "PBO"}
     for dt, (n, c, p, d), kind in itertools.product(dtypes, STUDY_SHAPES, KINDS):
         if kind == "identity" and p:
             continue
@@ -572,10 +583,8 @@ def compile_configs(dtypes=("fp32", "bf16")) -> list[dict]:
             gumbels = (False, True) if kind == "top1" else (False,)
             for gumbel in gumbels:
                 args = set(fn.arg_names)
-                pointers = {a: (None if a in data else "fp32") for a in args
-                            if a.isupper() and a not in ("IDX",) and a not in meta and a not in extra
-                            and a not in ("BLOCK", "KIND", "GUMBEL", "PREC")}
-                pointers["IDX"] = "i64"
+                pointers = {a: (None if a in data else "i64" if a == "IDX" else "fp32")
+                            for a in args & (data | f32_ptrs | {"IDX"})}
                 const = dict(meta, GUMBEL=gumbel, PREC="ieee", **extra)
                 cfg = make_config(f"attention_block.{fn.__name__}.{kind}", fn, dt, const, nw, ns,
                                   pointers=pointers, fp32=tuple(a for a in ("qk_scale", "sm_scale") if a in args),

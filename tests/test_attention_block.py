@@ -342,3 +342,33 @@ def test_bad_input_raises_before_any_launch(i, monkeypatch):
     monkeypatch.setattr(K, "block_forward", boom)
     with pytest.raises(exc, match=msg):
         attention_block(*args, backend="triton", **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# custom ops: opcheck and torch.compile
+# ------------------------------------------------------------------------------------------------
+@interpret
+@pytest.mark.parametrize("kind,c", [("softmax", 1), ("top1", 1), ("identity", 0)])
+def test_opcheck(seed, kind, c):
+    z, x, *ws = _inputs(kind, 2, 16, 3, 3, c, 8)
+    args = [z.requires_grad_(), x, *[None if w is None else w.unsqueeze(0).requires_grad_() for w in ws],
+            kind, 1, 0.3, kind == "top1", 5]
+    torch.library.opcheck(torch.ops.fastscore.attention_block_fwd.default, args)
+
+
+@interpret
+def test_torch_compile_fullgraph(seed):
+    """ScoreNet-like use traces without graph breaks (aot_eager: no C++ compiler needed)."""
+    z, x, *ws = _inputs("softmax", 2, 16, 4, 4, 3, 8)
+    ws = [w.requires_grad_() for w in ws]
+
+    def f(z, x):
+        return attention_block(z, x, *ws, kind="softmax", scale=0.3, backend="triton").square().sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(z, x)
+    grads = torch.autograd.grad(loss, ws)
+    ref = f(z, x)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, torch.autograd.grad(ref, ws)):
+        torch.testing.assert_close(g, r)

@@ -21,7 +21,9 @@ Paths (``fastscore.ops._dispatch``):
     (``patch_features``, ``F.linear``, ``softmax_attention_reference`` / ``top1_attention_reference``),
     batched over members with ``baddbmm``; float64 in, float64 math.
   * ``"triton"``: ``fastscore.kernels.attention_block`` (one forward kernel, one backward kernel,
-    N <= 256, C, d, 9c <= 128) through an ``autograd.Function``. The gradient for x is computed only
+    N <= 256, C, d, 9c <= 128) as the ``torch.library`` custom ops ``fastscore::attention_block_fwd``
+    -> (out, lse, idx) and ``fastscore::attention_block_bwd`` with fake (meta) implementations, so
+    ``torch.compile`` traces them, autograd attached with ``register_autograd``. The gradient for x is computed only
     when x requires grad: the kernel writes the patch-feature gradient and the adjoint of
     ``patch_features`` (torch autograd of it) maps it to dx.
   * ``"auto"``: the reference (also on CUDA: ``AUTO_ON_CUDA["attention_block"]`` until a GPU
@@ -172,37 +174,71 @@ def attention_block_reference(z: torch.Tensor, x: torch.Tensor | None, w_qkv: to
 # ---------------------------------------------------------------------------------------------
 # the Triton path
 # ---------------------------------------------------------------------------------------------
-class _Block(torch.autograd.Function):
-    """Kernels forward and backward on flat (M*B, ...) images and (M, ...) weights."""
+@torch.library.custom_op("fastscore::attention_block_fwd", mutates_args=())
+def _block_fwd(z: torch.Tensor, x: torch.Tensor | None, w_qkv: torch.Tensor | None, b_qkv: torch.Tensor | None,
+               w_out: torch.Tensor | None, b_out: torch.Tensor | None, kind: str, members: int, scale: float,
+               gumbel: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, lse, idx = _kernels().block_forward(z, x, w_qkv, b_qkv, w_out, b_out, kind=kind, members=members,
+                                             qk_scale=scale, gumbel=gumbel, seed=seed)
+    return out, lse, (idx if idx is not None else z.new_empty((0,), dtype=torch.int64))
 
-    @staticmethod
-    def forward(ctx, z, x, w_qkv, b_qkv, w_out, b_out, kind: str, members: int, scale: float,
-                gumbel: bool, seed: int):
-        out, lse, idx = _kernels().block_forward(z, x, w_qkv, b_qkv, w_out, b_out, kind=kind, members=members,
-                                                 qk_scale=scale, gumbel=gumbel, seed=seed)
-        idx = idx if idx is not None else torch.empty(0, dtype=torch.int64, device=z.device)
-        ctx.save_for_backward(z, x, w_qkv, b_qkv, w_out, b_out, lse, idx)
-        ctx.kind, ctx.members, ctx.scale, ctx.gumbel, ctx.seed = kind, members, scale, gumbel, seed
-        ctx.mark_non_differentiable(idx)
-        return out, idx
 
-    @staticmethod
-    def backward(ctx, g, _didx):
-        z, x, w_qkv, b_qkv, w_out, b_out, lse, idx = ctx.saved_tensors
-        if g is None:
-            return (None,) * 11
-        need_dx = x is not None and ctx.needs_input_grad[1]
-        dz, dpatch, dwq, dbq, dwo, dbo = _kernels().block_backward(
-            g, z, x, w_qkv, b_qkv, w_out, b_out, lse, idx if ctx.kind == "top1" else None, kind=ctx.kind,
-            members=ctx.members, sm_scale=ctx.scale, gumbel=ctx.gumbel, seed=ctx.seed, need_dpatch=need_dx)
-        dx = None
-        if need_dx:
-            with torch.enable_grad():
-                xx = x.detach().requires_grad_(True)
-                dx, = torch.autograd.grad(_patch_features(xx), xx, dpatch.to(x.dtype))
-        grads = [None if w is None else gw.to(w.dtype) for w, gw in
-                 ((w_qkv, dwq), (b_qkv, dbq), (w_out, dwo), (b_out, dbo))]
-        return (dz, dx, *grads, None, None, None, None, None)
+@_block_fwd.register_fake
+def _(z, x, w_qkv, b_qkv, w_out, b_out, kind, members, scale, gumbel, seed):
+    nb, _, h, w = z.shape
+    idx_shape = (nb, h * w) if kind == "top1" else (0,)
+    return (torch.empty_like(z, memory_format=torch.contiguous_format),
+            z.new_empty((nb, h * w), dtype=torch.float32), z.new_empty(idx_shape, dtype=torch.int64))
+
+
+@torch.library.custom_op("fastscore::attention_block_bwd", mutates_args=())
+def _block_bwd(g: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None, w_qkv: torch.Tensor | None,
+               b_qkv: torch.Tensor | None, w_out: torch.Tensor | None, b_out: torch.Tensor | None, lse: torch.Tensor,
+               idx: torch.Tensor, kind: str, members: int, scale: float, gumbel: bool, seed: int,
+               need_dpatch: bool) -> list[torch.Tensor]:
+    """[dz, dpatch (or empty), then dw_qkv, db_qkv, dw_out, db_out in float32 unless identity]."""
+    dz, dpatch, *dws = _kernels().block_backward(
+        g, z, x, w_qkv, b_qkv, w_out, b_out, lse, idx if kind == "top1" else None, kind=kind, members=members,
+        sm_scale=scale, gumbel=gumbel, seed=seed, need_dpatch=need_dpatch)
+    empty = z.new_empty((0,), dtype=torch.float32)
+    return [dz, dpatch if dpatch is not None else empty, *([] if kind == "identity" else dws)]
+
+
+@_block_bwd.register_fake
+def _(g, z, x, w_qkv, b_qkv, w_out, b_out, lse, idx, kind, members, scale, gumbel, seed, need_dpatch):
+    nb, _, h, w = z.shape
+    f32 = torch.float32
+    dpatch = z.new_empty((nb, h * w, 9 * x.shape[1]) if (need_dpatch and x is not None) else (0,), dtype=f32)
+    dws = [] if kind == "identity" else [t.new_empty(t.shape, dtype=f32) for t in (w_qkv, b_qkv, w_out, b_out)]
+    return [torch.empty_like(z, memory_format=torch.contiguous_format), dpatch, *dws]
+
+
+def _block_setup(ctx, inputs, output):
+    z, x, w_qkv, b_qkv, w_out, b_out, kind, members, scale, gumbel, seed = inputs
+    _, lse, idx = output
+    ctx.save_for_backward(z, x, w_qkv, b_qkv, w_out, b_out, lse, idx)
+    ctx.kind, ctx.members, ctx.scale, ctx.gumbel, ctx.seed = kind, members, scale, gumbel, seed
+    ctx.mark_non_differentiable(lse, idx)
+
+
+def _block_backward(ctx, g, _dlse, _didx):
+    z, x, w_qkv, b_qkv, w_out, b_out, lse, idx = ctx.saved_tensors
+    if g is None:
+        return (None,) * 11
+    need_dx = x is not None and ctx.needs_input_grad[1]
+    dz, dpatch, *dws = _block_bwd(g, z, x, w_qkv, b_qkv, w_out, b_out, lse, idx, ctx.kind, ctx.members,
+                                  ctx.scale, ctx.gumbel, ctx.seed, need_dx)
+    dx = None
+    if need_dx:  # the adjoint of patch_features, by torch's autograd of it
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            dx, = torch.autograd.grad(_patch_features(xx), xx, dpatch.to(x.dtype))
+    grads = [None] * 4 if ctx.kind == "identity" else [gw.to(w.dtype) for w, gw in
+                                                       zip((w_qkv, b_qkv, w_out, b_out), dws)]
+    return (dz, dx, *grads, None, None, None, None, None)
+
+
+_block_fwd.register_autograd(_block_backward, setup_context=_block_setup)
 
 
 def _triton(z, x, w_qkv, b_qkv, w_out, b_out, kind, members, scale, temperature, gumbel, seed):
@@ -211,7 +247,7 @@ def _triton(z, x, w_qkv, b_qkv, w_out, b_out, kind, members, scale, temperature,
     xf = None if x is None else (x.flatten(0, 1) if flat else x)
     ws = [None if w is None else (w if flat else w.unsqueeze(0)) for w in (w_qkv, b_qkv, w_out, b_out)]
     sc = 1.0 / float(temperature) if kind == "top1" else float(scale)
-    out, idx = _Block.apply(zf, xf, *ws, kind, members or 1, sc, bool(gumbel) and kind == "top1", int(seed))
+    out, _, idx = _block_fwd(zf, xf, *ws, kind, members or 1, sc, bool(gumbel) and kind == "top1", int(seed))
     if flat:
         out = out.unflatten(0, z.shape[:2])
         idx = idx.unflatten(0, z.shape[:2]) if kind == "top1" else idx
