@@ -26,19 +26,21 @@ Paths (``fastscore.ops._dispatch``):
     ``torch.compile`` traces them, autograd attached with ``register_autograd``. The gradient for x is computed only
     when x requires grad: the kernel writes the patch-feature gradient and the adjoint of
     ``patch_features`` (torch autograd of it) maps it to dx.
-  * ``"auto"``: the reference (also on CUDA: ``AUTO_ON_CUDA["attention_block"]`` until a GPU
-    measurement says otherwise).
+  * ``"auto"``: the composition, its attention core on the core's own ``auto`` path (SDPA on CUDA,
+    the reference elsewhere; top-1: the reference), also on CUDA: ``AUTO_ON_CUDA["attention_block"]``
+    is ``"torch"`` until a GPU measurement says the kernels are faster.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
 from .. import _validate
 from . import _dispatch
-from .attention import softmax_attention_reference
+from .attention import softmax_attention, softmax_attention_reference
 from .top1 import top1_attention_reference
 
 KINDS = ("softmax", "identity", "top1")
@@ -146,21 +148,23 @@ def attention_block_reference(z: torch.Tensor, x: torch.Tensor | None, w_qkv: to
     ``core(q, k, v, scale)`` replaces ``softmax_attention_reference`` for softmax and identity (the
     benchmarks time the same composition around SDPA: ``softmax_attention_sdpa``)."""
     core = core or softmax_attention_reference
+    sc = cast(float, scale)
     members = z.shape[0] if z.dim() == 5 else None
     zf = z.flatten(0, 1) if members is not None else z
     NB, C, H, W = zf.shape
     tok = zf.flatten(2).transpose(1, 2)                                   # (NB, N, C)
     idx = None
     if kind == "identity":
-        a = core(tok, tok, tok, scale)
+        a = core(tok, tok, tok, sc)
     else:
+        assert w_qkv is not None and b_qkv is not None and w_out is not None and b_out is not None
         u = tok
         if x is not None:
             xf = x.flatten(0, 1) if members is not None else x
             u = torch.cat([tok, _patch_features(xf).to(tok.dtype)], dim=-1)
         q, k, v = _linear(u, w_qkv, b_qkv, members).chunk(3, dim=-1)
         if kind == "softmax":
-            a = core(q, k, v, scale)
+            a = core(q, k, v, sc)
         else:
             a, idx = top1_attention_reference(q, k, v, temperature, gumbel, seed)
         a = _linear(a, w_out, b_out, members)
@@ -268,5 +272,12 @@ def attention_block(z: torch.Tensor, x: torch.Tensor | None = None, w_qkv: torch
     members, d = _check(z, x, w_qkv, b_qkv, w_out, b_out, kind, scale, temperature, gumbel, seed)
     if _resolve(backend, z, x, kind, d) == "triton":
         return _triton(z, x, w_qkv, b_qkv, w_out, b_out, kind, members, scale, temperature, gumbel, seed)
+    # "auto" off the kernels: the composition with the attention core's own "auto" (SDPA on CUDA), so
+    # that a caller switching to this op runs what it ran before
+    core = _auto_core if backend == "auto" else None
     return attention_block_reference(z, x, w_qkv, b_qkv, w_out, b_out, kind=kind, scale=scale,
-                                     temperature=temperature, gumbel=gumbel, seed=seed)
+                                     temperature=temperature, gumbel=gumbel, seed=seed, core=core)
+
+
+def _auto_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return softmax_attention(q, k, v, scale, backend="auto")
