@@ -348,7 +348,7 @@ def test_bad_input_raises_before_any_launch(i, monkeypatch):
 # custom ops: opcheck and torch.compile
 # ------------------------------------------------------------------------------------------------
 @interpret
-@pytest.mark.parametrize("kind,c", [("softmax", 1), ("top1", 1), ("identity", 0)])
+@pytest.mark.parametrize("kind,c", [("top1", 1), ("identity", 0)])  # softmax's fake: test_torch_compile_fullgraph
 def test_opcheck(seed, kind, c):
     z, x, *ws = _inputs(kind, 2, 16, 3, 3, c, 8)
     args = [z.requires_grad_(), x, *[None if w is None else w.unsqueeze(0).requires_grad_() for w in ws],
