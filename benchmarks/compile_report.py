@@ -1,7 +1,7 @@
 """Ahead-of-time compile report: registers, spills and shared memory of every kernel configuration.
 
 Compiles every configuration from ``compile_configs()`` of ``fastscore.kernels.attention``,
-``fastscore.kernels.top1`` and ``fastscore.kernels.reverse_step`` (a module that is missing or
+``fastscore.kernels.top1``, ``fastscore.kernels.reverse_step`` and ``fastscore.kernels.attention_block`` (a module that is missing or
 lacks the function is skipped) for sm_80 and sm_90a with ``triton.compile`` and a ``GPUTarget``:
 no GPU is needed. Registers and spill bytes come from ``ptxas -v`` on the generated PTX (the
 ptxas bundled with Triton); shared memory is Triton's dynamic shared memory per program plus
@@ -30,7 +30,8 @@ from pathlib import Path
 
 from fastscore.kernels._common import TARGETS
 
-MODULES = ("fastscore.kernels.attention", "fastscore.kernels.top1", "fastscore.kernels.reverse_step")
+MODULES = ("fastscore.kernels.attention", "fastscore.kernels.top1", "fastscore.kernels.reverse_step",
+           "fastscore.kernels.attention_block")
 #: dynamic shared memory a program may use (bytes): sm_80 163 KiB, sm_90 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 RESULTS = Path(__file__).resolve().parent / "results" / "compile_report.json"

@@ -176,9 +176,9 @@ def _variant(fn, signature: dict, constants: dict, attrs: dict, num_warps: int, 
 
 def _listed_variants() -> set[str]:
     """Every configuration the kernel modules list for the ahead-of-time compile report."""
-    from fastscore.kernels import attention, reverse_step, top1
+    from fastscore.kernels import attention, attention_block, reverse_step, top1
     return {_variant(c["fn"], c["signature"], c["constexprs"], c["attrs"], c["num_warps"], c["num_stages"])
-            for mod in (attention, reverse_step, top1) for c in mod.compile_configs()}
+            for mod in (attention, attention_block, reverse_step, top1) for c in mod.compile_configs()}
 
 
 def _cases():
@@ -241,6 +241,31 @@ def _cases():
         yield "top1", f"{shape} no gumbel", lambda s=shape: top1(*s, 1, False)
     yield "top1", "strided (2, 16, 16, 16)", lambda: top1(2, 16, 16, 16, 1, True, strided=True)
     yield "top1", "bf16 (2, 17, 100, 64)", lambda: top1(2, 17, 100, 64, 1, True, torch.bfloat16)
+
+    # ---- the fused attention block (kernels/attention_block.py): forward and backward of every kind,
+    # with and without patch features and dx, one member and two, every integer at 1, 16 and ragged
+    # (all at the smallest blocks, which compile_configs() lists); seeds as for top-1
+    from fastscore.kernels import attention_block as AB
+
+    def block(kind, nb, c, h, w, cx, d, members=1, seed=1, dtype=torch.float32, dx=False):
+        z = torch.zeros(nb, c, h, w, dtype=dtype)
+        x = torch.zeros(nb, cx, h, w, dtype=dtype) if cx else None
+        ws = (None,) * 4 if kind == "identity" else tuple(torch.zeros(members, *s, dtype=dtype) for s in (
+            (3 * d, c + 9 * cx), (3 * d,), (c, d), (c,)))
+        out, lse, idx = AB.block_forward(z, x, *ws, kind=kind, members=members, qk_scale=0.5, gumbel=True, seed=seed)
+        AB.block_backward(out, z, x, *ws, lse, idx, kind=kind, members=members, sm_scale=0.5, gumbel=True,
+                          seed=seed, need_dpatch=dx)
+
+    for kind in ("softmax", "top1", "identity"):
+        for shape in ((1, 1, 1, 1, 1, 1), (16, 16, 4, 4, 1, 16), (3, 7, 5, 3, 1, 5)):
+            shp = shape[:4] + ((0,) if kind == "identity" else shape[4:5]) + shape[5:]
+            yield "attention_block", f"{kind} {shp}", lambda k=kind, s=shp: block(k, *s)
+        yield "attention_block", f"{kind} members=2", lambda k=kind: block(k, 4, 16, 4, 4, 0, 16, members=2)
+        yield "attention_block", f"{kind} bf16", lambda k=kind: block(k, 2, 16, 4, 4, 0, 16, dtype=torch.bfloat16)
+    for seed in (0, 16, big):
+        yield "attention_block", f"top1 seed={seed}", lambda seed=seed: block("top1", 2, 16, 4, 4, 1, 16, seed=seed)
+    yield "attention_block", "softmax dx", lambda: block("softmax", 2, 16, 4, 4, 1, 16, dx=True)
+    yield "attention_block", "top1 dx bf16", lambda: block("top1", 2, 16, 4, 4, 1, 16, dtype=torch.bfloat16, dx=True)
 
     for n in (1, 16, 17):
         c = torch.zeros(n, dtype=torch.int64)
@@ -326,7 +351,8 @@ def test_every_launcher_compiles_with_the_jit_specialisation(arch, guard_runs):
           f"(to {summary['last_stage']}): {summary['per_kernel']}")
     failed = [f"{r['launcher']} [{r['case']}]: {r['error']}" for r in rows if r["error"]]
     assert not failed, f"{len(failed)} of {len(rows)} cases do not compile for sm_{arch}:\n" + "\n".join(failed[:8])
-    assert {r["launcher"] for r in rows} == {"reverse_step", "attention", "top1", "philox test kernel"}
+    assert {r["launcher"] for r in rows} == {"reverse_step", "attention", "top1", "attention_block",
+                                                  "philox test kernel"}
     assert not summary["violations"], "integer arguments specialised by the JIT:\n" + "\n".join(summary["violations"])
     assert not summary["unlisted"], ("variants the JIT compiled that compile_configs() does not list (so the "
                                      "compile report does not check them):\n" + "\n".join(summary["unlisted"][:5]))

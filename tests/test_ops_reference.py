@@ -171,7 +171,8 @@ def test_auto_on_cuda_follows_the_measured_table_and_falls_back_where_kernels_ca
     # the decision (FINDINGS.md, H100): SDPA 4-D beats the fused attention everywhere, top-1
     # Triton slows training 4x, the reverse-step kernel is 6.5x eager
     assert ops.AUTO_ON_CUDA == {"softmax_attention": "sdpa", "identity_attention": "sdpa",
-                                "top1_attention": "torch", "reverse_step": "triton"}
+                                "top1_attention": "torch", "reverse_step": "triton",
+                                "attention_block": "torch"}  # unmeasured on a GPU (issue 21)
     for op, path in ops.AUTO_ON_CUDA.items():
         assert _dispatch.resolve(op, "auto", (_OnCuda(),), lambda: None) == path
         assert _dispatch.resolve(op, "torch", (_OnCuda(),), lambda: None) == "torch"

@@ -16,6 +16,7 @@ from . import reverse_step as _reverse_step
 from . import top1 as _top1
 from ._dispatch import AUTO_ON_CUDA, BACKENDS, PATHS, patch_triton_interpreter
 from .attention import identity_attention, softmax_attention, softmax_attention_reference, softmax_attention_sdpa
+from .attention_block import attention_block, attention_block_reference
 from .reverse_step import StepCoefficients, ddim_coefficients, noise_like, reverse_step, reverse_step_reference
 from .top1 import top1_attention, top1_attention_reference
 
@@ -41,7 +42,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str) -> str:
     return _attention._resolve(backend, q, k, v, op)
 
 
-__all__ = ["softmax_attention", "identity_attention", "softmax_attention_reference", "softmax_attention_sdpa",
+__all__ = ["attention_block", "attention_block_reference", "softmax_attention", "identity_attention", "softmax_attention_reference", "softmax_attention_sdpa",
            "top1_attention", "top1_attention_reference", "reverse_step", "reverse_step_reference",
            "StepCoefficients", "ddim_coefficients", "noise_like", "resolve_backend", "patch_triton_interpreter",
            "BACKENDS", "PATHS", "AUTO_ON_CUDA", "OPS"]

@@ -40,15 +40,21 @@ TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
 BUCKET_EDGES: dict[str, tuple[str, tuple[int, ...]]] = {
     "softmax_attention": ("N", (64, 256)), "identity_attention": ("N", (64, 256)),
     "top1_attention": ("N", (64, 256)), "reverse_step": ("numel", (1 << 20,)),
+    "attention_block": ("N", (64, 256)),
 }
 
 
 def shape_bucket(op: str, shape: Sequence[int]) -> str:
     """The table's shape bucket of op ``op`` for its first input's shape: ``"N<=64"``, ``"N<=256"``,
-    ``"N>256"`` for attention (``(B, N, D)``), ``"numel<=1048576"`` / ``"numel>1048576"`` for the
+    ``"N>256"`` for attention (``(B, N, D)``; the block's ``z`` (..., C, H, W): N = H * W), ``"numel<=1048576"`` / ``"numel>1048576"`` for the
     reverse step."""
     name, edges = BUCKET_EDGES[op]
-    size = math.prod(shape) if name == "numel" else int(shape[1])
+    if name == "numel":
+        size = math.prod(shape)
+    elif op == "attention_block":   # z is (B, C, H, W) or (M, B, C, H, W): N = H * W
+        size = int(shape[-1]) * int(shape[-2])
+    else:
+        size = int(shape[1])
     for edge in edges:
         if size <= edge:
             return f"{name}<={edge}"
