@@ -124,8 +124,6 @@ def _init_worker(queue, threads: int, parent: int) -> None:
     signal.signal(signal.SIGTERM, _sigterm_exit)
     die_with_parent(parent)
     torch.set_num_threads(threads)
-    from ..ops import patch_triton_interpreter
-    patch_triton_interpreter()   # spawned workers do not run the CLI's set-up
     _QUEUE = queue
 
 
