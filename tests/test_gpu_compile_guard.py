@@ -239,6 +239,18 @@ def _cases():
     yield "top1", "strided (2, 16, 16, 16)", lambda: top1(2, 16, 16, 16, 1, True, strided=True)
     yield "top1", "bf16 (2, 17, 100, 64)", lambda: top1(2, 17, 100, 64, 1, True, torch.bfloat16)
 
+    def at_precision(precision, launch):   # the fp32 policy: each torch float32 matmul precision a variant
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            launch()
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    for p in ("high", "medium"):
+        yield "attention", f"fp32 precision {p}", lambda p=p: at_precision(p, lambda: attention(2, 17, 17, 16, 16))
+        yield "top1", f"fp32 precision {p}", lambda p=p: at_precision(p, lambda: top1(2, 17, 5, 3, 1, True))
+
     for n in (1, 16, 17):
         c = torch.zeros(n, dtype=torch.int64)
         for seed, c2, c3 in ((0, 0, 0), (1, 1, 1), (16, 16, 0), (big, 17, 1)):
