@@ -44,6 +44,7 @@ def test_bad_input_exits_cleanly(tmp_path, capsys):
     assert main(["score", str(tmp_path / "missing.safetensors")]) == 2
 
 
+@pytest.mark.slow
 def test_reproduce_options_reach_the_study(tmp_path):
     out = tmp_path / "study"
     assert main(["reproduce", "--tiny", "--out", str(out), "--networks", "softmax", "--n-samples", "4",
