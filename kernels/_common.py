@@ -1,5 +1,14 @@
 """What the three kernel modules share: constants, the Philox counters, the JIT specialisation rule,
-the feature block and the ahead-of-time configuration builder.
+the fp32 dot policy, the feature block and the ahead-of-time configuration builder.
+
+**The fp32 policy** (every kernel): a ``tl.dot`` of float32 operands uses the precision torch would
+use for a float32 matmul, ``torch.get_float32_matmul_precision()``, read by the launcher (host side)
+at each launch and passed as the constexpr ``DOT_PRECISION`` (``dot_precision``): ``"highest"``
+(torch's default) -> IEEE products, ``"high"`` -> 3xTF32 (float32-level accuracy on tensor cores),
+``"medium"`` -> TF32. 16-bit operands always run on tensor cores with float32 accumulation, so they
+get one fixed value and no extra compiled variant. Scores, softmax statistics and accumulators are
+float32 throughout; a saved log-sum-exp is in natural log (``torch.logsumexp``'s), kernels that work
+in the exp2 domain scale it by ``LOG2E`` when they load it.
 
 **The JIT specialisation rule.** On a GPU, Triton's JIT specialises integer arguments by value: an
 argument equal to 1 becomes a constexpr *Python int* (so ``n.to(tl.int64)`` raises
@@ -45,6 +54,25 @@ TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 
 #: ahead-of-time compile targets (no GPU needed): capability -> ptxas architecture name
 TARGETS = {80: "sm_80", 90: "sm_90a"}
+
+
+#: torch.get_float32_matmul_precision() -> ``input_precision`` of a float32 ``tl.dot``
+FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+#: ``input_precision`` passed for 16-bit operands (tensor cores whatever it says: one compiled variant)
+HALF_DOT_PRECISION = "ieee"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``DOT_PRECISION`` for a launch whose dot operands have ``dtype``, by the fp32 policy (module
+    docstring): for float32, torch's float32 matmul precision now."""
+    if dtype == torch.float32:
+        return FP32_DOT_PRECISION[torch.get_float32_matmul_precision()]
+    return HALF_DOT_PRECISION
+
+
+def dot_precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    """Every ``DOT_PRECISION`` a launch with operands of ``dtype`` can pass (for ``compile_configs``)."""
+    return tuple(FP32_DOT_PRECISION.values()) if dtype == torch.float32 else (HALF_DOT_PRECISION,)
 
 
 def feature_block(d: int) -> int:

@@ -20,11 +20,12 @@ pass a tensor as it is when it has unit feature stride, 8-aligned rows and 16-by
 otherwise copy it, padding D with zeros to a multiple of 8 (zero features change no score).
 Integer arguments are not specialised by the JIT, so the compiled variants are exactly
 ``compile_configs()``: per (kernel, BLOCK_D, dtype) one (BLOCK, num_warps, num_stages) from
-``launch_config`` (chosen from ``ptxas -v``: no spills on sm_80 / sm_90a), EVEN_N / EVEN_D as the
-only other axes. Short sequences: when ``N * D`` is small one program handles several sequences
+``launch_config`` (chosen from ``ptxas -v``: no spills on sm_80 / sm_90a), EVEN_N / EVEN_D and, for
+float32, ``DOT_PRECISION`` as the only other axes. Short sequences: when ``N * D`` is small one program handles several sequences
 (``seqs_per_prog``, a runtime argument). Offsets: the batch offset is int64; in-sequence offsets are
 int32 (a copy is made when a sequence's span would pass 2^31). Inputs may be float32, float16 or
-bfloat16; math is float32 (float32 inputs use IEEE float32 ``tl.dot``, like torch's default matmul).
+bfloat16; math is float32; float32 dots follow torch's float32 matmul precision (the fp32 policy of
+``_common``: IEEE products at torch's default).
 
 This module imports nothing from ``fastscore``.
 """
@@ -36,7 +37,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ALIGN, LOG2E, MAXNREG, TL_ALIGN, TL_DTYPES, TL_LN2, TL_LOG2E, make_config
+from ._common import (
+    ALIGN,
+    LOG2E,
+    MAXNREG,
+    TL_ALIGN,
+    TL_DTYPES,
+    TL_LN2,
+    TL_LOG2E,
+    dot_precision,
+    dot_precisions,
+    make_config,
+)
 from ._common import config_key as config_key
 from ._common import feature_block as _pow2_block
 
@@ -381,8 +393,9 @@ KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "identity_bwd")
 #: (BLOCK, num_warps, num_stages) per (kernel, BLOCK_D, 16-bit inputs), chosen from ``ptxas -v``
 #: (benchmarks/compile_report.py): no spills on sm_80 / sm_90a; most configurations use 64-210
 #: registers, a few 16-bit BLOCK_D=64/128 ones reach 247-255 on sm_80 (without spilling).
-#: float32 inputs use IEEE float32 products, which run on the FMA units with the operands held in
-#: registers, so their tiles are smaller than the tensor-core 16-bit ones at the same feature block.
+#: float32 inputs at torch's default precision use IEEE float32 products, which run on the FMA units with
+#: the operands held in registers, so their tiles are smaller than the tensor-core 16-bit ones at the
+#: same feature block (the TF32 / 3xTF32 variants use the same float32 tiles).
 _LAUNCH: dict[tuple[str, int, bool], tuple[int, int, int] | None] = {}
 
 
@@ -441,12 +454,6 @@ def _seqs_per_program(b: int, n_blocks: int, n: int, bd: int) -> int:
         if b % spp == 0:
             return spp
     return want
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """IEEE float32 products for float32 inputs (torch's default matmul precision); 16-bit operands
-    use tensor cores with float32 accumulation whatever this says."""
-    return "ieee"
 
 
 def _check_dtype(*xs: torch.Tensor) -> None:
@@ -566,7 +573,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         B, NQ, NK, Dp // ALIGN, DVp // ALIGN, float(scale) * LOG2E, spp,
         BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd,
         EVEN_N=(NQ % blk == 0 and NK % blk == 0), EVEN_D=(Dp == bd and DVp == bd),
-        IDENTITY=identity, DOT_PRECISION=_dot_precision(q.dtype), num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
+        IDENTITY=identity, DOT_PRECISION=dot_precision(q.dtype), num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
     if lse is not None and lse is not lse_buf:
         lse.copy_(lse_buf)
@@ -602,7 +609,7 @@ def attention_backward(q, k, v, out, lse, do, scale: float, dq=None, dk=None, dv
     Dp, DVp = q.shape[2], v.shape[2]
     dq_buf, dk_buf, dv_buf = _buffer(dq, B, NQ, D, q), _buffer(dk, B, NK, D, q), _buffer(dv, B, NK, DV, q)
     delta = _delta(out, do, bd)
-    prec = _dot_precision(q.dtype)
+    prec = dot_precision(q.dtype)
     even_d = Dp == bd and DVp == bd
     sizes = (B, NQ, NK, Dp // ALIGN, DVp // ALIGN, float(scale), float(scale) * LOG2E)
 
@@ -652,7 +659,7 @@ def identity_backward(z, out, lse, do, scale: float, dz=None):
         z, do, lse, delta, dz_buf, *_st(z), *_st(do), *_st(dz_buf),
         B, N, z.shape[2] // ALIGN, float(scale), float(scale) * LOG2E, spp,
         BLOCK=blk, BLOCK_D=bd, EVEN_N=(N % blk == 0), EVEN_D=(z.shape[2] == bd),
-        DOT_PRECISION=_dot_precision(z.dtype), num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
+        DOT_PRECISION=dot_precision(z.dtype), num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
     return _finish(dz_buf, D, dz)
 
@@ -681,7 +688,8 @@ def kernel_config(name: str, dt: str, constexprs: dict, num_warps: int, num_stag
 def compile_configs(dtypes=("fp32", "fp16", "bf16")) -> list[dict]:
     """Exactly the (kernel, constexprs, num_warps, num_stages) the launchers can launch, for ``dtypes``:
     per (kernel, BLOCK_D, dtype) the one ``launch_config`` choice, with EVEN_N / EVEN_D (and IDENTITY
-    for the forward) as the only other axes; the preprocess has none.
+    for the forward) and, for float32, the ``DOT_PRECISION`` of each torch float32 matmul precision
+    (``_common.dot_precisions``) as the only other axes; the preprocess has none.
 
     Each entry is a ``_common.make_config`` dict.
     """
@@ -689,9 +697,9 @@ def compile_configs(dtypes=("fp32", "fp16", "bf16")) -> list[dict]:
     flags = list(itertools.product((True, False), (True, False)))
     for dt, bd in itertools.product(dtypes, _BLOCK_DS):
         tdt = next(t for t, name in _DTYPES.items() if name == dt)
-        prec = _dot_precision(tdt)
+        precisions = dot_precisions(tdt)
         blk, nw, ns = launch_config("fwd", bd, tdt)
-        for identity, (even_n, even_d) in itertools.product((False, True), flags):
+        for prec, identity, (even_n, even_d) in itertools.product(precisions, (False, True), flags):
             c = dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d, IDENTITY=identity,
                      DOT_PRECISION=prec)
             out.append(kernel_config("identity_fwd" if identity else "fwd", dt, c, nw, ns))
@@ -701,7 +709,7 @@ def compile_configs(dtypes=("fp32", "fp16", "bf16")) -> list[dict]:
             if launch_config(name, bd, tdt) is None:
                 continue
             blk, nw, ns = launch_config(name, bd, tdt)
-            for even_n, even_d in flags:
+            for prec, (even_n, even_d) in itertools.product(precisions, flags):
                 blocks = dict(BLOCK=blk) if name == "identity_bwd" else dict(BLOCK_M=blk, BLOCK_N=blk)
                 c = dict(**blocks, BLOCK_D=bd, EVEN_N=even_n, EVEN_D=even_d, DOT_PRECISION=prec)
                 out.append(kernel_config(name, dt, c, nw, ns))

@@ -25,9 +25,12 @@ data (``_prep`` copies any other layout; ``_buffer`` / ``_finish`` do the same f
 unspecialised integers, so one input shape and dtype always runs the same compiled variant with the
 same reduction order, whatever the caller's strides: dq, dk, dv repeat bit for bit.
 
-Precision: scores and all accumulations in float32; float32 inputs use 3xTF32 dots (float32-level
-accuracy, so the argmax agrees with an fp32 eager matmul up to rounding-level near-ties), float16/bfloat16 inputs feed tensor cores in their own
-dtype (probabilities and dS are rounded to that dtype before their dots, as in flash attention).
+Precision: scores and all accumulations in float32; float32 dots follow torch's float32 matmul
+precision (the fp32 policy of ``_common``: IEEE products at torch's default "highest", so the argmax
+agrees with an fp32 eager matmul up to rounding-level near-ties; 3xTF32 at "high", TF32 at
+"medium"); float16/bfloat16 inputs feed tensor cores in their own dtype (probabilities and dS are
+rounded to that dtype before their dots, as in flash attention). The saved log-sum-exp is in natural
+log, as the attention kernels'.
 Launch configurations: ``launch_config`` picks (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel,
 dtype class (float32 / 16-bit) and BLOCK_D = max(16, next_pow2(max(D, Dv))) from a table tuned so
 that no configuration spills registers on sm_80 or sm_90a; ``compile_configs`` lists exactly those
@@ -47,7 +50,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, STREAM_GUMBEL, TL_DTYPES, make_config, philox_group
+from ._common import (
+    LOG2E,
+    STREAM_GUMBEL,
+    TL_DTYPES,
+    TL_LN2,
+    TL_LOG2E,
+    dot_precision,
+    dot_precisions,
+    make_config,
+    philox_group,
+)
 from ._common import feature_block as _pow2_block
 
 MAX_D = 128
@@ -66,16 +79,6 @@ _INT_ARGS = ("seed", "N", "D", "DV", "n_blocks", "stride_ib", "stride_in",
 # ----------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b):
-    """a @ b with float32 accumulation; float32 operands use 3xTF32 (float32-level accuracy on
-    tensor cores; the FMA path of IEEE dots spills at these tile sizes)."""
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="tf32x3")
-    else:
-        return tl.dot(a, b)
-
-
 @triton.jit
 def _gumbel(seed, b, offs_m, offs_n, N):
     """Gumbel(0, 1) noise of shape (len(offs_m), len(offs_n)) for batch ``b`` (int64 scalar)."""
@@ -97,7 +100,7 @@ def _top1_fwd_kernel(Q, K, V, Out, Idx, seed: tl.int64, N, D, DV,
                      stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od,
                      stride_ib, stride_in,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     GUMBEL: tl.constexpr):
+                     GUMBEL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_M queries of batch ``program_id(1)``; scans all N keys once.
 
     Q, K: (B, N, D) and V: (B, N, DV), any strides (stride_xb / _xn / _xd: batch, token,
@@ -119,7 +122,7 @@ def _top1_fwd_kernel(Q, K, V, Out, Idx, seed: tl.int64, N, D, DV,
         mask_n = offs_n < N
         kt = tl.load(K + b * stride_kb + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=mask_n[None, :] & (offs_d < D)[:, None], other=0.0)
-        s = _dot(q, kt)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
         if GUMBEL:
             s += _gumbel(seed, b, offs_m, offs_n, N)
         is_nan = (s != s) & mask_n[None, :]
@@ -149,10 +152,11 @@ def _top1_bwd_preprocess_kernel(Q, K, V, DO, Lse, Delta, seed: tl.int64, N, D, D
                                 stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
                                 stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                GUMBEL: tl.constexpr):
+                                GUMBEL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_M queries of batch ``program_id(1)``; online softmax of s / T over all keys.
 
-    Writes ``Lse`` = log2-sum-exp2 of ``s * scale2`` (``scale2 = log2(e) / T``) and
+    Writes ``Lse`` = the natural-log log-sum-exp of ``s / T`` (computed in the exp2 domain with
+    ``scale2 = log2(e) / T``) and
     ``Delta = rowsum(dO * O_soft)`` with ``O_soft = softmax(s / T) v``; both (B, N) float32
     contiguous. Q, K: (B, N, D); V, DO: (B, N, DV); strides as in the forward kernel.
     """
@@ -173,7 +177,7 @@ def _top1_bwd_preprocess_kernel(Q, K, V, DO, Lse, Delta, seed: tl.int64, N, D, D
                      mask=mask_n[None, :] & (offs_d < D)[:, None], other=0.0)
         v = tl.load(V + b * stride_vb + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=mask_n[:, None] & (offs_d < DV)[None, :], other=0.0)
-        s = _dot(q, kt)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
         if GUMBEL:
             s += _gumbel(seed, b, offs_m, offs_n, N)
         s = tl.where(mask_n[None, :], s * scale2, float("-inf"))
@@ -181,13 +185,13 @@ def _top1_bwd_preprocess_kernel(Q, K, V, DO, Lse, Delta, seed: tl.int64, N, D, D
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     o = acc / l_i[:, None]
     do = tl.load(DO + b * stride_dob + offs_m.to(tl.int64)[:, None] * stride_don + offs_d[None, :] * stride_dod,
                  mask=mask_m[:, None] & (offs_d < DV)[None, :], other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    tl.store(Lse + b * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    tl.store(Lse + b * N + offs_m, (m_i + tl.log2(l_i)) * TL_LN2, mask=mask_m)
     tl.store(Delta + b * N + offs_m, delta, mask=mask_m)
 
 
@@ -197,11 +201,11 @@ def _top1_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, seed: tl.int64, N, D, DV, s
                         stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
                         stride_dqb, stride_dqn, stride_dqd,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        GUMBEL: tl.constexpr):
+                        GUMBEL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: dq for BLOCK_M queries of batch ``program_id(1)``, looping over all key blocks.
 
-    ``dq_i = sum_j P_ij (dP_ij - Delta_i) k_j / T`` with ``P`` recomputed from ``Lse`` (log2
-    domain, see the preprocess kernel) and ``dP = dO v^T``. DQ: (B, N, D) in Q's dtype.
+    ``dq_i = sum_j P_ij (dP_ij - Delta_i) k_j / T`` with ``P = exp2(s * scale2 - Lse * log2(e))``
+    recomputed from ``Lse`` (natural log, see the preprocess kernel) and ``dP = dO v^T``. DQ: (B, N, D) in Q's dtype.
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -213,7 +217,7 @@ def _top1_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, seed: tl.int64, N, D, DV, s
                 mask=mask_qd, other=0.0)
     do = tl.load(DO + b * stride_dob + offs_m.to(tl.int64)[:, None] * stride_don + offs_d[None, :] * stride_dod,
                  mask=mask_m[:, None] & (offs_d < DV)[None, :], other=0.0)
-    lse = tl.load(Lse + b * N + offs_m, mask=mask_m, other=0.0)
+    lse2 = tl.load(Lse + b * N + offs_m, mask=mask_m, other=0.0) * TL_LOG2E
     delta = tl.load(Delta + b * N + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start_n in range(0, N, BLOCK_N):
@@ -223,13 +227,13 @@ def _top1_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, seed: tl.int64, N, D, DV, s
                     mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
         v = tl.load(V + b * stride_vb + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=mask_n[:, None] & (offs_d < DV)[None, :], other=0.0)
-        s = _dot(q, tl.trans(k))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if GUMBEL:
             s += _gumbel(seed, b, offs_m, offs_n, N)
-        p = tl.where(mask_n[None, :], tl.exp2(s * scale2 - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v))
+        p = tl.where(mask_n[None, :], tl.exp2(s * scale2 - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     tl.store(DQ + b * stride_dqb + offs_m.to(tl.int64)[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
              (dq * inv_t).to(DQ.dtype.element_ty), mask=mask_qd)
 
@@ -240,7 +244,7 @@ def _top1_bwd_dk_kernel(Q, K, V, DO, Lse, Delta, DK, seed: tl.int64, N, D, DV, s
                         stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
                         stride_dkb, stride_dkn, stride_dkd,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        GUMBEL: tl.constexpr):
+                        GUMBEL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: dk for BLOCK_N keys of batch ``program_id(1)``, looping over all query blocks.
 
     ``dk_j = sum_i P_ij (dP_ij - Delta_i) q_i / T``; same inputs as the dq kernel.
@@ -264,15 +268,15 @@ def _top1_bwd_dk_kernel(Q, K, V, DO, Lse, Delta, DK, seed: tl.int64, N, D, DV, s
                     mask=mask_m[:, None] & (offs_d < D)[None, :], other=0.0)
         do = tl.load(DO + b * stride_dob + offs_m.to(tl.int64)[:, None] * stride_don + offs_d[None, :] * stride_dod,
                      mask=mask_m[:, None] & (offs_d < DV)[None, :], other=0.0)
-        lse = tl.load(Lse + b * N + offs_m, mask=mask_m, other=0.0)
+        lse2 = tl.load(Lse + b * N + offs_m, mask=mask_m, other=0.0) * TL_LOG2E
         delta = tl.load(Delta + b * N + offs_m, mask=mask_m, other=0.0)
-        s = _dot(q, tl.trans(k))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if GUMBEL:
             s += _gumbel(seed, b, offs_m, offs_n, N)
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s * scale2 - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v))
+        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s * scale2 - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds.to(q.dtype)), q)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     tl.store(DK + b * stride_dkb + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * inv_t).to(DK.dtype.element_ty), mask=mask_kd)
 
@@ -280,7 +284,8 @@ def _top1_bwd_dk_kernel(Q, K, V, DO, Lse, Delta, DK, seed: tl.int64, N, D, DV, s
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _top1_bwd_dv_kernel(DO, SortedIdx, Perm, Bounds, DV_out, N, DV, n_blocks,
                         stride_dob, stride_don, stride_dod, stride_dvb, stride_dvn, stride_dvd,
-                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     """One program: dv for BLOCK_N keys of batch ``program_id(1)`` by a deterministic gather.
 
     SortedIdx, Perm: (B, N) int64 contiguous, each row of the index map sorted (stable) and the
@@ -305,7 +310,7 @@ def _top1_bwd_dv_kernel(DO, SortedIdx, Perm, Bounds, DV_out, N, DV, n_blocks,
         do = tl.load(DO + b * stride_dob + qi[:, None] * stride_don + offs_d[None, :] * stride_dod,
                      mask=mask_t[:, None] & mask_d[None, :], other=0.0)
         onehot = (offs_n[:, None] == key[None, :]).to(do.dtype)
-        acc += _dot(onehot, do)
+        acc += tl.dot(onehot, do, input_precision=DOT_PRECISION)
     tl.store(DV_out + b * stride_dvb + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
              acc.to(DV_out.dtype.element_ty), mask=(offs_n < N)[:, None] & mask_d[None, :])
 
@@ -314,7 +319,7 @@ def _top1_bwd_dv_kernel(DO, SortedIdx, Perm, Bounds, DV_out, N, DV, n_blocks,
 # launchers
 # ----------------------------------------------------------------------------------------------
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kernel, dtype class, BLOCK_D, gumbel); dtype class
-#: "fp32" (3xTF32 dots) or "half" (float16 and bfloat16). For ``bwd_dv`` BLOCK_M is BLOCK_T, the
+#: "fp32" (tuned with 3xTF32 dots; every DOT_PRECISION uses them) or "half" (float16 and bfloat16). For ``bwd_dv`` BLOCK_M is BLOCK_T, the
 #: queries gathered per step. Chosen so that no configuration spills on sm_80 or sm_90a (see
 #: ``compile_configs`` and benchmarks/compile_report.py).
 _TUNED: dict[tuple[str, str, int, bool], tuple[int, int, int, int]] = {
@@ -397,12 +402,26 @@ def feature_block(d: int, dv: int, dtype: torch.dtype = torch.float16) -> int:
     return _pow2_block(max(d, dv))
 
 
-def launch_config(kernel: str, block_d: int, dtype: torch.dtype, gumbel: bool = False
-                  ) -> tuple[int, int, int, int]:
+#: where IEEE float32 dots (the fp32 policy at torch's default precision: FMA units, operands held in
+#: registers) spill with the ``_TUNED`` float32 tiles, the tiles they use instead (ptxas -v,
+#: benchmarks/compile_report.py: bwd_dk at BLOCK_D = 64 spills 400-600 bytes at 16 x 32 with 4 warps,
+#: 250-360 at 16 x 16; 16 x 16 with 8 warps takes 64-69 registers on sm_80 / sm_90a, no spill)
+_TUNED_IEEE: dict[tuple[str, int, bool], tuple[int, int, int, int]] = {
+    ("bwd_dk", 64, False): (16, 16, 8, 1),
+    ("bwd_dk", 64, True): (16, 16, 8, 1),
+}
+
+
+def launch_config(kernel: str, block_d: int, dtype: torch.dtype, gumbel: bool = False,
+                  precision: str | None = None) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` the launchers use for ``kernel`` (one of
-    ``KERNELS``) at feature block ``block_d`` and input ``dtype``; ``gumbel`` is ignored by bwd_dv."""
+    ``KERNELS``) at feature block ``block_d``, input ``dtype`` and ``DOT_PRECISION`` ``precision``
+    (default: ``dot_precision(dtype)`` now); ``gumbel`` is ignored by bwd_dv."""
     cls = "fp32" if dtype == torch.float32 else "half"
     gumbel = bool(gumbel) and kernel != "bwd_dv"
+    prec = dot_precision(dtype) if precision is None else precision
+    if cls == "fp32" and prec == "ieee" and (kernel, block_d, gumbel) in _TUNED_IEEE:
+        return _TUNED_IEEE[(kernel, block_d, gumbel)]
     return _TUNED[(kernel, cls, block_d, gumbel)]
 
 
@@ -453,14 +472,16 @@ def top1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gumbel: bool
     """
     b, n, d, dv = _check_inputs(q, k, v)
     block_d = feature_block(d, dv, q.dtype)
-    bm, bn, warps, stages = launch_config("fwd", block_d, q.dtype, gumbel)
+    prec = dot_precision(q.dtype)
+    bm, bn, warps, stages = launch_config("fwd", block_d, q.dtype, gumbel, prec)
     q, k, v = _prep(q), _prep(k), _prep(v)
     o_buf = _buffer(out, v, (b, n, dv), v.dtype)
     i_buf = _buffer(idx, q, (b, n), torch.int64)
     _top1_fwd_kernel[(triton.cdiv(n, bm), b)](
         q, k, v, o_buf, i_buf, int(seed), n, d, dv,
         *q.stride(), *k.stride(), *v.stride(), *o_buf.stride(), *i_buf.stride(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, GUMBEL=bool(gumbel), num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, GUMBEL=bool(gumbel), DOT_PRECISION=prec,
+        num_warps=warps, num_stages=stages)
     return _finish(o_buf, out), _finish(i_buf, idx)
 
 
@@ -487,11 +508,11 @@ def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     lse = torch.empty((b, n), dtype=torch.float32, device=q.device)
     delta = torch.empty((b, n), dtype=torch.float32, device=q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    seed, gumbel = int(seed), bool(gumbel)
+    seed, gumbel, prec = int(seed), bool(gumbel), dot_precision(q.dtype)
 
     def meta(kernel):
-        bm, bn, warps, stages = launch_config(kernel, block_d, q.dtype, gumbel)
-        return bm, bn, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, GUMBEL=gumbel,
+        bm, bn, warps, stages = launch_config(kernel, block_d, q.dtype, gumbel, prec)
+        return bm, bn, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, GUMBEL=gumbel, DOT_PRECISION=prec,
                             num_warps=warps, num_stages=stages)
 
     bm, _, kw = meta("bwd_preprocess")
@@ -504,14 +525,15 @@ def top1_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     _top1_bwd_dk_kernel[(triton.cdiv(n, bn), b)](q, k, v, dout, lse, delta, dk_buf, seed, n, d, dvn, scale2, inv_t,
                                                  *strides, *dk_buf.stride(), **kw)
     # hard dv: sort each row of the index map, then one program per key block gathers its run
-    bt, bn, warps, stages = launch_config("bwd_dv", block_d, q.dtype)
+    bt, bn, warps, stages = launch_config("bwd_dv", block_d, q.dtype, precision=prec)
     sorted_idx, perm = torch.sort(idx, dim=1, stable=True)
     n_blocks = triton.cdiv(n, bn)
     edges = (torch.arange(n_blocks + 1, device=idx.device, dtype=torch.int64) * bn).clamp_(max=n)
     bounds = torch.searchsorted(sorted_idx.contiguous(), edges.expand(b, n_blocks + 1).contiguous())
     _top1_bwd_dv_kernel[(n_blocks, b)](dout, sorted_idx.contiguous(), perm.contiguous(), bounds.contiguous(), dv_buf,
                                        n, dvn, n_blocks, *dout.stride(), *dv_buf.stride(),
-                                       BLOCK_N=bn, BLOCK_T=bt, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+                                       BLOCK_N=bn, BLOCK_T=bt, BLOCK_D=block_d, DOT_PRECISION=prec,
+                                       num_warps=warps, num_stages=stages)
     return _finish(dq_buf, dq), _finish(dk_buf, dk), _finish(dv_buf, dv)
 
 
@@ -525,17 +547,21 @@ _FNS = {"fwd": _top1_fwd_kernel, "bwd_preprocess": _top1_bwd_preprocess_kernel, 
 
 
 def kernel_config(kernel: str, dtype: torch.dtype, block_d: int, gumbel: bool,
-                  cfg: tuple[int, int, int, int]) -> dict:
+                  cfg: tuple[int, int, int, int], precision: str | None = None) -> dict:
     """One compile configuration (``_common.make_config``) of ``kernel`` with
-    ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages)`` as from ``launch_config``: pointers 16-byte
-    aligned (``_prep`` and fresh allocations), ``seed`` int64, other integers i32, floats fp32."""
+    ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages)`` as from ``launch_config`` and ``DOT_PRECISION``
+    ``precision`` (default: ``dot_precision(dtype)`` now): pointers 16-byte aligned (``_prep`` and fresh
+    allocations), ``seed`` int64, other integers i32, floats fp32."""
     bm, bn, warps, stages = cfg
     fn, ty = _FNS[kernel], TL_DTYPES[dtype]
+    prec = dot_precision(dtype) if precision is None else precision
+    tag = f"_{prec}" if dtype == torch.float32 else ""
     if kernel == "bwd_dv":
-        consts, name = {"BLOCK_N": bn, "BLOCK_T": bm, "BLOCK_D": block_d}, f"top1_{kernel}_{ty}_d{block_d}"
+        consts = {"BLOCK_N": bn, "BLOCK_T": bm, "BLOCK_D": block_d, "DOT_PRECISION": prec}
+        name = f"top1_{kernel}_{ty}_d{block_d}{tag}"
     else:
-        consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "GUMBEL": bool(gumbel)}
-        name = f"top1_{kernel}_{ty}_d{block_d}_{'g' if gumbel else 'n'}"
+        consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "GUMBEL": bool(gumbel), "DOT_PRECISION": prec}
+        name = f"top1_{kernel}_{ty}_d{block_d}_{'g' if gumbel else 'n'}{tag}"
     args = set(fn.arg_names)
     pointers = {a: None for a in _DATA & args} | {a: t for a, t in _OTHER.items() if a in args}
     return make_config(name, fn, ty, consts, warps, stages, pointers=pointers,
@@ -545,12 +571,14 @@ def kernel_config(kernel: str, dtype: torch.dtype, block_d: int, gumbel: bool,
 
 def compile_configs() -> list[dict]:
     """Exactly the (kernel, dtype, constexpr, num_warps, num_stages) configurations the launchers
-    can launch: every kernel of ``KERNELS`` for every dtype, every BLOCK_D of ``feature_block``
-    and both GUMBEL settings (bwd_dv has none), each with its ``launch_config``."""
+    can launch: every kernel of ``KERNELS`` for every dtype, every BLOCK_D of ``feature_block``,
+    both GUMBEL settings (bwd_dv has none) and, for float32, the ``DOT_PRECISION`` of each torch
+    float32 matmul precision (``_common.dot_precisions``), each with its ``launch_config``."""
     configs = []
     for dtype, block_d, kernel in itertools.product(_DTYPES, _BLOCK_DS, KERNELS):
         if block_d > max_features(dtype):
             continue
-        for gumbel in ((False,) if kernel == "bwd_dv" else (False, True)):
-            configs.append(kernel_config(kernel, dtype, block_d, gumbel, launch_config(kernel, block_d, dtype, gumbel)))
+        for gumbel, prec in itertools.product((False,) if kernel == "bwd_dv" else (False, True), dot_precisions(dtype)):
+            cfg = launch_config(kernel, block_d, dtype, gumbel, prec)
+            configs.append(kernel_config(kernel, dtype, block_d, gumbel, cfg, prec))
     return configs

@@ -18,7 +18,9 @@ import pytest  # noqa: E402
 
 from fastscore.ops import patch_triton_interpreter  # noqa: E402
 
-patch_triton_interpreter()   # the interpreter's NumPy >= 2.4 workaround (a no-op elsewhere)
+# the ops apply the interpreter's NumPy >= 2.4 fix at their first launch; tests that call the kernels'
+# launchers directly (fastscore.kernels.*) bypass the ops, so it is applied here too (a no-op elsewhere)
+patch_triton_interpreter()
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 #: the Triton path runs (compiled on CUDA, interpreted on CPU)

@@ -65,6 +65,8 @@ def _inputs(B, N, D, DV=None, dtype=torch.float32, NK=None):
 # The full grid N in {1, 7, 64, 100, 256} x D in {3, 8, 16, 24, 64} x B in {1, 3}, plus Dv != D.
 SHAPES = [(B, N, D, D) for B in (1, 3) for N in (1, 7, 64, 100, 256) for D in (3, 8, 16, 24, 64)]
 SHAPES += [(1, 100, 8, 3), (3, 7, 24, 40)]
+# N = 256 in the interpreter takes 5-50 s a shape: the slow tier (``pytest -m slow``)
+SHAPES = [pytest.param(*s, marks=pytest.mark.slow) if s[1] == 256 else s for s in SHAPES]
 
 
 @interpret
@@ -295,6 +297,7 @@ except ImportError:  # pragma: no cover
 
 if given is not None:
     @interpret
+    @pytest.mark.slow   # 8 random shapes through forward and backward in the interpreter: minutes
     @settings(max_examples=8, deadline=None)
     @given(B=st.integers(1, 3), N=st.integers(1, 40), NK=st.integers(1, 40), D=st.integers(1, 20),
            DV=st.integers(1, 20), scale=st.floats(0.05, 2.0), identity=st.booleans(),
@@ -392,14 +395,42 @@ def test_launchers_only_launch_listed_configs(monkeypatch):
     assert kernels == {getattr(K, n).fn.__name__ for n in _KERNEL_ATTRS}, kernels
 
 
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+def test_fp32_dots_follow_torch_matmul_precision(monkeypatch, request, precision):
+    """The fp32 policy (``_common``): every float32 launch passes the DOT_PRECISION of torch's float32
+    matmul precision, read at launch; a listed configuration; 16-bit launches one fixed value."""
+    from fastscore.kernels._common import FP32_DOT_PRECISION, HALF_DOT_PRECISION
+    before = torch.get_float32_matmul_precision()
+    request.addfinalizer(lambda: torch.set_float32_matmul_precision(before))
+    listed = {K.config_key(c) for c in K.compile_configs()}
+    log: list = []
+    for name in _KERNEL_ATTRS:
+        monkeypatch.setattr(K, name, _Recorder(getattr(K, name), log))
+    torch.set_float32_matmul_precision(precision)
+    for dtype, want in ((torch.float32, FP32_DOT_PRECISION[precision]), (torch.float16, HALF_DOT_PRECISION)):
+        log.clear()
+        q = torch.zeros(2, 9, 16, dtype=dtype)
+        out, lse = K.attention_forward(q, q.clone(), q.clone(), 0.5)
+        K.attention_backward(q, q.clone(), q.clone(), out, lse, q.clone(), 0.5)
+        K.identity_backward(q, out, lse, q.clone(), 0.5)
+        dots = [kw["DOT_PRECISION"] for _, _, _, kw in log if "DOT_PRECISION" in kw]
+        assert len(dots) >= 3 and set(dots) == {want}
+        assert all(_launch_key(fn, args, kw) in listed for fn, _, args, kw in log)
+
+
 def test_compile_configs_count():
     """One (BLOCK, num_warps, num_stages) per (kernel, BLOCK_D, dtype); EVEN_N / EVEN_D (and IDENTITY
-    in the forward) are the only other axes: per feature block and dtype 8 forward + 1 preprocess +
-    4 dk/dv + 4 dq + 4 fused identity backward (where it is launched) configurations."""
+    in the forward) and, for float32, the 3 DOT_PRECISIONs of the fp32 policy are the only other axes:
+    per feature block, dtype and precision 8 forward + 4 dk/dv + 4 dq + 4 fused identity backward
+    (where it is launched) configurations, and 1 preprocess (no dot) per feature block and dtype."""
     fused = sum(K.launch_config("identity_bwd", bd, dt) is not None
                 for bd in K._BLOCK_DS for dt in (torch.float32, torch.float16, torch.bfloat16))
     assert fused == 5 * 3 - 2  # float32 at BLOCK_D 128 and 256 takes the unfused backward
-    assert len(K.compile_configs()) == 5 * 3 * (8 + 1 + 2 * 4) + 4 * fused
+    fused32 = sum(K.launch_config("identity_bwd", bd, torch.float32) is not None for bd in K._BLOCK_DS)
+    precisions = 3 * 5 + 2 * 5   # (dtype, feature block) pairs weighted by their DOT_PRECISIONs
+    assert len(K.compile_configs()) == precisions * (8 + 2 * 4) + 5 * 3 + 4 * (fused + 2 * fused32)
+    assert {c["constexprs"]["DOT_PRECISION"] for c in K.compile_configs() if c["dtype"] == "fp32"
+            and "DOT_PRECISION" in c["constexprs"]} == {"ieee", "tf32x3", "tf32"}
 
 
 # ------------------------------------------------------------------------------------------------

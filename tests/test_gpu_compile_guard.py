@@ -242,6 +242,18 @@ def _cases():
     yield "top1", "strided (2, 16, 16, 16)", lambda: top1(2, 16, 16, 16, 1, True, strided=True)
     yield "top1", "bf16 (2, 17, 100, 64)", lambda: top1(2, 17, 100, 64, 1, True, torch.bfloat16)
 
+    def at_precision(precision, launch):   # the fp32 policy: each torch float32 matmul precision a variant
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            launch()
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    for p in ("high", "medium"):
+        yield "attention", f"fp32 precision {p}", lambda p=p: at_precision(p, lambda: attention(2, 17, 17, 16, 16))
+        yield "top1", f"fp32 precision {p}", lambda p=p: at_precision(p, lambda: top1(2, 17, 5, 3, 1, True))
+
     # ---- the fused attention block (kernels/attention_block.py): forward and backward of every kind,
     # with and without patch features and dx, one member and two, every integer at 1, 16 and ragged
     # (all at the smallest blocks, which compile_configs() lists); seeds as for top-1

@@ -3,10 +3,11 @@
 Kernels run in Triton's interpreter on CPU (conftest sets ``TRITON_INTERPRET=1``); every random
 input is drawn after the printed ``seed`` fixture. Hard argmax decisions are compared on rows
 whose top-2 score gap is safely above float32 rounding; every row must pick a (near-)maximal key.
-The interpreter's NumPy >= 2.4 fix is applied by ``fastscore.ops`` on import (``_dispatch``).
+The interpreter's NumPy >= 2.4 fix: these tests call the launchers directly, so conftest applies it.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastscore.kernels import top1 as K
+from fastscore.kernels._common import FP32_DOT_PRECISION, HALF_DOT_PRECISION
 from fastscore.ops.top1 import _Top1Reference, gumbel_noise, top1_attention
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -420,7 +422,7 @@ class _Recorder:
         return launch
 
 
-def test_launchers_pick_only_listed_configs(monkeypatch):
+def test_launchers_pick_only_listed_configs(monkeypatch, request):
     """Every launch the launchers make (all dtypes, every D up to MAX_D, Dv != D, Gumbel on and off)
     is a configuration of ``compile_configs()``, so the compile report covers all of them; and
     ``launch_config`` only returns listed ones."""
@@ -437,7 +439,10 @@ def test_launchers_pick_only_listed_configs(monkeypatch):
         monkeypatch.setattr(K, attr, _Recorder(name, log))
     ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
     seen = set()
-    for dtype in ptr:
+    before = torch.get_float32_matmul_precision()
+    request.addfinalizer(lambda: torch.set_float32_matmul_precision(before))
+    for precision, dtype in itertools.product(("highest", "high", "medium"), ptr):   # the fp32 policy
+        torch.set_float32_matmul_precision(precision)
         top = K.max_features(dtype)
         for d, dv in [(d, d) for d in range(1, top + 1)] + [(3, 40), (top - 10, 7), (top, 1)]:
             q = torch.zeros(2, 5, d, dtype=dtype)
@@ -455,6 +460,8 @@ def test_launchers_pick_only_listed_configs(monkeypatch):
                     seen.add(row)
                     bm, bn, w, st = K.launch_config(name, kw["BLOCK_D"], dtype, gumbel)
                     assert (w, st) == (warps, stages)
+                    assert kw["DOT_PRECISION"] == (FP32_DOT_PRECISION[precision] if dtype == torch.float32
+                                                   else HALF_DOT_PRECISION)
     assert seen == listed, f"compile_configs() lists configurations no launch uses: {listed - seen}"
 
 

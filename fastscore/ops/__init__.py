@@ -5,7 +5,8 @@ tensors, or CPU tensors under ``TRITON_INTERPRET=1``; inputs they cannot take ra
 the fastest measured path on CUDA (``AUTO_ON_CUDA``: SDPA for softmax/identity attention, the
 torch path for top-1, the kernel for the reverse step) and the reference elsewhere.
 ``resolve_backend`` says which path a call would take. Importing this package changes nothing
-in Triton; CPU runs of the kernels call ``patch_triton_interpreter()`` once (tests, CLI).
+in Triton (nor imports it); under ``TRITON_INTERPRET=1`` the first kernel launch applies the
+interpreter's fix (``patch_triton_interpreter``) itself.
 """
 from __future__ import annotations
 

@@ -147,9 +147,11 @@ def _interpreter_needs_patch() -> bool:
 
 def patch_triton_interpreter() -> bool:
     """Make Triton's interpreter work with NumPy >= 2.4 (its ``tensor.__index__`` reads the single
-    element). For test and CLI set-up, never done on import: call it once after setting
-    ``TRITON_INTERPRET=1``. Does nothing (returns False) when not interpreting, when NumPy accepts
-    the conversion, or when already applied; returns True when it patched."""
+    element). Applied by the ops themselves the first time a kernel launches under
+    ``TRITON_INTERPRET=1`` (``prepare_launch``), never on import; call it yourself only to launch the
+    kernels' launchers (``fastscore.kernels.*``) directly. Idempotent: does nothing (returns False)
+    when not interpreting, when NumPy accepts the conversion, or when already applied; returns True
+    when it patched."""
     if not (interpreting() and triton_available()) or not _interpreter_needs_patch():
         return False
     from triton.runtime import interpreter as interp
@@ -166,11 +168,25 @@ def patch_triton_interpreter() -> bool:
     return True
 
 
-def _interpreter_ready() -> bool:
-    if not _interpreter_needs_patch():
-        return True
-    from triton.runtime import interpreter as interp
-    return bool(getattr(interp, "_fastscore_index_patch", False))
+def prepare_launch() -> None:
+    """Called before every kernel launch of an op: under ``TRITON_INTERPRET=1``, applies
+    ``patch_triton_interpreter()`` (cheap once done).
+
+    Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, not at launch, and its
+    own standard library (``tl.max``, ``tl.zeros``, ...) is decorated when triton is imported. So the
+    variable works when set before triton is first imported, which fastscore does only at the first
+    kernel launch (``import fastscore`` and ``fastscore.ops`` do not). Set later, the kernels are JIT
+    functions that cannot run on CPU tensors and re-decorating ours would not help (Triton's library
+    calls would still fail): raises RuntimeError saying so."""
+    if not interpreting():
+        return
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(standard.zeros, InterpretedFunction):
+        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; Triton reads it when it "
+                           "decorates kernels, its own library at import: set it before importing triton "
+                           "or fastscore.kernels (e.g. in the environment)")
+    patch_triton_interpreter()
 
 
 def resolve(op: str, backend: str, tensors: tuple[torch.Tensor, ...],
@@ -193,13 +209,12 @@ def resolve(op: str, backend: str, tensors: tuple[torch.Tensor, ...],
                 kernel_check()
             except (TypeError, ValueError):
                 return "torch"
+            prepare_launch()
         return path
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package, which is not installed")
     if not (on_cuda or interpreting()):
         raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-    if interpreting() and not _interpreter_ready():
-        raise RuntimeError("Triton's interpreter needs a fix for NumPy >= 2.4: call "
-                           "fastscore.ops.patch_triton_interpreter() once before running kernels on CPU")
     kernel_check()
+    prepare_launch()
     return "triton"

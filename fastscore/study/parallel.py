@@ -4,15 +4,20 @@ one progress bar, and a clean stop on Ctrl-C or SIGTERM.
 Workers are spawned processes of a ``ProcessPoolExecutor``, each with ``cpu_count // workers``
 threads. They ignore SIGINT (Ctrl-C reaches the whole process group; only the parent decides) and
 turn SIGTERM into ``SystemExit``, so a stopped worker unwinds its ``finally`` blocks (no temporary
-files left). When the parent is interrupted it terminates the workers, kills any that do not stop
+files left). Workers die with their parent, however it ends (``kill -9``, the OOM killer): on Linux
+the kernel sends them SIGTERM when it dies (``prctl(PR_SET_PDEATHSIG)``), and on every platform a
+watchdog thread polls ``os.getppid()`` and, once the parent is gone, sends the worker SIGTERM and
+ends it with ``os._exit`` after ``STOP_SECONDS`` whatever it is doing. When the parent is interrupted it terminates the workers, kills any that do not stop
 within ``STOP_SECONDS``, and never waits on the pool (``shutdown(wait=True)`` would hang on
 workers still finishing their rows). Finished rows are saved by then; the rerun resumes."""
 from __future__ import annotations
 
+import ctypes
 import os
 import queue as queue_mod
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -22,6 +27,9 @@ from .config import LABELS
 from .rows import RunContext, run_unit
 
 STOP_SECONDS = 3.0
+#: how often a worker's watchdog checks that its parent is alive (seconds)
+WATCH_SECONDS = 0.5
+PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
 # relative cost of a row (CPU, width 64, 10k steps; measured in the full run: top-1 ~630 s, softmax
 # ~525 s, identity ~345 s, CNN ~320 s per row on one thread; the analytic rows sample only)
 COST = {"top1": 4, "softmax": 3, "identity": 2, "none": 1}
@@ -76,13 +84,46 @@ def _sigterm_exit(signum, frame) -> None:
     sys.exit(128 + signum)
 
 
-def _init_worker(queue, threads: int) -> None:
+def _parent_death_signal(sig: int) -> bool:
+    """Ask Linux to send this process ``sig`` when its parent dies; False where that is unavailable.
+    (The kernel means the parent *thread*: the pool starts its workers from the caller's thread, which
+    outlives them.)"""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    """Poll until the parent is gone (``os.getppid()`` changes: the worker was re-parented), then stop
+    this worker: SIGTERM (its handler unwinds the running unit), and ``os._exit`` after ``STOP_SECONDS``
+    in case that did not end it (an idle worker blocked on the pool's queues, a long C++ call)."""
+    while os.getppid() == parent:
+        time.sleep(WATCH_SECONDS)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(STOP_SECONDS)
+    os._exit(128 + signal.SIGTERM)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this process end soon after process ``parent`` (its parent) dies: a parent-death signal
+    where the OS has one, and a watchdog thread everywhere. Ends the process now if the parent is
+    already gone."""
+    _parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:   # it died before the signal was armed
+        os._exit(128 + signal.SIGTERM)
+    threading.Thread(target=_watch_parent, args=(parent,), name="fastscore-parent-watch", daemon=True).start()
+
+
+def _init_worker(queue, threads: int, parent: int) -> None:
     global _QUEUE
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _sigterm_exit)
+    die_with_parent(parent)
     torch.set_num_threads(threads)
-    from ..ops import patch_triton_interpreter
-    patch_triton_interpreter()   # spawned workers do not run the CLI's set-up
     _QUEUE = queue
 
 
@@ -109,7 +150,6 @@ def _worker_unit(ctx: RunContext, net: str, seeds: tuple[int, ...]) -> dict:
 
 
 def _main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
@@ -152,7 +192,7 @@ def run_parallel(ctx: RunContext, todo: list[tuple[str, tuple[int, ...]]], worke
                 bar.update(msg)
         bar.set_description("reproduce [" + "; ".join(unit_label(n, s) for n, s in running) + "]")
 
-    pool = cf.ProcessPoolExecutor(workers, mp_context=mpc, initializer=_init_worker, initargs=(queue, threads))
+    pool = cf.ProcessPoolExecutor(workers, mp_context=mpc, initializer=_init_worker, initargs=(queue, threads, os.getpid()))
     try:
         # longest units first, so the last one does not run alone on one core while the others idle
         order = sorted(todo, key=lambda j: -_cost(j))
