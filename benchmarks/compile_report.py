@@ -119,13 +119,19 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
     return row
 
 
+#: kernels known to spill, reported but not counted as a problem until fixed: the fused attention block
+#: keeps every weight-gradient accumulator in registers (docs/attention-block.md, "Spills")
+KNOWN_SPILLS = ("attention_block.",)
+
+
 def problems(row: dict) -> list[str]:
-    """What is wrong with a report row: compile error, spills, or shared memory over the limit."""
+    """What is wrong with a report row: compile error, spills (except ``KNOWN_SPILLS``), or shared memory
+    over the limit."""
     out = []
     if row.get("error"):
         out.append(f"error: {row['error']}")
         return out
-    if row["spill_stores"] or row["spill_loads"]:
+    if (row["spill_stores"] or row["spill_loads"]) and not row["kernel"].startswith(KNOWN_SPILLS):
         out.append(f"spills {row['spill_stores']}/{row['spill_loads']} bytes")
     arch = 90 if row["target"].startswith("sm_90") else 80
     if row["smem"] > SMEM_LIMIT[arch]:

@@ -113,7 +113,7 @@ def reverse_step_cost(numel: int, dtype: str = "float32") -> tuple[float, float,
     return 10.0 * numel, 3 * ELT[dtype] * numel, 1, 2.0 * numel
 
 
-FP32_DOT = {"attention": "ieee", "top1": "tf32x3", "reverse_step": "none"}
+FP32_DOT = {"attention": "ieee", "top1": "ieee", "reverse_step": "none"}
 
 
 def matrix_peak(dev: Device, dtype: str, fp32_dot: str) -> float:

@@ -4,8 +4,9 @@ the fp32 dot policy, the feature block and the ahead-of-time configuration build
 **The fp32 policy** (every kernel): a ``tl.dot`` of float32 operands uses the precision torch would
 use for a float32 matmul, ``torch.get_float32_matmul_precision()``, read by the launcher (host side)
 at each launch and passed as the constexpr ``DOT_PRECISION`` (``dot_precision``): ``"highest"``
-(torch's default) -> IEEE products, ``"high"`` -> 3xTF32 (float32-level accuracy on tensor cores),
-``"medium"`` -> TF32. 16-bit operands always run on tensor cores with float32 accumulation, so they
+(torch's default) -> IEEE products, ``"high"`` and ``"medium"`` -> TF32 (what cuBLAS does for torch's
+``"high"``; Triton has no bf16 mode for float32 operands, so ``"medium"`` gets TF32 too). 3xTF32
+(``"tf32x3"``) is not used: its attention variants spilled registers on sm_80/sm_90a. 16-bit operands always run on tensor cores with float32 accumulation, so they
 get one fixed value and no extra compiled variant. Scores, softmax statistics and accumulators are
 float32 throughout; a saved log-sum-exp is in natural log (``torch.logsumexp``'s), kernels that work
 in the exp2 domain scale it by ``LOG2E`` when they load it.
@@ -57,7 +58,7 @@ TARGETS = {80: "sm_80", 90: "sm_90a"}
 
 
 #: torch.get_float32_matmul_precision() -> ``input_precision`` of a float32 ``tl.dot``
-FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
 #: ``input_precision`` passed for 16-bit operands (tensor cores whatever it says: one compiled variant)
 HALF_DOT_PRECISION = "ieee"
 
@@ -72,7 +73,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def dot_precisions(dtype: torch.dtype) -> tuple[str, ...]:
     """Every ``DOT_PRECISION`` a launch with operands of ``dtype`` can pass (for ``compile_configs``)."""
-    return tuple(FP32_DOT_PRECISION.values()) if dtype == torch.float32 else (HALF_DOT_PRECISION,)
+    return tuple(dict.fromkeys(FP32_DOT_PRECISION.values())) if dtype == torch.float32 else (HALF_DOT_PRECISION,)
 
 
 def feature_block(d: int) -> int:

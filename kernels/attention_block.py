@@ -38,7 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, TL_DTYPES, TL_LOG2E, config_key, feature_block, make_config
+from ._common import (
+    LOG2E,
+    TL_DTYPES,
+    TL_LOG2E,
+    config_key,
+    dot_precision,
+    dot_precisions,
+    feature_block,
+    make_config,
+)
 from .top1 import _gumbel
 
 MAX_N = 256
@@ -516,7 +525,7 @@ def block_forward(z: torch.Tensor, x: torch.Tensor | None, w_qkv, b_qkv, w_out, 
     _block_fwd_kernel[(n_blocks, triton.cdiv(NB, ipp))](
         z, z if x is None else x, wq, bq, wo, bo, out, lse, idx, int(seed),
         *_strides(z), *_strides(x), NB // members, NB, N, H, W, C, P, D, ipp, float(qk_scale) * LOG2E,
-        **meta, GUMBEL=bool(gumbel) and kind == "top1", PREC="ieee", num_warps=nw, num_stages=ns,
+        **meta, GUMBEL=bool(gumbel) and kind == "top1", PREC=dot_precision(z.dtype), num_warps=nw, num_stages=ns,
     )
     return out, lse, (idx if kind == "top1" else None)
 
@@ -551,7 +560,7 @@ def block_backward(g: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None, w_q
         z, z if x is None else x, wq, bq, wo, g, lse, torch.zeros(1, device=dev, dtype=torch.int64) if idx is None else idx, delta, dz, dpatch, *parts,
         int(seed), *_strides(z), *_strides(x), *_strides(g), B_per, NB, N, H, W, C, P, D, ipp,
         float(sm_scale) * LOG2E, float(sm_scale),
-        **meta, GUMBEL=bool(gumbel) and kind == "top1", WRITE_DPATCH=bool(need_dpatch and P), PREC="ieee",
+        **meta, GUMBEL=bool(gumbel) and kind == "top1", WRITE_DPATCH=bool(need_dpatch and P), PREC=dot_precision(z.dtype),
         num_warps=nw, num_stages=ns,
     )
     grads = tuple(p.sum(1) for p in parts) if weighted else (None,) * 4
@@ -567,9 +576,13 @@ STUDY_SHAPES = ((64, 64, 27, 64), (64, 64, 0, 64), (64, 64, 27, 16), (256, 64, 2
                 (16, 16, 9, 16), (16, 16, 0, 16))
 
 
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def compile_configs(dtypes=("fp32", "bf16")) -> list[dict]:
     """The configurations the launchers launch at ``STUDY_SHAPES``: forward and backward, each kind
-    (identity only without patches), GUMBEL for top-1, WRITE_DPATCH (the dx path) with patches.
+    (identity only without patches), GUMBEL for top-1, WRITE_DPATCH (the dx path) with patches, and
+    for float32 each dot precision of the fp32 policy (``_common.dot_precisions``).
     Each a ``make_config`` dict."""
     out = []
     data = {"Z", "X", "WQKV", "BQKV", "WO", "BO", "OUT", "G", "DZ"}      # pointers of the data dtype
@@ -582,11 +595,11 @@ def compile_configs(dtypes=("fp32", "bf16")) -> list[dict]:
         bwd = [(_block_bwd_kernel, {"WRITE_DPATCH": w}) for w in ((False, True) if p else (False,))]
         for fn, extra in [(_block_fwd_kernel, {}), *bwd]:
             gumbels = (False, True) if kind == "top1" else (False,)
-            for gumbel in gumbels:
+            for gumbel, prec in itertools.product(gumbels, dot_precisions(_DTYPES[dt])):
                 args = set(fn.arg_names)
                 pointers = {a: (None if a in data else "i64" if a == "IDX" else "fp32")
                             for a in args & (data | f32_ptrs | {"IDX"})}
-                const = dict(meta, GUMBEL=gumbel, PREC="ieee", **extra)
+                const = dict(meta, GUMBEL=gumbel, PREC=prec, **extra)
                 cfg = make_config(f"attention_block.{fn.__name__}.{kind}", fn, dt, const, nw, ns,
                                   pointers=pointers, fp32=tuple(a for a in ("qk_scale", "sm_scale") if a in args),
                                   i64=("seed",), aligned=tuple(pointers))

@@ -420,17 +420,17 @@ def test_fp32_dots_follow_torch_matmul_precision(monkeypatch, request, precision
 
 def test_compile_configs_count():
     """One (BLOCK, num_warps, num_stages) per (kernel, BLOCK_D, dtype); EVEN_N / EVEN_D (and IDENTITY
-    in the forward) and, for float32, the 3 DOT_PRECISIONs of the fp32 policy are the only other axes:
+    in the forward) and, for float32, the 2 DOT_PRECISIONs of the fp32 policy are the only other axes:
     per feature block, dtype and precision 8 forward + 4 dk/dv + 4 dq + 4 fused identity backward
     (where it is launched) configurations, and 1 preprocess (no dot) per feature block and dtype."""
     fused = sum(K.launch_config("identity_bwd", bd, dt) is not None
                 for bd in K._BLOCK_DS for dt in (torch.float32, torch.float16, torch.bfloat16))
     assert fused == 5 * 3 - 2  # float32 at BLOCK_D 128 and 256 takes the unfused backward
     fused32 = sum(K.launch_config("identity_bwd", bd, torch.float32) is not None for bd in K._BLOCK_DS)
-    precisions = 3 * 5 + 2 * 5   # (dtype, feature block) pairs weighted by their DOT_PRECISIONs
-    assert len(K.compile_configs()) == precisions * (8 + 2 * 4) + 5 * 3 + 4 * (fused + 2 * fused32)
+    precisions = 2 * 5 + 2 * 5   # (dtype, feature block) pairs weighted by their DOT_PRECISIONs
+    assert len(K.compile_configs()) == precisions * (8 + 2 * 4) + 5 * 3 + 4 * (fused + fused32)
     assert {c["constexprs"]["DOT_PRECISION"] for c in K.compile_configs() if c["dtype"] == "fp32"
-            and "DOT_PRECISION" in c["constexprs"]} == {"ieee", "tf32x3", "tf32"}
+            and "DOT_PRECISION" in c["constexprs"]} == {"ieee", "tf32"}
 
 
 # ------------------------------------------------------------------------------------------------
