@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from _common import SDPA_BACKENDS, Timer, cpu_time, env, gpu_time, print_table, row, time_sdpa_backends, write_rows
@@ -62,10 +62,10 @@ def _auto_core(q, k, v, scale):
     return ops.softmax_attention(q, k, v, scale, backend="auto")
 
 
-def providers(kind: str) -> list[tuple[str, object]]:
+def providers(kind: str) -> list[tuple[str, Callable]]:
     """(name, fn(args, kw) -> out): the paths ``triton`` and ``torch``, then ``eager``; ``sdpa`` (the
     composition around SDPA) is timed per SDPA backend as ``sdpa:<BACKEND>``."""
-    out = [("triton", lambda a, kw: ops.attention_block(*a, backend="triton", **kw)),
+    out: list[tuple[str, Callable]] = [("triton", lambda a, kw: ops.attention_block(*a, backend="triton", **kw)),
            ("torch", lambda a, kw: ops.attention_block_reference(*a, core=_auto_core, **kw)),
            ("eager", lambda a, kw: ops.attention_block_reference(*a, **kw))]
     if kind != "top1":
@@ -91,6 +91,13 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: " + ((str(e).strip().splitlines() or [""])[0][:200])
 
 
+def _case_row(size: tuple[int, int, int, int], dtype: str, kind: str, pss: str, flops: float, provider: str,
+              ms: tuple[float, float, float] | None, status: str = "ok", **extra) -> dict:
+    B, N, C, d = size
+    return row("attention_block", provider, (B, C, *HW[N]), dtype, ms, "TFLOP/s", flops, status,
+               **{"pass": pss, "kind": kind, "attn_dim": d, "tokens": N}, **extra)
+
+
 def measure(sizes: Sequence[tuple[int, int, int, int]], dtypes: Sequence[torch.dtype], device: str | torch.device,
             timer: Timer = gpu_time, kinds: Sequence[str] = KINDS, passes: Sequence[str] = PASSES,
             sdpa_backends: Sequence[str] = SDPA_BACKENDS) -> Iterator[dict]:
@@ -104,8 +111,7 @@ def measure(sizes: Sequence[tuple[int, int, int, int]], dtypes: Sequence[torch.d
             bwd = pss == "fwd_bwd"
             kw = {"kind": kind, "scale": (C if kind == "identity" else d) ** -0.5}
             flops = block_flops(B, N, C, d, kind, 0 if kind == "identity" else 27, bwd)
-            out = functools.partial(row, "attention_block", shape=(B, C, *HW[N]), dtype=dt, metric="TFLOP/s",
-                                    work=flops, **{"pass": pss, "kind": kind, "attn_dim": d, "tokens": N})
+            out = functools.partial(_case_row, (B, N, C, d), dt, kind, pss, flops)
             for name, fn in providers(kind):
                 try:
                     step = _step(fn, inputs(kind, B, N, C, d, dtype, device, bwd), kw, bwd)

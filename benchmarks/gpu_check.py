@@ -348,8 +348,8 @@ def part_train(c: Ctx) -> None:
     data, _ = make_dataset(KVConfig(palette=palette_of_size(2)), 256 if c.dry else 5000, seed=0)
     steps, warm, sizes = (5, 2, (1, 2)) if c.dry else (24, 4, (1, 12, 48))
     target = sizes[1]   # issue 21: the M = 12 softmax ensemble within 1.3x of the CNN's step, block forced too
-    cases = [(net, 0, False, None) for net in ("cnn", "softmax")] + \
-        [(net, M, graph, None) for net in ("cnn", "softmax") for M in sizes for graph in (False, True)]
+    cases: list[tuple[str, int, bool, str | None]] = [(net, 0, False, None) for net in ("cnn", "softmax")]
+    cases += [(net, M, graph, None) for net in ("cnn", "softmax") for M in sizes for graph in (False, True)]
     cases.insert(cases.index(("softmax", target, True, None)) + 1, ("softmax", target, False, "triton"))
     for net, M, graph, backend in cases:
         op = "train" if M == 0 else "train_ensemble"
