@@ -124,7 +124,7 @@ def print_table(rows: list[dict], expected_ms: Callable[[dict], float] | None = 
     rows = [r for r in rows if r.get("median_ms")]
 
     def key_of(r: dict) -> tuple:
-        return r["op"], r.get("pass"), tuple(r["shape"]), r["dtype"]
+        return r["op"], r.get("pass"), tuple(r["shape"]), r["dtype"], r.get("kind"), r.get("attn_dim")
 
     def base(provider: str) -> dict:
         return {key_of(r): r for r in rows if r["provider"] == provider}
@@ -136,6 +136,7 @@ def print_table(rows: list[dict], expected_ms: Callable[[dict], float] | None = 
         sp = [f"{b[key]['median_ms'] / r['median_ms']:.2f}x" if key in b else "-" for b in (eager, sdpa)]
         rf = f"{100 * expected_ms(r) / r['median_ms']:.0f}%" if expected_ms else "-"
         name = r["provider"] + (f" {r['pass']}" if r.get("pass") else "")
-        print(f"{r['op']:26s} {name:22s} {str(tuple(r['shape'])):20s} {r['dtype']:8s} "
+        op = r["op"] + (f" {r['kind']} d={r['attn_dim']}" if r.get("kind") else "")
+        print(f"{op:26s} {name:22s} {str(tuple(r['shape'])):20s} {r['dtype']:8s} "
               f"{r['median_ms']:10.4f} {r['p20_ms']:7.4f}-{r['p80_ms']:<7.4f} {r['value']:7.1f} "
               f"{r['metric'][:2]} {sp[0]:>8s} {sp[1]:>8s} {rf:>8s}")

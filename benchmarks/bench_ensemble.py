@@ -31,9 +31,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _models(network: str, M: int, device: torch.device) -> list[ScoreNet]:
+def _models(network: str, M: int, device: torch.device, backend: str | None = None) -> list[ScoreNet]:
+    """M seeded networks; ``backend`` None: ``"torch"`` on CPU, ``"auto"`` elsewhere."""
     attention, patch = NETWORKS[network]
-    backend = "torch" if device.type == "cpu" else "auto"
+    backend = backend or ("torch" if device.type == "cpu" else "auto")
     out = []
     for s in range(M):
         torch.manual_seed(1000 + s)
@@ -41,8 +42,8 @@ def _models(network: str, M: int, device: torch.device) -> list[ScoreNet]:
     return out
 
 
-def _configs(M: int, steps: int) -> list[TrainConfig]:
-    return [TrainConfig(steps=steps, batch_size=64, seed=s, t_focus=(50, 400), t_focus_prob=0.5) for s in range(M)]
+def _configs(M: int, steps: int, batch_size: int = 64) -> list[TrainConfig]:
+    return [TrainConfig(steps=steps, batch_size=batch_size, seed=s, t_focus=(50, 400), t_focus_prob=0.5) for s in range(M)]
 
 
 def measure(network: str, M: int, steps: int, device: torch.device, data: torch.Tensor,
@@ -71,11 +72,12 @@ def measure(network: str, M: int, steps: int, device: torch.device, data: torch.
 
 
 def step_rate(network: str, M: int, steps: int, device: torch.device, data: torch.Tensor, graph: bool,
-              warm: int = 4) -> dict:
+              warm: int = 4, backend: str | None = None, batch_size: int = 64) -> dict:
     """Steady-state model-steps/s of one ensemble of M (``train`` itself when ``M == 0``: one network),
     eager or with the whole step in a CUDA graph: each step after step ``warm`` timed alone (the
     device synchronised after every step; median, p20, p80), so compilation, warm-up and capture are
-    reported apart (``first_s``: start to the end of step ``warm``)."""
+    reported apart (``first_s``: start to the end of step ``warm``). ``backend`` is the networks' ops
+    backend (None: ``_models``' default, and the row has no ``backend`` field)."""
     if steps <= warm + 1:
         raise ValueError(f"steps must exceed warm + 1 = {warm + 1}, got {steps}")
     marks: dict[int, float] = {}
@@ -84,21 +86,21 @@ def step_rate(network: str, M: int, steps: int, device: torch.device, data: torc
         if step >= warm:
             _sync(device)
             marks[step] = time.perf_counter()
-    nets = _models(network, max(M, 1), device)
+    nets = _models(network, max(M, 1), device, backend)
     _sync(device)
     t0 = time.perf_counter()
     if M == 0:
-        train(nets[0], data, _configs(1, steps)[0], device=device, progress=False, callback=tick)
+        train(nets[0], data, _configs(1, steps, batch_size)[0], device=device, progress=False, callback=tick)
     else:
-        train(nets, data, _configs(M, steps), device=device, progress=False, callback=tick,
+        train(nets, data, _configs(M, steps, batch_size), device=device, progress=False, callback=tick,
                        stream="device" if device.type == "cuda" else "train", cuda_graph=graph)
     members = max(M, 1)
     per_step = sorted(1e3 * (marks[s] - marks[s - 1]) for s in range(warm + 1, steps))
     q = statistics.quantiles(per_step, n=10, method="inclusive") if len(per_step) > 1 else per_step * 9
     med = statistics.median(per_step)
     return {"op": "train" if M == 0 else "train_ensemble", "provider": "graph" if graph else "eager",
-            "network": network, "members": members, "shape": [members, 64, *data.shape[1:]], "dtype": "float32",
-            "steps": steps, "timed_steps": len(per_step), "width": 64, "metric": "model-steps/s",
+            "network": network, "members": members, "shape": [members, batch_size, *data.shape[1:]],
+            "dtype": "float32", **({"backend": backend} if backend else {}), "steps": steps, "timed_steps": len(per_step), "width": 64, "metric": "model-steps/s",
             "value": members * 1e3 / med, "median_ms": med, "p20_ms": q[1], "p80_ms": q[7],
             "first_s": marks[warm] - t0, **env()}
 

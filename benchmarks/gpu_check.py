@@ -10,11 +10,15 @@ a crash or a hang is recorded as the part's row and the next part runs). The bud
    device-to-device copy bandwidth (``roofline.copy_bandwidth``), missing packages.
 2. ``tests``: ``pytest -n 8 -m "not cpu_only"`` (counts, names of failures; output in pytest.txt).
 3. ``ops``: every attention op x pass x provider (``bench_attention.measure``: triton, torch, sdpa
-   and each SDPA backend named; unsupported and > 2^31-score rows marked) at the study's shapes.
+   and each SDPA backend named; unsupported and > 2^31-score rows marked) at the study's shapes, and
+   the fused attention block (``bench_attention_block.measure``: triton, torch (the composition as
+   ``auto`` runs it), eager, the composition with each SDPA backend forced) at issue 21's shapes.
 4. ``reverse_step``: GB/s and % of the measured copy bandwidth (``bench_reverse_step.measure``).
 5. ``sample``: ``fastscore.sample`` of 4,096 images x 50 steps, eager vs CUDA graph, repeated calls.
 6. ``train``: model-steps/s of ``train`` and of the ensemble at M = 1, 12, 48 (CNN, softmax), eager
-   and graphed (``bench_ensemble.step_rate``); profile.txt: top kernels of one eager M = 12 step.
+   and graphed (``bench_ensemble.step_rate``), and the M = 12 softmax ensemble eager with
+   ``backend="triton"`` (the fused block forced; issue 21's 1.3x target); profile.txt: top kernels of
+   one eager M = 12 step.
 7. ``study``, ``study_quick``: ``fastscore reproduce`` and ``reproduce --quick``, stopped at the cap
    with their progress recorded (results in study.md / study-quick.md when they finish).
 
@@ -51,12 +55,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 #: (part, share of the budget), in the order they run
-PARTS = [("env", 0.04), ("tests", 0.28), ("ops", 0.16), ("reverse_step", 0.03), ("sample", 0.07),
-         ("train", 0.12), ("study", 0.18), ("study_quick", 0.12)]
+#: (ops 16 -> 22% and study 18 -> 12% when the fused block's rows joined ops: the full study, 4 min 54 s
+#: on an H100 at 19d5887, stops at its cap at the default budget either way)
+PARTS = [("env", 0.04), ("tests", 0.28), ("ops", 0.22), ("reverse_step", 0.03), ("sample", 0.07),
+         ("train", 0.12), ("study", 0.12), ("study_quick", 0.12)]
 MAX_FILES, MAX_BYTES = 8, 16 * 2 ** 20
 #: the shapes the ops part measures, in order of importance: the study's, then the large-N cases
 OP_SHAPES = [(B, 64, D) for B in (64, 768, 4096) for D in (16, 64)] + \
     [(B, N, D) for B, N in ((1024, 256), (256, 1024)) for D in (16, 64)]
+#: the fused attention block (``bench_attention_block.SIZES``: (B, N = H*W, C, d)) is measured for softmax
+#: (the study's network) at every shape, for every kind at these (the table has one path for all kinds)
+BLOCK_ALL_KINDS = [(768, 64, 64, 64)]
 PACKAGES = ("triton", "safetensors", "tqdm", "pytest", "xdist", "hypothesis", "matplotlib", "sklearn")
 STATUSES = ("ok", "unsupported", "skipped", "failed", "timeout", "crashed", "missing")
 MIN_CAP_S = 5.0
@@ -255,19 +264,44 @@ def part_ops(c: Ctx) -> None:
     import torch
     from _common import SDPA_BACKENDS
     from bench_attention import measure
+    from bench_attention_block import SIZES, TINY
     if c.dry:
         shapes, dtypes, backends = [(2, 16, 16)], [torch.float32], ("FLASH_ATTENTION", "MATH")
+        blocks = TINY
     else:
         shapes, dtypes, backends = OP_SHAPES, [torch.float32, torch.bfloat16], SDPA_BACKENDS
-    for shape in shapes:
-        for dtype in dtypes:
-            if c.out_of_time(f"ops at {shape} {dtype}"):
-                return
-            for r in measure([shape], [dtype], c.device, c.timer, sdpa_backends=backends):
-                c.emit(r)
+        blocks = SIZES
+    # the study's N = 64 first, then N = 256 and 1024; in each, the fused block (never measured on a GPU)
+    # before the attention ops (measured on an H100 at 19d5887)
+    for small in (True, False):
+        if not _blocks(c, [s for s in blocks if (s[1] <= 64) == small], dtypes, backends):
+            return
+        for shape in [s for s in shapes if (s[1] <= 64) == small]:
+            for dtype in dtypes:
+                if c.out_of_time(f"ops at {shape} {dtype}"):
+                    return
+                for r in measure([shape], [dtype], c.device, c.timer, sdpa_backends=backends):
+                    c.emit(r)
     if c.dry:
         c.skipped("softmax_attention", "all", "dry run: the GPU shapes " + ", ".join(map(str, OP_SHAPES)) +
                   " in float32 and bfloat16")
+        c.skipped("attention_block", "all", "dry run: the GPU shapes (B, N, C, d) " + ", ".join(map(str, SIZES))
+                  + " in float32 and bfloat16")
+
+
+def _blocks(c: Ctx, shapes: list[tuple[int, int, int, int]], dtypes: list, backends) -> bool:
+    """The fused block's rows (``bench_attention_block.measure``) at ``shapes``: softmax everywhere, every
+    kind at the shapes of BLOCK_ALL_KINDS (all kinds in a dry run); False when the cap was reached."""
+    from bench_attention_block import KINDS
+    from bench_attention_block import measure as measure_block
+    for shape in shapes:
+        for dtype in dtypes:
+            if c.out_of_time(f"attention_block at {shape} {dtype}"):
+                return False
+            kinds = KINDS if c.dry or shape in BLOCK_ALL_KINDS else ("softmax",)
+            for r in measure_block([shape], [dtype], c.device, c.timer, kinds=kinds, sdpa_backends=backends):
+                c.emit(r)
+    return True
 
 
 def _peak(out: Path) -> float | None:
@@ -316,20 +350,25 @@ def part_train(c: Ctx) -> None:
     from fastscore.data import KVConfig, make_dataset, palette_of_size
     data, _ = make_dataset(KVConfig(palette=palette_of_size(2)), 256 if c.dry else 5000, seed=0)
     steps, warm, sizes = (5, 2, (1, 2)) if c.dry else (24, 4, (1, 12, 48))
-    cases = [(net, 0, False) for net in ("cnn", "softmax")] + \
-        [(net, M, graph) for net in ("cnn", "softmax") for M in sizes for graph in (False, True)]
-    for net, M, graph in cases:
+    target = sizes[1]   # issue 21: the M = 12 softmax ensemble within 1.3x of the CNN's step, block forced too
+    cases: list[tuple[str, int, bool, str | None]] = [(net, 0, False, None) for net in ("cnn", "softmax")]
+    cases += [(net, M, graph, None) for net in ("cnn", "softmax") for M in sizes for graph in (False, True)]
+    cases.insert(cases.index(("softmax", target, True, None)) + 1, ("softmax", target, False, "triton"))
+    for net, M, graph, backend in cases:
         op = "train" if M == 0 else "train_ensemble"
+        extra = {"backend": backend} if backend else {}
         if graph and not c.cuda:
             c.skipped(op, "graph", "a CUDA graph needs a GPU", network=net, members=M)
             continue
-        if c.out_of_time(f"{op} {net} M={M}"):
+        if c.out_of_time(f"{op} {net} M={M}" + (f" backend={backend}" if backend else "")):
             return
+        # the block forced in the interpreter costs seconds per step at batch 64: a dry run takes batch 4
+        batch = 4 if backend and c.dry else 64
         try:
-            c.emit(step_rate(net, M, steps, c.device, data, graph, warm))
+            c.emit(step_rate(net, M, steps, c.device, data, graph, warm, backend=backend, batch_size=batch))
         except Exception as e:  # noqa: BLE001 - recorded, the next case still runs
             c.emit({"op": op, "provider": "graph" if graph else "eager", "network": net, "members": max(M, 1),
-                    "status": "failed", "reason": _reason(e)})
+                    "status": "failed", "reason": _reason(e), **extra})
     M = 2 if c.dry else 12
     if c.out_of_time("the profile"):
         return

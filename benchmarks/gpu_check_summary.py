@@ -16,7 +16,7 @@ def _f(x, fmt: str = ".3f") -> str:
 def _key(r: dict) -> tuple:
     """What makes two rows the same measurement (across runs too)."""
     return (r.get("op"), r.get("provider"), tuple(r.get("shape") or ()), r.get("dtype"), r.get("pass"),
-            r.get("network"), r.get("members"))
+            r.get("network"), r.get("members"), r.get("backend"), r.get("kind"), r.get("attn_dim"))
 
 
 def _ops_table(rows: list[dict]) -> list[str]:
@@ -24,14 +24,16 @@ def _ops_table(rows: list[dict]) -> list[str]:
     providers: list[str] = []
     for r in rows:
         if r.get("part") == "ops" and r.get("shape") and r.get("provider") != "all":
-            cases[(r["op"], r.get("pass"), tuple(r["shape"]), r["dtype"])][r["provider"]] = r
+            op = r["op"] + (f" {r['kind']} d={r['attn_dim']}" if r.get("kind") else "")
+            cases[(op, r.get("pass"), tuple(r["shape"]), r["dtype"])][r["provider"]] = r
             if r["provider"] not in providers:
                 providers.append(r["provider"])
     if not cases:
         return ["no rows"]
     short = {"ok": None, "unsupported": "unsup.", "skipped": "skip", "failed": "fail"}
-    out = ["Median ms per provider (**bold**: fastest path of `triton`, `sdpa`, `torch`); `auto` names the path it ran.",
-           "", "| op | pass | (B, N, D) | dtype | " + " | ".join(providers) + " | triton / fastest |",
+    out = ["Median ms per provider (**bold**: fastest path of `triton`, `sdpa`, `torch`); `auto` names the path it ran. "
+           "Shapes (B, N, D); the attention block's (B, C, H, W), its `torch` the composition as `auto` runs it.",
+           "", "| op | pass | shape | dtype | " + " | ".join(providers) + " | triton / fastest |",
            "|---|---|---|---|" + "---|" * len(providers) + "---|"]
     for (op, pss, shape, dtype), by in cases.items():
         paths = {p: by[p]["median_ms"] for p in ("triton", "sdpa", "torch") if p in by and by[p].get("median_ms")}
@@ -48,6 +50,48 @@ def _ops_table(rows: list[dict]) -> list[str]:
                 cells.append(short.get(r["status"], r["status"]))
         ratio = f"{paths['triton'] / paths[best]:.2f}x" if best and "triton" in paths else "-"
         out.append(f"| {op} | {pss} | {shape} | {dtype} | " + " | ".join(cells) + f" | {ratio} |")
+    return out
+
+
+#: issue 21's targets: the block's fwd+bwd >= BLOCK_TARGET x the best composition at (B, N) = BLOCK_AT;
+#: the M = 12 softmax ensemble's step <= ENSEMBLE_TARGET x the M = 12 CNN ensemble's
+BLOCK_TARGET, BLOCK_AT, ENSEMBLE_TARGET, ENSEMBLE_M = 2.0, (768, 64), 1.3, 12
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 21's target ratios read off the rows: per dtype and d, the best composition (fastest of the
+    attention block's ``torch``, ``eager``, ``sdpa:*`` rows) / ``triton`` for fwd_bwd at BLOCK_AT (softmax);
+    per (provider, backend) of the softmax ensemble, its median step / the CNN ensemble's at M = 12
+    (eager or graphed, the CNN's default backend)."""
+    out = [f"Block fwd+bwd, softmax, (B, N) = {BLOCK_AT}: best composition / triton (target >= {BLOCK_TARGET}).", "",
+           "| dtype | d | triton ms | best composition | its ms | ratio | met |", "|---|---|---|---|---|---|---|"]
+    cases: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r.get("op") == "attention_block" and r.get("pass") == "fwd_bwd" and r.get("kind") == "softmax" and \
+                r.get("median_ms") and (r["shape"][0], r["shape"][2] * r["shape"][3]) == BLOCK_AT:
+            cases[(r["dtype"], r.get("attn_dim"))][r["provider"]] = r["median_ms"]
+    for (dtype, d), by in sorted(cases.items(), key=str):
+        comp = {p: ms for p, ms in by.items() if p in ("torch", "eager") or p.startswith("sdpa:")}
+        best = min(comp, key=comp.__getitem__) if comp else None
+        if best and "triton" in by:
+            ratio = comp[best] / by["triton"]
+            out.append(f"| {dtype} | {d} | {by['triton']:.4f} | {best} | {comp[best]:.4f} | {ratio:.2f} | "
+                       f"{'yes' if ratio >= BLOCK_TARGET else 'no'} |")
+    if not cases:
+        out.append("| not measured | | | | | | |")
+    out += ["", f"Ensemble step, M = {ENSEMBLE_M}: softmax / CNN median ms per step (target <= {ENSEMBLE_TARGET}).", "",
+            "| provider | softmax backend | softmax ms | CNN ms | ratio | met |", "|---|---|---|---|---|---|"]
+    step = {(r.get("network"), r["provider"], r.get("backend")): r["median_ms"] for r in rows
+            if r.get("op") == "train_ensemble" and r.get("members") == ENSEMBLE_M and r.get("median_ms")}
+    found = False
+    for (net, provider, backend), ms in sorted(step.items(), key=str):
+        cnn = step.get(("cnn", provider, None))
+        if net == "softmax" and cnn:
+            found = True
+            out.append(f"| {provider} | {backend or 'default'} | {ms:.3f} | {cnn:.3f} | {ms / cnn:.2f} | "
+                       f"{'yes' if ms / cnn <= ENSEMBLE_TARGET else 'no'} |")
+    if not found:
+        out.append("| not measured | | | | | |")
     return out
 
 
@@ -102,11 +146,14 @@ def render(rows: list[dict], previous: list[dict] | None = None, *, dry: bool = 
         lines.append(f"| {r.get('network')} | {r['provider']} | {r['status']} | {_f(r.get('first_call_ms'), '.1f')} | "
                      f"{_f(r.get('median_ms'), '.1f')} | {_f(r.get('value'), '.0f')} | {calls} |")
     lines += ["", "## Training (model-steps/s, steady state; first steps apart)", "",
-              "| op | network | M | provider | status | model-steps/s | ms/step | first steps s |", "|---|---|---|---|---|---|---|---|"]
+              "| op | network | M | provider | backend | status | model-steps/s | ms/step | first steps s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in _section(rows, "train"):
         if r.get("op") in ("train", "train_ensemble"):
-            lines.append(f"| {r['op']} | {r.get('network')} | {r.get('members')} | {r['provider']} | {r['status']} | "
+            lines.append(f"| {r['op']} | {r.get('network')} | {r.get('members')} | {r['provider']} | "
+                         f"{r.get('backend') or 'default'} | {r['status']} | "
                          f"{_f(r.get('value'), '.0f')} | {_f(r.get('median_ms'), '.2f')} | {_f(r.get('first_s'), '.1f')} |")
+    lines += ["", "## Targets (issue 21)", ""] + targets(rows)
     if any(r.get("op") == "profile" for r in rows):
         lines.append("\nTop kernels of one eager step: profile.txt.")
     lines += ["", "## Study", "", "| study | status | seconds | rows done | last progress |", "|---|---|---|---|---|"]

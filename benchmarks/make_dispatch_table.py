@@ -11,6 +11,12 @@ summed median time wins (an attention bucket needs both passes, fwd and fwd_bwd,
 serves training and sampling): a path never measured is never chosen, and a bucket with no candidate gets
 no row (the fallback applies). The new rows replace the table's rows for the same device class; the
 fallback rows (device class ``"*"``) are kept.
+
+The fused block (op ``attention_block``, ``bench_attention_block.measure``): its rows' shape is z's
+(B, C, H, W), bucketed by N = H*W; a case is (shape, pass, kind, attention width d), so the kinds and
+widths measured in a bucket all count toward one path (the table has no kind axis). Its paths are
+``triton`` (the fused kernels) and ``torch`` (the composition, whose attention core takes its own
+``auto`` path: SDPA on CUDA); ``eager`` and ``sdpa:<BACKEND>`` rows are not paths and are ignored.
 """
 from __future__ import annotations
 
@@ -43,14 +49,15 @@ def choose(rows: list[dict]) -> list[dict]:
         if not isinstance(r.get("median_ms"), (int, float)) or not r.get("shape") or not r.get("device"):
             continue
         key = (r["op"], _dispatch.device_class(r["device"]), r["dtype"], _dispatch.shape_bucket(r["op"], r["shape"]))
-        times[key][r["provider"]][(tuple(r["shape"]), r.get("pass", "fwd"))] = float(r["median_ms"])
+        case = (tuple(r["shape"]), r.get("pass", "fwd"), r.get("kind"), r.get("attn_dim"))
+        times[key][r["provider"]][case] = float(r["median_ms"])
         sources[key].add(f"{r['device']}, commit {r.get('commit', '?')}, torch {r.get('torch')}, triton {r.get('triton')}, "
                          f"part {r.get('part', '?')}")
     out = []
     for key in sorted(times):
         per_path = times[key]
         cases = set().union(*(set(t) for t in per_path.values()))
-        if key[0] != "reverse_step" and {pss for _, pss in cases} != {"fwd", "fwd_bwd"}:
+        if key[0] != "reverse_step" and {case[1] for case in cases} != {"fwd", "fwd_bwd"}:
             continue   # auto serves training and sampling: an attention bucket needs both passes measured
         totals = {p: sum(t.values()) for p, t in per_path.items() if set(t) == cases}
         if not totals:

@@ -75,6 +75,41 @@ def test_the_fastest_measured_path_per_bucket_wins_and_a_path_never_measured_is_
                       ("reverse_step", "H100", "float32", "numel<=1048576"): "triton"}
 
 
+def _block(provider, B, N, ms, pss="fwd", kind="softmax", d=64, status="ok", dtype="bfloat16"):
+    """A row as ``bench_attention_block.measure`` writes it: z's shape (B, C, H, W), kind and d as fields."""
+    H = int(N ** 0.5)
+    return {**_row("attention_block", provider, (B, 64, H, H), ms, status, dtype=dtype, pss=pss), "kind": kind,
+            "attn_dim": d, "tokens": N}
+
+
+def test_the_block_is_bucketed_by_tokens_and_every_kind_and_width_counts_toward_one_path(tmp_path):
+    both = ("fwd", "fwd_bwd")
+    rows = [
+        # N = 64: triton faster at softmax d = 64 and d = 16 (the same z shape: two cases, not one overwritten)
+        *[_block("triton", 768, 64, 1.0, pss, d=d) for pss in both for d in (64, 16)],
+        *[_block("torch", 768, 64, 2.0, pss, d=d) for pss in both for d in (64, 16)],
+        # ... but much slower at top-1: summed over every kind, the composition wins the bucket
+        *[_block("triton", 768, 64, 9.0, pss, kind="top1") for pss in both],
+        *[_block("torch", 768, 64, 1.0, pss, kind="top1") for pss in both],
+        # not paths: the eager composition and a forced SDPA backend, however fast
+        *[_block(p, 768, 64, 0.01, pss) for p in ("eager", "sdpa:FLASH_ATTENTION") for pss in both],
+        # N = 256: triton faster at softmax; the composition missed d = 16's fwd_bwd (failed): triton wins
+        *[_block("triton", 64, 256, 1.0, pss, d=d) for pss in both for d in (64, 16)],
+        *[_block("torch", 64, 256, 0.5, pss, d=d) for pss in both for d in (64, 16) if (pss, d) != ("fwd_bwd", 16)],
+        _block("torch", 64, 256, None, "fwd_bwd", d=16, status="failed"),
+    ]
+    table = make_dispatch_table.choose(make_dispatch_table.read_rows(_write(tmp_path, rows)))
+    chosen = {(r["op"], r["device_class"], r["dtype"], r["bucket"]): r["path"] for r in table}
+    assert chosen == {("attention_block", "H100", "bfloat16", "N<=64"): "torch",
+                      ("attention_block", "H100", "bfloat16", "N<=256"): "triton"}
+    n64 = next(r for r in table if r["bucket"] == "N<=64")
+    assert "6 shape x pass cases" in n64["source"] and "torch 10.000 ms" in n64["source"] \
+        and "triton 22.000 ms" in n64["source"]
+    # the buckets are the ones auto_path computes from z (B, C, H, W) and from an ensemble's (M, B, C, H, W)
+    assert _dispatch.shape_bucket("attention_block", (3, 768, 64, 8, 8)) == "N<=64"
+    assert _dispatch.shape_bucket("attention_block", (64, 64, 16, 16)) == "N<=256"
+
+
 def test_the_script_rewrites_a_table_that_auto_then_reads(tmp_path, monkeypatch):
     rows = [_row("top1_attention", p, (64, 64, 16), ms, pss=pss) for p, ms in (("triton", 0.1), ("torch", 0.3))
             for pss in ("fwd", "fwd_bwd")]

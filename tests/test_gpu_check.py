@@ -15,8 +15,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_attention  # noqa: E402
+import bench_attention_block  # noqa: E402
 import gpu_check  # noqa: E402
 import gpu_check_summary  # noqa: E402
+import make_dispatch_table  # noqa: E402
 from _common import cpu_time  # noqa: E402
 
 
@@ -69,6 +71,51 @@ def test_the_ops_rows_mark_unsupported_inputs_and_the_score_guard(monkeypatch):
     for r in rows:
         r["part"] = "ops"
     check_rows(rows)
+
+
+def test_the_dry_ops_part_writes_the_block_rows_that_the_table_can_choose_from(tmp_path):
+    gpu_check.part_ops(gpu_check.Ctx(tmp_path, "ops", True, 120.0))
+    rows = gpu_check.read_rows(tmp_path)
+    check_rows(rows)
+    block = [r for r in rows if r["op"] == "attention_block" and r["provider"] != "all"]
+    assert {(r["kind"], r["pass"]) for r in block} == {(k, p) for k in bench_attention_block.KINDS
+                                                         for p in ("fwd", "fwd_bwd")}
+    status = {(r["kind"], r["pass"], r["provider"]): r["status"] for r in block}
+    for kind in bench_attention_block.KINDS:   # the fused block ran in the interpreter, beside the composition
+        for pss in ("fwd", "fwd_bwd"):
+            assert [status[(kind, pss, p)] for p in ("triton", "torch", "eager")] == ["ok"] * 3
+            sdpa = {b: status.get((kind, pss, f"sdpa:{b}")) for b in ("MATH", "CUDNN_ATTENTION")}
+            assert sdpa == ({"MATH": None, "CUDNN_ATTENTION": None} if kind == "top1" else
+                            {"MATH": "ok", "CUDNN_ATTENTION": "skipped"})
+    assert all(r["shape"] == [2, 16, 4, 4] and r["tokens"] == 16 and r["attn_dim"] == 16 for r in block)
+    gpu = next(r for r in rows if r["op"] == "attention_block" and r["provider"] == "all")
+    assert gpu["status"] == "skipped" and "(768, 64, 64, 64)" in gpu["reason"]
+    # the table's script reads them: one attention_block row for this device, a path of the op
+    chosen = [r for r in make_dispatch_table.choose(rows) if r["op"] == "attention_block"]
+    assert len(chosen) == 1 and chosen[0]["bucket"] == "N<=64" and chosen[0]["path"] in ("triton", "torch")
+    assert "6 shape x pass cases" in chosen[0]["source"]
+
+
+def test_the_summary_reads_off_issue_21s_target_ratios():
+    def block(provider, ms, dtype="bfloat16", d=64, B=768):
+        return {"part": "ops", "op": "attention_block", "provider": provider, "shape": [B, 64, 8, 8], "dtype": dtype,
+                "pass": "fwd_bwd", "kind": "softmax", "attn_dim": d, "median_ms": ms, "status": "ok"}
+
+    def step(net, ms, provider="eager", backend=None, M=12):
+        return {"part": "train", "op": "train_ensemble", "provider": provider, "network": net, "members": M,
+                "median_ms": ms, "status": "ok", **({"backend": backend} if backend else {})}
+    rows = [block("triton", 1.0), block("torch", 3.0), block("sdpa:FLASH_ATTENTION", 2.5), block("eager", 4.0),
+            block("triton", 1.0, d=16), block("torch", 1.5, d=16), block("triton", 0.1, B=64),   # not the target's B
+            step("cnn", 10.0), step("softmax", 18.4), step("softmax", 12.0, backend="triton"),
+            step("cnn", 4.0, "graph"), step("softmax", 5.0, "graph"), step("cnn", 1.0, M=48)]
+    text = "\n".join(gpu_check_summary.targets(rows))
+    assert "| bfloat16 | 64 | 1.0000 | sdpa:FLASH_ATTENTION | 2.5000 | 2.50 | yes |" in text
+    assert "| bfloat16 | 16 | 1.0000 | torch | 1.5000 | 1.50 | no |" in text
+    assert "| eager | default | 18.400 | 10.000 | 1.84 | no |" in text
+    assert "| eager | triton | 12.000 | 10.000 | 1.20 | yes |" in text
+    assert "| graph | default | 5.000 | 4.000 | 1.25 | yes |" in text
+    assert "not measured" not in text and "0.1000" not in text
+    assert gpu_check_summary.targets([]).count("| not measured |" + " |" * 6) == 1
 
 
 def test_caps_split_the_budget_in_order_and_pass_unused_time_on():
