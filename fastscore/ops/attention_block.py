@@ -154,8 +154,9 @@ def attention_block_reference(z: torch.Tensor, x: torch.Tensor | None, w_qkv: to
     NB, C, H, W = zf.shape
     tok = zf.flatten(2).transpose(1, 2)                                   # (NB, N, C)
     idx = None
-    if kind == "identity":
-        a = core(tok, tok, tok, sc)
+    if kind == "identity":   # contiguous, as ScoreNet passed it to identity_attention: the same bits in float64
+        tc = tok.contiguous()
+        a = core(tc, tc, tc, sc)
     else:
         assert w_qkv is not None and b_qkv is not None and w_out is not None and b_out is not None
         u = tok
