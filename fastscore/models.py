@@ -148,27 +148,23 @@ class ScoreNet(nn.Module):
 
     def attend(self, z: torch.Tensor, *, seed: int | torch.Tensor = 0, x: torch.Tensor | None = None) -> torch.Tensor:
         """Residual attention over the H*W tokens of z (B, width, H, W); returns the same shape.
-        ``x`` (the network input) is needed with ``attn_patch``."""
+        ``x`` (the network input) is needed with ``attn_patch``. One op, ``ops.attention_block``, on every
+        backend (its torch path is this layer's composition, bit for bit)."""
         kind = self.config.attention
         if kind == "none":
             return z
-        B, w, H, W = z.shape
-        tok = z.flatten(2).transpose(1, 2)                              # (B, N, w)
+        if self.config.attn_patch and x is None:
+            raise ValueError("attend needs x (the network input, (B, C, H, W)) when attn_patch=True")
         scale = self.attention_scale()
-        if kind == "identity":
-            a = ops.identity_attention(tok.contiguous(), scale, backend=self.backend)
-        else:
-            q, k, v = self.qkv(self._qkv_input(tok, x)).chunk(3, dim=-1)
-            if kind == "softmax":
-                a = ops.softmax_attention(q, k, v, scale, backend=self.backend)
-            else:
-                a, idx = ops.top1_attention(q, k, v, temperature=self.config.temperature / scale,
-                                            gumbel=self.config.gumbel and self.training, seed=seed,
-                                            backend=self.backend)
-                if not _batched(idx):   # under vmap the index map stays inside
-                    self.last_index = idx.detach()
-            a = self.proj(a)
-        return z + a.transpose(1, 2).reshape(B, w, H, W)
+        ws = () if kind == "identity" else (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
+        res = ops.attention_block(z, x.to(z.dtype) if x is not None and self.config.attn_patch else None, *ws,
+                                  kind=kind, scale=scale, temperature=self.config.temperature / scale,
+                                  gumbel=self.config.gumbel and self.training, seed=seed, backend=self.backend)
+        if isinstance(res, tuple):          # top-1: (out, index map)
+            res, idx = res
+            if not _batched(idx):   # under vmap the index map stays inside
+                self.last_index = idx.detach()
+        return res
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, seed: int | torch.Tensor = 0) -> torch.Tensor:
         """eps_hat (B, C, H, W) for x (B, C, H, W) and integer timesteps t (B,) (or a scalar).

@@ -194,23 +194,43 @@ def test_groups_of_images(seed, monkeypatch):
     _compare(args, _kw("identity", 16, 16))
 
 
-@interpret
-def test_reference_is_scorenet_attend(seed):
-    """The torch path is ScoreNet.attend's composition, bit for bit (softmax and top-1 with patches, identity)."""
-    for attention, patch in (("softmax", True), ("top1", True), ("identity", False)):
-        net = ScoreNet(attention, 16, attn_dim=8, image_size=4, attn_patch=patch, backend="torch").to(DEV)
-        x = torch.randn(3, 3, 4, 4, device=DEV)
+def _composition(net: ScoreNet, z, x, seed):
+    """ScoreNet's attention layer as it was written before it called the block: the separate ops."""
+    from fastscore import ops
+    B, w, H, W = z.shape
+    tok, scale, kind = z.flatten(2).transpose(1, 2), net.attention_scale(), net.config.attention
+    idx = None
+    if kind == "identity":
+        a = ops.identity_attention(tok.contiguous(), scale, backend=net.backend)
+    else:
+        u = torch.cat([tok, patch_features(x).to(tok.dtype)], -1) if net.config.attn_patch else tok
+        q, k, v = net.qkv(u).chunk(3, dim=-1)
+        if kind == "softmax":
+            a = ops.softmax_attention(q, k, v, scale, backend=net.backend)
+        else:
+            a, idx = ops.top1_attention(q, k, v, temperature=net.config.temperature / scale,
+                                        gumbel=net.config.gumbel and net.training, seed=seed, backend=net.backend)
+        a = net.proj(a)
+    return z + a.transpose(1, 2).reshape(B, w, H, W), idx
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scorenet_attend_is_the_composition_bit_for_bit(seed, backend, dtype):
+    """ScoreNet.attend (now the block) on "torch" (and "auto" off CUDA) gives the separate ops' composition
+    bit for bit: softmax and top-1 (Gumbel, training) with and without patches, identity."""
+    if backend == "auto" and DEV.type == "cuda":
+        pytest.skip("auto on CUDA runs SDPA in both, not bit-comparable across call layouts")
+    for attention, patch in (("softmax", True), ("softmax", False), ("top1", True), ("top1", False),
+                             ("identity", False)):
+        net = ScoreNet(attention, 16, attn_dim=8, image_size=4, attn_patch=patch, backend=backend).to(DEV, dtype)
+        x = torch.randn(3, 3, 4, 4, device=DEV, dtype=dtype)
         z = net.embed(x, torch.tensor([1, 5, 9], device=DEV))
-        want = net.attend(z, x=x, seed=4)
-        ws = (net.qkv.weight, net.qkv.bias, net.proj.weight, net.proj.bias) if attention != "identity" else (None,) * 4
-        got = attention_block(z, x if patch else None, *ws, kind=attention, backend="torch", seed=4,
-                              scale=(8 if attention == "softmax" else 16) ** -0.5,
-                              temperature=net.config.temperature * 8 ** 0.5, gumbel=net.config.gumbel)
-        got = got[0] if attention == "top1" else got
-        assert torch.equal(got, want), attention
-        if attention == "top1":
-            assert torch.equal(attention_block(z, x, *ws, kind="top1", backend="torch", seed=4, temperature=1.0,
-                                               gumbel=True)[1], net.last_index)
+        got = net.attend(z, x=x, seed=4)
+        want, idx = _composition(net, z, x, 4)
+        assert torch.equal(got, want), (attention, patch)
+        if idx is not None:
+            assert torch.equal(net.last_index, idx)
 
 
 # ------------------------------------------------------------------------------------------------

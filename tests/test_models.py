@@ -150,22 +150,19 @@ def test_the_attention_scale_rule_is_the_one_the_layer_and_the_figures_use(atten
     m = ScoreNet(attention, 12, attn_dim=6, temperature=0.7, backend="torch").train()
     want = {"width": 12, "attn_dim": 6}[scale_of] ** -0.5
     assert m.attention_scale() == want
-    seen = {}
-    real = {n: getattr(ops, n) for n in ("identity_attention", "softmax_attention", "top1_attention")}
+    seen = []
+    real = ops.attention_block
 
-    def spy(name):
-        def call(*args, **kw):
-            seen[name] = (args, kw)
-            return real[name](*args, **kw)
-        return call
+    def spy(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
-    with mock.patch.multiple(ops, **{n: spy(n) for n in real}):
+    with mock.patch.object(ops, "attention_block", spy):
         m(x, t)
-    name, (args, kw) = next(iter(seen.items()))
+    kw, = seen
+    assert kw["kind"] == attention and kw["scale"] == want
     if attention == "top1":
         assert kw["temperature"] == pytest.approx(0.7 / want, rel=1e-15)
-    else:
-        assert args[-1] == want
     if attention != "top1":
         z = m.embed(x, t).flatten(2).transpose(1, 2).double()
         q = z if attention == "identity" else m.qkv(z.float()).chunk(3, -1)[0].double()

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .. import _validate
 from . import _dispatch
-from .attention import softmax_attention, softmax_attention_reference
+from .attention import fold, member, softmax_attention, softmax_attention_reference
 from .top1 import top1_attention_reference
 
 KINDS = ("softmax", "identity", "top1")
@@ -154,8 +154,9 @@ def attention_block_reference(z: torch.Tensor, x: torch.Tensor | None, w_qkv: to
     NB, C, H, W = zf.shape
     tok = zf.flatten(2).transpose(1, 2)                                   # (NB, N, C)
     idx = None
-    if kind == "identity":
-        a = core(tok, tok, tok, sc)
+    if kind == "identity":   # contiguous, as ScoreNet passed it to identity_attention: the same bits in float64
+        tc = tok.contiguous()
+        a = core(tc, tc, tc, sc)
     else:
         assert w_qkv is not None and b_qkv is not None and w_out is not None and b_out is not None
         u = tok
@@ -245,6 +246,44 @@ def _block_backward(ctx, g, _dlse, _didx):
 _block_fwd.register_autograd(_block_backward, setup_context=_block_setup)
 
 
+# vmap (``torch.func``, e.g. ``Ensemble(members="vmap")``): the vmapped dim is folded into the block's own
+# member support, z/x (V, NB, ...) -> (V * NB, ...) and weights (V, M, ...) -> (V * M, ...) (unbatched ones
+# expanded), one launch for all; member v * M + m owns images (v * M + m) * B + b, as the kernels index them.
+# With Gumbel noise one call per vmapped member instead, so that its noise is keyed by its own images, as alone.
+def _unfold(size: int, outs):
+    """Split the folded leading dim of each of ``outs`` back into (size, ...); empty outputs give (size, 0)."""
+    return [o.unflatten(0, (size, -1)) if o.numel() else o.new_empty((size, 0)) for o in outs]
+
+
+def _per_member(op, size: int, in_dims, tensors, rest):
+    outs = [op(*(member(t, d, m) for t, d in zip(tensors, in_dims)), *rest) for m in range(size)]
+    return [torch.stack(o) for o in zip(*outs)]
+
+
+def _block_fwd_vmap(info, in_dims, z, x, w_qkv, b_qkv, w_out, b_out, kind, members, scale, gumbel, seed):
+    V, tensors = info.batch_size, (z, x, w_qkv, b_qkv, w_out, b_out)
+    if gumbel:
+        outs = _per_member(_block_fwd, V, in_dims[:6], tensors, (kind, members, scale, gumbel, seed))
+    else:
+        outs = _unfold(V, _block_fwd(*fold(V, in_dims[:6], *tensors), kind, members * V, scale, gumbel, seed))
+    return tuple(outs), (0, 0, 0)
+
+
+def _block_bwd_vmap(info, in_dims, g, z, x, w_qkv, b_qkv, w_out, b_out, lse, idx, kind, members, scale, gumbel,
+                    seed, need_dpatch):
+    V, tensors = info.batch_size, (g, z, x, w_qkv, b_qkv, w_out, b_out, lse, idx)
+    if gumbel:
+        outs = _per_member(_block_bwd, V, in_dims[:9], tensors, (kind, members, scale, gumbel, seed, need_dpatch))
+    else:
+        outs = _unfold(V, _block_bwd(*fold(V, in_dims[:9], *tensors), kind, members * V, scale, gumbel, seed,
+                                     need_dpatch))
+    return outs, [0] * len(outs)
+
+
+torch.library.register_vmap(_block_fwd, _block_fwd_vmap)
+torch.library.register_vmap(_block_bwd, _block_bwd_vmap)
+
+
 def _triton(z, x, w_qkv, b_qkv, w_out, b_out, kind, members, scale, temperature, gumbel, seed):
     flat = members is not None
     zf = z.flatten(0, 1) if flat else z
@@ -264,11 +303,21 @@ def _triton(z, x, w_qkv, b_qkv, w_out, b_out, kind, members, scale, temperature,
 def attention_block(z: torch.Tensor, x: torch.Tensor | None = None, w_qkv: torch.Tensor | None = None,
                     b_qkv: torch.Tensor | None = None, w_out: torch.Tensor | None = None,
                     b_out: torch.Tensor | None = None, *, kind: str, scale: float | None = None,
-                    temperature: float = 1.0, gumbel: bool = False, seed: int = 0,
+                    temperature: float = 1.0, gumbel: bool = False, seed: int | torch.Tensor = 0,
                     backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """ScoreNet's residual attention layer ``z + A(z)`` (module docstring); top-1 also returns its
     index map. ``scale`` (softmax, identity) and ``temperature`` / ``gumbel`` / ``seed`` (top-1) as
-    in ``softmax_attention`` and ``top1_attention``."""
+    in ``softmax_attention`` and ``top1_attention``: ``seed`` may be a one-element int64 tensor, and
+    under ``torch.func.vmap`` a batched one gives each member its own Gumbel seed (one call per member)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed given as a tensor must be one int64, got {seed.dtype} x {seed.numel()}")
+        if kind != "top1" or gumbel is not True:   # the seed changes nothing
+            seed = 0
+        elif torch._C._functorch.is_batchedtensor(seed):
+            return _PerMemberSeed.apply(z, x, w_qkv, b_qkv, w_out, b_out, kind, temperature, seed, backend)
+        else:
+            seed = int(seed)
     members, d = _check(z, x, w_qkv, b_qkv, w_out, b_out, kind, scale, temperature, gumbel, seed)
     if _resolve(backend, z, x, kind, d) == "triton":
         return _triton(z, x, w_qkv, b_qkv, w_out, b_out, kind, members, scale, temperature, gumbel, seed)
@@ -281,3 +330,29 @@ def attention_block(z: torch.Tensor, x: torch.Tensor | None = None, w_qkv: torch
 
 def _auto_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     return softmax_attention(q, k, v, scale, backend="auto")
+
+
+class _PerMemberSeed(torch.autograd.Function):
+    """Top-1 with Gumbel noise and a seed per vmapped member (a batched int64 seed, e.g. ``ScoreNet``'s
+    ``seed`` under ``torch.func.vmap``): its vmap rule calls ``attention_block`` once per member with that
+    member's int seed, which autograd records as usual. Only reached under vmap."""
+
+    @staticmethod
+    def forward(z, x, w_qkv, b_qkv, w_out, b_out, kind: str, temperature: float, seed: torch.Tensor, backend: str):
+        raise RuntimeError("_PerMemberSeed runs under vmap only (attention_block passes an unbatched seed as an int)")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("unreachable: the vmap rule records the per-member ops")
+
+    @staticmethod
+    def vmap(info, in_dims, z, x, w_qkv, b_qkv, w_out, b_out, kind, temperature, seed, backend):
+        outs = [attention_block(*(member(t, d, m) for t, d in zip((z, x, w_qkv, b_qkv, w_out, b_out), in_dims)),
+                                kind=kind, temperature=temperature, gumbel=True,
+                                seed=int(member(seed, in_dims[8], m)), backend=backend)
+                for m in range(info.batch_size)]
+        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
