@@ -5,8 +5,8 @@
 Peaks are datasheet figures (dense, no sparsity) unless measured on the device (a large copy for
 bandwidth, a large matmul for matrix throughput). fp32 attention inputs run ``tl.dot`` in TF32,
 except where a kernel chooses otherwise: the attention kernels compute fp32 ``tl.dot`` in IEEE
-fp32 (CUDA-core FMA peak, matching torch's default matmul precision), top-1 in 3xTF32 (a third
-of the TF32 peak); fp16/bf16 use the tensor-core peak. Expected time = max(FLOPs / peak, bytes / bandwidth) +
+fp32 (CUDA-core FMA peak, matching torch's default matmul precision), top-1 too (the fp32 policy of
+kernels/_common.py at torch's default "highest"); fp16/bf16 use the tensor-core peak. Expected time = max(FLOPs / peak, bytes / bandwidth) +
 one launch overhead per kernel (``LAUNCH_US``): at the workload's small shapes the overhead
 matters.
 """

@@ -224,12 +224,12 @@ def cmd_reproduce(a) -> int:
     mode = "quick" if a.quick else ("tiny" if a.tiny else "full")
     if a.out is None:
         a.out = f"runs/{a.study if a.study in ('creativity', 'theory') else 'reproduce'}"
+    if a.dataset is not None and a.study != "theory":
+        raise UsageError("--dataset belongs to --study theory")
     if a.study == "creativity":
         return _creativity(a, mode)
     if a.study == "theory":
         return _theory(a, mode)
-    if a.dataset is not None:
-        raise UsageError("--dataset belongs to --study theory")
     if a.pairs_sweep:
         return _pairs_sweep(a, mode)
     cfg = _study_config(a, mode)

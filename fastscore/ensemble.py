@@ -81,6 +81,11 @@ class Ensemble(nn.Module):
         """The meta-device copy of member 0 whose ``forward`` every member runs (not a submodule)."""
         return self._template[0]
 
+    @property
+    def batch_multiple(self) -> int:
+        """``fastscore.sample`` draws batches of a multiple of this (M): row r is member ``r % M``'s."""
+        return len(self)
+
     def __len__(self) -> int:
         return next(iter(self.stacked.values())).shape[0]
 

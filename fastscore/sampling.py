@@ -152,12 +152,16 @@ def sample(model: Callable, n: int, *, shape: Sequence[int] | None = None, sched
 
     Samples holding NaN or inf (a diverged model, NaN weights) raise FloatingPointError when
     ``on_nonfinite="raise"``, or warn (RuntimeWarning) and are returned when ``"warn"``.
-    ``callback(b)`` is called after each batch of ``b`` samples.
+    ``callback(b)`` is called after each batch of ``b`` samples. A model with an int attribute
+    ``batch_multiple`` (an ``Ensemble``: its member count) gets batches rounded down to its multiples.
     """
     if not callable(model):
         raise TypeError(f"model must be callable (x_t, t) -> eps, got {type(model).__name__}")
     _validate.positive_int("n", n)
     _validate.positive_int("batch_size", batch_size)
+    rows = getattr(model, "batch_multiple", 1)   # an Ensemble interleaves its M members row by row
+    if isinstance(rows, int) and rows > 1 and batch_size % rows:
+        batch_size = max(rows, batch_size - batch_size % rows)
     _validate.choice("sampler", sampler, tuple(SAMPLERS))
     _validate.finite_float("eta", eta, minimum=0.0)
     _validate.seed("seed", seed)

@@ -17,8 +17,8 @@ engine at M = 1. Per member, from its own ``TrainConfig``:
   sampling should use;
 - top-1's Gumbel seed ``gumbel_seed(config.seed, step)``, passed as ``seed`` when ``forward`` takes one.
 Seeded: the same configs, data and seeds give the same weights on the same device, backend and
-schedule. A member of M agrees with the same network trained alone up to float32 summation order
-(measured in tests/test_training.py), not bitwise.
+schedule. A member of M agrees with the same network trained alone: bitwise on the loop schedule (the
+CPU default), up to float32 summation order under vmap or on CUDA (measured in tests/test_training.py).
 """
 from __future__ import annotations
 
@@ -268,21 +268,21 @@ def _check(models: list[nn.Module], data: torch.Tensor, configs: list[TrainConfi
 def train(model: nn.Module, data: torch.Tensor, config: TrainConfig | Sequence[TrainConfig] = ..., *,
           schedule: Schedule | None = ..., device: str | torch.device | None = ..., members: str = ...,
           stream: str = ..., cuda_graph: bool | None = ..., chunk: int | None = ..., progress: bool = ...,
-          desc: str = ..., callback: Callable | None = ...) -> TrainResult: ...
+          desc: str = ..., callback: Callable | None = ..., check_every: int | None = ...) -> TrainResult: ...
 
 
 @overload
 def train(model: Sequence[nn.Module], data: torch.Tensor, config: TrainConfig | Sequence[TrainConfig] = ..., *,
           schedule: Schedule | None = ..., device: str | torch.device | None = ..., members: str = ...,
           stream: str = ..., cuda_graph: bool | None = ..., chunk: int | None = ..., progress: bool = ...,
-          desc: str = ..., callback: Callable | None = ...) -> list[TrainResult]: ...
+          desc: str = ..., callback: Callable | None = ..., check_every: int | None = ...) -> list[TrainResult]: ...
 
 
 def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
           config: TrainConfig | Sequence[TrainConfig] = TrainConfig(), *, schedule: Schedule | None = None,
           device: str | torch.device | None = None, members: str = "auto", stream: str = "train",
           cuda_graph: bool | None = None, chunk: int | None = None, progress: bool = True, desc: str = "train",
-          callback: Callable | None = None) -> TrainResult | list[TrainResult]:
+          callback: Callable | None = None, check_every: int | None = None) -> TrainResult | list[TrainResult]:
     """Train ``model`` (``(x_t, t) -> eps_hat``), or a list of M models of one architecture together, on
     images ``data`` (N, C, H, W) in [-1, 1]; see the module docstring for what each member gets.
 
@@ -292,8 +292,9 @@ def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
     ``stream``: ``"train"`` or ``"device"``. ``cuda_graph``: replay the step from a CUDA graph (default:
     on CUDA with the device stream, unless the members take a Gumbel seed). ``chunk``: at most this many
     members per step (default all); an ensemble that runs out of memory is split in halves and rerun.
-    ``callback(step, loss)`` after each step (``loss`` a float, for a list a list of floats; on CUDA
-    reported in bursts, at each check of the losses). Raises ValueError before any work when ``data``
+    ``callback(step, loss)`` after each step (``loss`` a float, for a list a list of floats), called in
+    order at each check of the losses: every ``check_every`` steps (default 1 off CUDA, 50 on CUDA, where
+    a check is a host sync; 1 there when the callback times steps). Raises ValueError before any work when ``data``
     or a model's parameters hold NaN/inf, and FloatingPointError at the first step whose loss is
     NaN/inf (naming the step).
     """
@@ -314,6 +315,8 @@ def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
         raise TypeError(f"config must be a TrainConfig or a list of them, got {type(config).__name__}")
     if chunk is not None:
         _validate.positive_int("chunk", chunk)
+    if check_every is not None:
+        _validate.positive_int("check_every", check_every)
     schedule = _check(models, data, configs, schedule, stream)
     Ensemble(models, members=members)   # one architecture, a known schedule: checked before any work
     dev = torch.device(device) if device is not None else next(models[0].parameters()).device
@@ -334,7 +337,7 @@ def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
             try:
                 out = _train_group([models[i] for i in part], data, [configs[i] for i in part], schedule, dev,
                                    members, stream, use_graph, bar,
-                                   None if callback is None else _callback(callback, single))
+                                   None if callback is None else _callback(callback, single), check_every)
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
                 if size == 1 or not _out_of_memory(e):
                     raise
@@ -360,12 +363,13 @@ def _callback(callback: Callable, single: bool) -> Callable[[int, list[float]], 
 
 def _train_group(models: list[nn.Module], data: torch.Tensor, configs: list[TrainConfig], schedule: Schedule,
                  device: torch.device, members: str, stream: str, use_graph: bool, bar,
-                 callback: Callable[[int, list[float]], None] | None) -> list[TrainResult]:
+                 callback: Callable[[int, list[float]], None] | None, check_every: int | None) -> list[TrainResult]:
     """Train ``models`` as one ensemble; write the trained weights back into them."""
     t0 = time.perf_counter()
     tr = _Trainer(Ensemble(models, members=members), data, configs, schedule, device, stream)
     replay: Callable[[], None] | None = None
-    check_every = 1 if device.type != "cuda" else 50   # a loss check is a host sync
+    if check_every is None:
+        check_every = 1 if device.type != "cuda" else 50   # a loss check is a host sync
     checked = 0
     while tr.step_host < tr.steps:
         if use_graph and replay is None and tr.steps - tr.step_host > 3:

@@ -395,7 +395,7 @@ KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "identity_bwd")
 #: registers, a few 16-bit BLOCK_D=64/128 ones reach 247-255 on sm_80 (without spilling).
 #: float32 inputs at torch's default precision use IEEE float32 products, which run on the FMA units with
 #: the operands held in registers, so their tiles are smaller than the tensor-core 16-bit ones at the
-#: same feature block (the TF32 / 3xTF32 variants use the same float32 tiles).
+#: same feature block (the TF32 variants use the same float32 tiles).
 _LAUNCH: dict[tuple[str, int, bool], tuple[int, int, int] | None] = {}
 
 

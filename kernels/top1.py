@@ -27,7 +27,7 @@ same reduction order, whatever the caller's strides: dq, dk, dv repeat bit for b
 
 Precision: scores and all accumulations in float32; float32 dots follow torch's float32 matmul
 precision (the fp32 policy of ``_common``: IEEE products at torch's default "highest", so the argmax
-agrees with an fp32 eager matmul up to rounding-level near-ties; 3xTF32 at "high", TF32 at
+agrees with an fp32 eager matmul up to rounding-level near-ties; TF32 at "high" and
 "medium"); float16/bfloat16 inputs feed tensor cores in their own dtype (probabilities and dS are
 rounded to that dtype before their dots, as in flash attention). The saved log-sum-exp is in natural
 log, as the attention kernels'.
@@ -38,8 +38,8 @@ configurations for the ahead-of-time compile report.
 
 Limits: ``D, Dv <= max_features(dtype)``: ``MAX_D`` = 128 (the workload's largest head size;
 BLOCK_D = 256 tiles spill at every tile size worth launching) for float16/bfloat16 and
-``MAX_D_FP32`` = 64 for float32 (its 3xTF32 dq / dk tiles spill at BLOCK_D = 128 even at 16 x 16
-with 4 or 8 warps). The launchers raise above the limit and ``fastscore.ops`` routes such inputs
+``MAX_D_FP32`` = 64 for float32 (its dq / dk tiles spilled at BLOCK_D = 128 with 3xTF32 dots, even
+at 16 x 16 with 4 or 8 warps; the fp32 policy no longer uses 3xTF32, the limit stays until re-measured). The launchers raise above the limit and ``fastscore.ops`` routes such inputs
 to the torch reference.
 """
 from __future__ import annotations
@@ -319,7 +319,7 @@ def _top1_bwd_dv_kernel(DO, SortedIdx, Perm, Bounds, DV_out, N, DV, n_blocks,
 # launchers
 # ----------------------------------------------------------------------------------------------
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kernel, dtype class, BLOCK_D, gumbel); dtype class
-#: "fp32" (tuned with 3xTF32 dots; every DOT_PRECISION uses them) or "half" (float16 and bfloat16). For ``bwd_dv`` BLOCK_M is BLOCK_T, the
+#: "fp32" (tuned with 3xTF32 dots, before the fp32 policy dropped them; every DOT_PRECISION uses them) or "half" (float16 and bfloat16). For ``bwd_dv`` BLOCK_M is BLOCK_T, the
 #: queries gathered per step. Chosen so that no configuration spills on sm_80 or sm_90a (see
 #: ``compile_configs`` and benchmarks/compile_report.py).
 _TUNED: dict[tuple[str, str, int, bool], tuple[int, int, int, int]] = {
@@ -390,8 +390,8 @@ _TUNED: dict[tuple[str, str, int, bool], tuple[int, int, int, int]] = {
 
 
 def max_features(dtype: torch.dtype) -> int:
-    """Largest D, Dv the kernels take for ``dtype``: ``MAX_D_FP32`` (64) for float32, whose 3xTF32
-    dq / dk tiles spill at BLOCK_D = 128 even at 16 x 16, else ``MAX_D`` (128)."""
+    """Largest D, Dv the kernels take for ``dtype``: ``MAX_D_FP32`` (64) for float32 (module docstring,
+    Limits), else ``MAX_D`` (128)."""
     return MAX_D_FP32 if dtype == torch.float32 else MAX_D
 
 

@@ -147,6 +147,17 @@ def test_an_ensemble_samples_each_member_through_fastscore_sample(attention, pat
         assert torch.allclose(got[m::3], ref, atol=1e-5), (m, (got[m::3] - ref).abs().max())
 
 
+def test_sample_rounds_an_ensemble_s_batches_to_its_member_count():
+    """A batch size that is not a multiple of M (the default 1000 for M = 3) is rounded down, so each
+    batch starts at a member-0 row and member m's samples are still rows m::M."""
+    models = _members("none", False, 3)
+    ens = Ensemble(models, members="loop")
+    got = sample(ens, 15, steps=3, seed=1, batch_size=7, backend="torch")     # batches of 6, 6, 3
+    for m, net in enumerate(models):
+        ref = sample(net, 15, steps=3, seed=1, backend="torch")[m::3]
+        assert torch.allclose(got[m::3], ref, atol=1e-5), m
+
+
 # --- bad input --------------------------------------------------------------------------------------
 
 def test_bad_ensemble_arguments():

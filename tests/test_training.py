@@ -297,6 +297,31 @@ def test_callback_gets_each_members_loss(data):
     assert calls == [(s, [res[0].losses[s], res[1].losses[s]]) for s in range(4)]
 
 
+@pytest.mark.parametrize("every", [1, 3, 50])
+def test_check_every_reports_every_step_in_order_in_bursts(data, every, monkeypatch):
+    """Losses are checked (and the callback called) every ``check_every`` steps, CUDA's default 50 included:
+    every step is reported once, in order, and the burst arrives no later than its check."""
+    seen: list[tuple[int, int]] = []
+    progress: list[int] = []
+    net = _members("none", False, 1)[0]
+
+    def cb(step, loss):
+        seen.append((step, len(progress)))
+
+    import fastscore.training as training
+    step = training._Trainer.step
+
+    def counting(self):
+        progress.append(1)
+        return step(self)
+    monkeypatch.setattr(training._Trainer, "step", counting)
+    res = train(net, data, TrainConfig(steps=7, batch_size=4), progress=False, callback=cb, check_every=every)
+    assert [s for s, _ in seen] == list(range(7)) and len(res.losses) == 7
+    assert [done for _, done in seen] == [min(7, (s // every + 1) * every) for s in range(7)]
+    with pytest.raises(ValueError, match="check_every"):
+        train(net, data, TrainConfig(steps=2, batch_size=4), progress=False, check_every=0)
+
+
 def test_graph_replay_loop_does_every_step_once(data, monkeypatch):
     """The CPU stand-in for capture: warm-up steps run eagerly, then a 'graph' whose replay is the
     step's device work; the run must do every step exactly once and equal the eager run."""

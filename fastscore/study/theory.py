@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -456,8 +456,3 @@ def _figure(out: Path, root: Path, config: TheoryConfig, rows: list[dict]) -> st
     atomic_write(out / rel, write, overwrite=True)
     plt.close(fig)
     return rel
-
-
-def with_dataset(config: TheoryConfig, dataset: str) -> TheoryConfig:
-    """``config`` for another dataset (kv: its default n_train unless one was given)."""
-    return replace(config, dataset=dataset)
