@@ -79,12 +79,15 @@ def _assert_close_rule(name, got, ref64, ref32, mag, rel=1e-6):
 
 
 def _magnitudes(q, k, v, do, temperature, gumbel, seed, idx):
-    """Sums of absolute terms of dq, dk, dv (float64), for the rounding slack."""
+    """Sums of absolute terms of dq, dk, dv (float64), for the rounding slack. Each probability carries
+    the relative rounding of its exponent, ~eps * (1 + |s - lse| / T) (exp of an fp32 argument x is off by
+    |x| eps relative), so the terms are weighted by that factor."""
     s = _scores64(q, k, gumbel, seed)
     p = torch.softmax(s / temperature, dim=-1)
+    expo = 1 + (s / temperature - torch.logsumexp(s / temperature, dim=-1, keepdim=True)).abs()
     dp = do.double().abs() @ v.double().abs().transpose(-1, -2)
     delta = (p * dp).sum(-1, keepdim=True)
-    a = p * (dp + delta) / temperature
+    a = p * expo * (dp + delta) / temperature
     mag_dv = torch.zeros(v.shape, dtype=torch.float64, device=v.device)
     mag_dv.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]), do.double().abs())
     return a @ k.double().abs(), a.transpose(-1, -2) @ q.double().abs(), mag_dv
