@@ -7,7 +7,8 @@ default schedule length). ``DiffusersUNet(UNetConfig(...))`` builds the small co
 the theory study (``fastscore.study.theory``): ``levels`` resolution levels of ``layers_per_block``
 ResNet blocks each, widths ``width * 2**level``, GroupNorm with ``norm_groups`` groups (dividing every
 width), and with ``attention`` self-attention blocks (``AttnDownBlock2D`` / ``AttnUpBlock2D``) at every
-level but the first, otherwise ``DownBlock2D`` / ``UpBlock2D`` only. Unlike ``ScoreNet``'s CNN, a UNet's
+level but the first and in the middle block (diffusers' default there), otherwise ``DownBlock2D`` /
+``UpBlock2D`` and a middle block without attention (``add_attention=False``): no attention anywhere. Unlike ``ScoreNet``'s CNN, a UNet's
 GroupNorm pools over positions and its downsampling widens the receptive field: it is a network
 researchers use, not a purely local one.
 
@@ -47,7 +48,7 @@ class UNetConfig:
     """A small ``UNet2DModel`` (JSON-serialisable): images ``channels`` x ``image_size`` x ``image_size``;
     ``levels`` resolution levels (``image_size`` divisible by ``2**(levels - 1)``) of widths
     ``width * 2**level``; ``layers_per_block`` ResNet blocks per level; ``attention``: attention blocks at
-    every level but the first (``attention_head_dim`` channels per head); ``norm_groups``: GroupNorm
+    every level but the first and in the middle block (``attention_head_dim`` channels per head); ``norm_groups``: GroupNorm
     groups (None: ``norm_groups_for(width)``); ``T``: the diffusion length the network is trained for."""
     channels: int = 1
     image_size: int = 8
@@ -86,7 +87,7 @@ class UNetConfig:
         return dict(sample_size=self.image_size, in_channels=self.channels, out_channels=self.channels,
                     block_out_channels=self.widths, layers_per_block=self.layers_per_block,
                     down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=self.norm_groups,
-                    attention_head_dim=self.attention_head_dim)
+                    attention_head_dim=self.attention_head_dim, add_attention=self.attention)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -117,7 +118,8 @@ class DiffusersUNet(nn.Module):
                                  f"in_channels={c.in_channels}, out_channels={c.out_channels}")
             config = UNetConfig(channels=c.in_channels, image_size=size, width=c.block_out_channels[0],
                                 levels=len(c.block_out_channels), layers_per_block=c.layers_per_block,
-                                attention=any("Attn" in b for b in c.down_block_types),
+                                attention=bool(c.get("add_attention", True)) or any(
+                                    "Attn" in b for b in (*c.down_block_types, *c.up_block_types)),
                                 norm_groups=c.norm_num_groups)
         self.unet = unet
         self.config = config

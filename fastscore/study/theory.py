@@ -189,13 +189,13 @@ def _network(config: TheoryConfig, data: torch.Tensor, net: str, seed: int, path
     if path.exists():
         if net in UNETS:
             state, meta = load_tensors(path, "theory-unet")
-            model = _unet(config, data, net)
-            model.load_state_dict(state)
-            return model.to(device).eval(), meta["extra"]
-        model, meta = load_model(path, backend=backend, device=device)
-        return model, meta["extra"]
+            unet = _unet(config, data, net)
+            unet.load_state_dict(state)
+            return unet.to(device).eval(), meta["extra"]
+        net_model, meta = load_model(path, backend=backend, device=device)
+        return net_model, meta["extra"]
     torch.manual_seed(MODEL_SEED + seed)
-    model = _unet(config, data, net) if net in UNETS else \
+    model: DiffusersUNet | ScoreNet = _unet(config, data, net) if net in UNETS else \
         ScoreNet(net, config.width, backend=backend, image_channels=int(data.shape[1]),
                  image_size=int(data.shape[2]), depth=config.depth)
     res = train(model, data, config.train_config(seed), schedule=make_schedule("cosine", T), device=device,
