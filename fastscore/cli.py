@@ -403,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the CNN and softmax attention "
                         "beside the ideal score and the ELS machine, without the probe; cells in OUT/cells/, "
                         "creativity.md, creativity.json and figures in OUT. theory: does Kamb & Ganguli's calibrated "
-                        "ELS machine predict the CNN's samples, and the attention network's, from the same noise "
+                        "ELS machine predict the CNN's samples, and the attention network's, from the same noise; "
+                        "its --networks: none, softmax (the default), unet, unet_attn (diffusers UNet2DModels, "
+                        "pip install fastscore[unet]) "
                         "(theory.md in OUT, default runs/theory; docs/theory-real-images.md) (default coordination)")
     r.add_argument("--dataset", default=None, help="--study theory: comma list of digits (scikit-learn), kv (the "
                    "key-value images) or .npy/.safetensors files (N, C, H, W) (default digits)")

@@ -2,7 +2,9 @@
 does a final self-attention layer escape it? Kamb & Ganguli's protocol (arXiv 2412.20292), our code.
 
 Per dataset and network (``ScoreNet`` with ``depth`` 3x3 conv layers, without (``"none"``) and with
-(``"softmax"``) the final self-attention layer, everything else shared; ``n_seeds`` seeds) it
+(``"softmax"``) the final self-attention layer, everything else shared; on request a diffusers
+``UNet2DModel`` of two levels of widths ``width``, ``2 * width``, without (``"unet"``) and with
+(``"unet_attn"``) attention blocks, ``fastscore.unet``, ``depth`` unused; ``n_seeds`` seeds) it
 1. trains the network with ``fastscore.train`` on the cosine schedule;
 2. calibrates each machine's patch size per sampling step to the network (``calibrate_patch_sizes``:
    odd sizes 3, 5, ... up to the image; the size whose eps has the highest cosine similarity with the
@@ -22,7 +24,8 @@ schedule: networks whose calibrations agree share them); ``<dataset>/rows/<net>-
 calibrations, per-sample r, timings); ``theory.json``, ``theory.md`` and ``theory-pairs-<dataset>.png``
 over every dataset in ``out``. Each file is written once, atomically: a rerun resumes; another
 configuration for a dataset already there raises unless ``force`` (which replaces that dataset's files;
-its trained networks only when a setting they depend on changed).
+its trained networks only when a setting they depend on changed; another list of ``networks`` alone
+keeps every finished row and needs no ``force``).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,8 +57,15 @@ from ..theory import (
 )
 from ..training import TrainConfig, train
 
+if TYPE_CHECKING:
+    from ..unet import DiffusersUNet
+
 NETWORKS = ("none", "softmax")
-LABELS = {"none": "CNN", "softmax": "CNN + softmax attention"}
+# diffusers UNet2DModels (fastscore.unet, the "unet" extra): width config.width at 2 levels, without and
+# with attention blocks; accepted in ``networks``, not in the default
+UNETS = ("unet", "unet_attn")
+LABELS = {"none": "CNN", "softmax": "CNN + softmax attention", "unet": "UNet2DModel (diffusers)",
+          "unet_attn": "UNet2DModel + attention (diffusers)"}
 # machine -> (label, ELS padding or "local"; None: not calibrated)
 MACHINES: dict[str, tuple[str, str | None]] = {
     "els_zeros": ("ELS, zero padding (boundary-broken)", "zeros"),
@@ -101,7 +111,7 @@ class TheoryConfig:
                                                  and Path(self.dataset).suffix not in (".npy", ".safetensors")):
             raise UsageError(f"dataset must be 'digits', 'kv' or a .npy/.safetensors path, got {self.dataset!r}")
         for n in self.networks:
-            _validate.choice("networks", n, NETWORKS)
+            _validate.choice("networks", n, NETWORKS + UNETS)
         for m in self.machines:
             _validate.choice("machines", m, tuple(MACHINES))
         object.__setattr__(self, "networks", tuple(self.networks))
@@ -165,20 +175,39 @@ def _log(msg: str, progress: bool) -> None:
         print(f"[theory {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _unet(config: TheoryConfig, data: torch.Tensor, net: str) -> DiffusersUNet:
+    """The untrained diffusers UNet of network ``net`` ("unet", "unet_attn") for ``data``'s images."""
+    from ..unet import DiffusersUNet, UNetConfig
+    return DiffusersUNet(UNetConfig(channels=int(data.shape[1]), image_size=int(data.shape[2]), width=config.width,
+                                    attention=net == "unet_attn", T=T))
+
+
 def _network(config: TheoryConfig, data: torch.Tensor, net: str, seed: int, path: Path, device: torch.device,
              backend: str, progress: bool) -> tuple[torch.nn.Module, dict]:
-    """The trained network (from ``path`` when there) and ``{"train_seconds", "final_loss"}``."""
+    """The trained network (from ``path`` when there) and ``{"train_seconds", "final_loss"}``. ScoreNets are
+    saved with ``save_model``; UNets as their state dict with their ``UNetConfig`` (kind "theory-unet")."""
     if path.exists():
-        model, meta = load_model(path, backend=backend, device=device)
-        return model, meta["extra"]
+        if net in UNETS:
+            state, meta = load_tensors(path, "theory-unet")
+            unet = _unet(config, data, net)
+            unet.load_state_dict(state)
+            return unet.to(device).eval(), meta["extra"]
+        net_model, meta = load_model(path, backend=backend, device=device)
+        return net_model, meta["extra"]
     torch.manual_seed(MODEL_SEED + seed)
-    model = ScoreNet(net, config.width, backend=backend, image_channels=int(data.shape[1]),
-                     image_size=int(data.shape[2]), depth=config.depth)
+    model: DiffusersUNet | ScoreNet = _unet(config, data, net) if net in UNETS else \
+        ScoreNet(net, config.width, backend=backend, image_channels=int(data.shape[1]),
+                 image_size=int(data.shape[2]), depth=config.depth)
     res = train(model, data, config.train_config(seed), schedule=make_schedule("cosine", T), device=device,
                 progress=progress, desc=f"{net}-s{seed}")
     losses = res.losses[-max(1, len(res.losses) // 20):]
     extra = {"train_seconds": res.seconds, "final_loss": sum(losses) / len(losses)}
-    save_model(path, res.model, train_config=config.train_config(seed), extra=extra, overwrite=True)
+    if net in UNETS:
+        save_tensors(path, res.model.state_dict(), {"kind": "theory-unet", "unet": model.config.to_dict(),
+                                                    "train": config.train_config(seed).to_dict(), "extra": extra},
+                     overwrite=True)
+    else:
+        save_model(path, res.model, train_config=config.train_config(seed), extra=extra, overwrite=True)
     _log(f"trained {net}-s{seed} in {res.seconds:.0f} s (loss {extra['final_loss']:.4f})", progress)
     return res.model, extra
 
@@ -268,7 +297,9 @@ def _prepare(config: TheoryConfig, root: Path, force: bool) -> None:
     cfg_path = root / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        if old != config.to_dict():
+        # rows are per network: another list of networks keeps every finished row and needs no force
+        only_networks = {**old, "networks": None} == {**config.to_dict(), "networks": None}
+        if old != config.to_dict() and not only_networks:
             if not force:
                 diff = sorted(k for k in set(old) | set(config.to_dict()) if old.get(k) != config.to_dict().get(k))
                 raise UsageError(f"{root} holds a theory study of other settings ({', '.join(diff)}): pass force=True "
@@ -291,6 +322,9 @@ def run(config: TheoryConfig, out: str | os.PathLike, *, device: str | torch.dev
         raise UsageTypeError(f"config must be a TheoryConfig, got {type(config).__name__}")
     device = _validate.device("device", device)
     data = load_data(config)
+    for net in config.networks:
+        if net in UNETS:   # diffusers installed, the images fit: before any work
+            _unet(config, data, net)
     root = Path(out) / config.name
     _prepare(config, root, force)
     start = time.perf_counter()
@@ -365,6 +399,11 @@ def verdict(nets: dict) -> dict:
             lower = d["median"] < out["cnn"]["median_r2"]
             out["attention"] = {"machine": m, "median_r2": d["median"], "ci": d["median_ci"],
                                 "lower_and_separate": bool(lower and d["median_ci"][1] < out["cnn"]["ci"][0])}
+    for net in UNETS:
+        m = best_els(nets[net]) if net in nets else None
+        if m is not None:
+            d = nets[net]["summary"][m]["r2"]
+            out[net] = {"machine": m, "median_r2": d["median"], "ci": d["median_ci"]}
     return out
 
 
@@ -409,6 +448,10 @@ def markdown(doc: dict) -> str:
             lines.append(f"Attention vs best ELS ({v['attention']['machine']}): median r^2 "
                          f"{v['attention']['median_r2']:.3f}; lower with a separate interval: "
                          f"{'yes' if v['attention']['lower_and_separate'] else 'no'}.")
+        for net in UNETS:
+            if net in v:
+                lines.append(f"{LABELS[net]} vs best ELS ({v[net]['machine']}): median r^2 {v[net]['median_r2']:.3f} "
+                             f"[{v[net]['ci'][0]:.3f}, {v[net]['ci'][1]:.3f}].")
         for run in d["runs"]:
             load = "-" if run["load"] is None else f"{run['load']:.1f}"
             lines.append(f"Run: {run['seconds']:.0f} s wall (1-minute load average at the end {load}), "
