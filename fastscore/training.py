@@ -363,7 +363,8 @@ def _callback(callback: Callable, single: bool) -> Callable[[int, list[float]], 
 
 def _train_group(models: list[nn.Module], data: torch.Tensor, configs: list[TrainConfig], schedule: Schedule,
                  device: torch.device, members: str, stream: str, use_graph: bool, bar,
-                 callback: Callable[[int, list[float]], None] | None, check_every: int | None) -> list[TrainResult]:
+                 callback: Callable[[int, list[float]], None] | None, check_every: int | None = None
+                 ) -> list[TrainResult]:
     """Train ``models`` as one ensemble; write the trained weights back into them."""
     t0 = time.perf_counter()
     tr = _Trainer(Ensemble(models, members=members), data, configs, schedule, device, stream)
