@@ -152,7 +152,9 @@ def _compare(args, kw, dtype=torch.float32, M=None, floor=None):
 # correctness
 # ------------------------------------------------------------------------------------------------
 @interpret
-@pytest.mark.parametrize("case", COVER, ids=lambda c: "-".join(f"{k}{v}" for k, v in sorted(c.items())))
+# the first four cases in the fast tier, the rest of the covering set in the slow tier (CI runs both)
+@pytest.mark.parametrize("case", [c if i < 4 else pytest.param(c, marks=pytest.mark.slow) for i, c in enumerate(COVER)],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in sorted(c.items())))
 def test_forward_and_every_gradient_vs_fp64(seed, case):
     kind, patch = case["variant"].split("+")[0], case["variant"].endswith("patch")
     H, W = HW[case["N"]]
@@ -368,6 +370,7 @@ def test_bad_input_raises_before_any_launch(i, monkeypatch):
 # custom ops: opcheck and torch.compile
 # ------------------------------------------------------------------------------------------------
 @interpret
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,c", [("top1", 1), ("identity", 0)])  # softmax's fake: test_torch_compile_fullgraph
 def test_opcheck(seed, kind, c):
     z, x, *ws = _inputs(kind, 2, 16, 3, 3, c, 8)
@@ -377,6 +380,7 @@ def test_opcheck(seed, kind, c):
 
 
 @interpret
+@pytest.mark.slow
 def test_torch_compile_fullgraph(seed):
     """ScoreNet-like use traces without graph breaks (aot_eager: no C++ compiler needed)."""
     z, x, *ws = _inputs("softmax", 2, 16, 4, 4, 3, 8)
