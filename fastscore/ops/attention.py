@@ -113,6 +113,30 @@ def member(x, d, m: int):
     return x if d is None or not isinstance(x, torch.Tensor) else x.select(d, m)
 
 
+def per_member(name: str, call):
+    """An autograd.Function reached only under ``torch.func.vmap``, whose vmap rule runs
+    ``call(m, in_dims, *args)`` once per member m and stacks the outputs (a tensor, or a tuple of
+    tensors) along dim 0: for ops whose randomness must be keyed per member (a batched seed) as when
+    each member runs alone. Autograd records the per-member calls; its own forward/backward never run."""
+    def forward(*args):
+        raise RuntimeError(f"{name} runs under vmap only (the op passes an unbatched seed as an int)")
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"unreachable: {name}'s vmap rule records the per-member ops")
+
+    def vmap(info, in_dims, *args):
+        outs = [call(m, in_dims, *args) for m in range(info.batch_size)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+
+    return type(name, (torch.autograd.Function,), {f.__name__: staticmethod(f)
+                                                    for f in (forward, setup_context, backward, vmap)})
+
+
 def _folded(op):
     """A vmap rule that runs ``op`` once on the folded batch."""
     def rule(info, in_dims, *args):

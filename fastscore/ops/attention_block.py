@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .. import _validate
 from . import _dispatch
-from .attention import fold, member, softmax_attention, softmax_attention_reference
+from .attention import fold, member, per_member, softmax_attention, softmax_attention_reference
 from .top1 import top1_attention_reference
 
 KINDS = ("softmax", "identity", "top1")
@@ -332,27 +332,9 @@ def _auto_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
     return softmax_attention(q, k, v, scale, backend="auto")
 
 
-class _PerMemberSeed(torch.autograd.Function):
-    """Top-1 with Gumbel noise and a seed per vmapped member (a batched int64 seed, e.g. ``ScoreNet``'s
-    ``seed`` under ``torch.func.vmap``): its vmap rule calls ``attention_block`` once per member with that
-    member's int seed, which autograd records as usual. Only reached under vmap."""
-
-    @staticmethod
-    def forward(z, x, w_qkv, b_qkv, w_out, b_out, kind: str, temperature: float, seed: torch.Tensor, backend: str):
-        raise RuntimeError("_PerMemberSeed runs under vmap only (attention_block passes an unbatched seed as an int)")
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("unreachable: the vmap rule records the per-member ops")
-
-    @staticmethod
-    def vmap(info, in_dims, z, x, w_qkv, b_qkv, w_out, b_out, kind, temperature, seed, backend):
-        outs = [attention_block(*(member(t, d, m) for t, d in zip((z, x, w_qkv, b_qkv, w_out, b_out), in_dims)),
-                                kind=kind, temperature=temperature, gumbel=True,
-                                seed=int(member(seed, in_dims[8], m)), backend=backend)
-                for m in range(info.batch_size)]
-        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+# top-1 with Gumbel noise and a seed per vmapped member (a batched int64 seed, e.g. ScoreNet's ``seed``
+# under torch.func.vmap): one attention_block call per member with that member's int seed
+_PerMemberSeed = per_member("_PerMemberSeed", lambda m, d, z, x, w_qkv, b_qkv, w_out, b_out, kind, temperature, seed,
+                            backend: attention_block(
+    *(member(t, dt, m) for t, dt in zip((z, x, w_qkv, b_qkv, w_out, b_out), d)), kind=kind, temperature=temperature,
+    gumbel=True, seed=int(member(seed, d[8], m)), backend=backend))

@@ -32,7 +32,7 @@ import torch
 
 from .. import _validate
 from . import _dispatch, philox
-from .attention import member
+from .attention import member, per_member
 
 
 class StepCoefficients(NamedTuple):
@@ -129,30 +129,17 @@ def reverse_step_reference(x_t: torch.Tensor, eps: torch.Tensor, coef: StepCoeff
     return y.to(x_t.dtype)
 
 
-class _PerMember(torch.autograd.Function):
-    """``reverse_step`` under ``torch.func.vmap``: its vmap rule runs one update per member."""
+def _host(v, d, m: int):
+    """Member ``m``'s seed / offset as a host int (the member's own call validates it)."""
+    v = member(v, d, m)
+    return int(v) if isinstance(v, torch.Tensor) else v
 
-    @staticmethod
-    def forward(x_t, eps, coefficients, seed, step, sample_offset, clip_x0, backend):
-        raise RuntimeError("_PerMember runs under vmap only")
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("reverse_step has no autograd")
-
-    @staticmethod
-    def vmap(info, in_dims, x_t, eps, coefficients, seed, step, sample_offset, clip_x0, backend):
-        def host(v, d, m):   # a member's seed / offset as a host int: the member's own call validates it
-            v = member(v, d, m)
-            return int(v) if isinstance(v, torch.Tensor) else v
-        outs = [reverse_step(member(x_t, in_dims[0], m), member(eps, in_dims[1], m), coefficients,
-                             seed=host(seed, in_dims[3], m), step=step, sample_offset=host(sample_offset, in_dims[5], m),
-                             clip_x0=clip_x0, backend=backend) for m in range(info.batch_size)]
-        return torch.stack(outs), 0
+# reverse_step under torch.func.vmap: one update per member, each keyed by its own seed and offset
+_PerMember = per_member("_PerMember", lambda m, d, x_t, eps, coefficients, seed, step, sample_offset, clip_x0, backend:
+                        reverse_step(member(x_t, d[0], m), member(eps, d[1], m), coefficients, seed=_host(seed, d[3], m),
+                                     step=step, sample_offset=_host(sample_offset, d[5], m), clip_x0=clip_x0,
+                                     backend=backend))
 
 
 def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, coefficients: StepCoefficients, *, seed: int | torch.Tensor,

@@ -26,7 +26,7 @@ import torch
 
 from .. import _validate
 from . import _dispatch, philox
-from .attention import _check, fold, member, unfold
+from .attention import _check, fold, member, per_member, unfold
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,29 +95,11 @@ def _top1_vmap(op, info, in_dims, q, k, v, temperature, gumbel, seed):
     return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
 
 
-class _PerMemberSeed(torch.autograd.Function):
-    """Top-1 with a Gumbel seed per vmapped member (a batched int64 seed, e.g. ``ScoreNet``'s ``seed``
-    under ``torch.func.vmap``): its vmap rule calls ``top1_attention`` once per member with that member's
-    int seed, which autograd records as usual. Only reached under vmap."""
-
-    @staticmethod
-    def forward(q, k, v, temperature: float, gumbel: bool, seed: torch.Tensor, backend: str):
-        raise RuntimeError("_PerMemberSeed runs under vmap only (top1_attention passes an unbatched seed as an int)")
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("unreachable: the vmap rule records the per-member ops")
-
-    @staticmethod
-    def vmap(info, in_dims, q, k, v, temperature, gumbel, seed, backend):
-        outs = [top1_attention(member(q, in_dims[0], m), member(k, in_dims[1], m), member(v, in_dims[2], m),
-                               temperature=temperature, gumbel=gumbel, seed=int(member(seed, in_dims[5], m)),
-                               backend=backend) for m in range(info.batch_size)]
-        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+# top-1 with a Gumbel seed per vmapped member (a batched int64 seed, e.g. ScoreNet's ``seed`` under
+# torch.func.vmap): one top1_attention call per member with that member's int seed
+_PerMemberSeed = per_member("_PerMemberSeed", lambda m, d, q, k, v, temperature, gumbel, seed, backend: top1_attention(
+    member(q, d[0], m), member(k, d[1], m), member(v, d[2], m), temperature=temperature, gumbel=gumbel,
+    seed=int(member(seed, d[5], m)), backend=backend))
 
 
 def top1_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: float = 1.0,
