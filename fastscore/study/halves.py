@@ -188,9 +188,12 @@ def run_row(sd: StudyDir, config: StudyConfig, net: str, seed: int, halves: tupl
         x = sample(model, config.n_samples, sampler=config.sampler, steps=config.steps, eta=config.eta,
                    clip_x0=config.clip_x0, seed=SAMPLE_SEED + seed, device=device, backend=backend).cpu()
         rec["sample_seconds"] = time.perf_counter() - t0
-        sd._write(_samples_rel(net, half, seed), lambda p, x=x, half=half: save_tensors(
-            p, {"samples": x}, {"kind": "halves-samples", "data": cfg.to_dict(), "half": half,
-                                "extra": {"n_train": config.n_train, "data_seed": config.data_seed}}, overwrite=True))
+        meta = {"kind": "halves-samples", "data": cfg.to_dict(), "half": half,
+                "extra": {"n_train": config.n_train, "data_seed": config.data_seed}}
+
+        def write(path: Path, x: torch.Tensor = x, meta: dict = meta) -> None:
+            save_tensors(path, {"samples": x}, meta, overwrite=True)
+        sd._write(_samples_rel(net, half, seed), write)   # through the cell's manifest, as StudyDir.save_samples
         other = halves[1 - HALVES.index(half)]
         rec["rates"] = score(cfg, x, contents).to_dict()
         rec["copy"] = Rate(int(copies(cfg, x, contents).sum()), x.shape[0]).to_dict()
