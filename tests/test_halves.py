@@ -55,6 +55,8 @@ def test_two_n_beyond_the_settings_contents_and_n_below_one_are_errors_naming_th
         halves.grid("tiny", sizes=(4, 31), n_colours=2)
     with pytest.raises(UsageError, match=r"^sizes must be >= 1, got 0"):
         halves.grid("tiny", sizes=(0, 4))
+    with pytest.raises(UsageError, match="analytic and probe_t must be empty"):
+        halves.grid("tiny", analytic=("ideal",))
     with pytest.raises(UsageError, match="n_train is the halves study's axis"):
         halves.grid("tiny", n_train=8)
     # the preset's sizes that do not fit are left out: 2 colours keep 16 of the full preset's sizes

@@ -257,6 +257,9 @@ def grid(mode: str = "full", sizes: tuple[int, ...] | None = None, **overrides: 
     if "n_train" in overrides:
         raise UsageError("n_train is the halves study's axis; give sizes=(...) instead of n_train")
     base = {**DEFAULTS, **overrides}
+    if base["analytic"] or base["probe_t"]:
+        raise UsageError("the halves study trains networks only: analytic and probe_t must be empty, got "
+                         f"{base['analytic']} and {base['probe_t']}")
     data = replace(StudyConfig.preset(mode), **base).data_config()
     total = n_consistent_contents(data.n_pairs, data.n_colours)
     if sizes is None:
