@@ -223,13 +223,15 @@ def cmd_reproduce(a) -> int:
     from .study import reproduce
     mode = "quick" if a.quick else ("tiny" if a.tiny else "full")
     if a.out is None:
-        a.out = f"runs/{a.study if a.study in ('creativity', 'theory') else 'reproduce'}"
+        a.out = f"runs/{a.study if a.study in ('creativity', 'halves', 'theory') else 'reproduce'}"
     if a.dataset is not None and a.study != "theory":
         raise UsageError("--dataset belongs to --study theory")
     if a.study == "creativity":
         return _creativity(a, mode)
     if a.study == "theory":
         return _theory(a, mode)
+    if a.study == "halves":
+        return _halves(a, mode)
     if a.pairs_sweep:
         return _pairs_sweep(a, mode)
     cfg = _study_config(a, mode)
@@ -294,6 +296,26 @@ def _creativity(a, mode: str) -> int:
     return 0
 
 
+def _halves(a, mode: str) -> int:
+    """``reproduce --study halves``: networks on disjoint halves of each number of training images, sampled
+    from the same noise (``study.halves``), then its report."""
+    from ._validate import UsageError
+    from .study import halves
+    if a.pairs_sweep:
+        raise UsageError("--pairs-sweep belongs to --study coordination; the halves study sweeps --n-train")
+    if a.n_train is not None:
+        raise UsageError("--n-train: the halves study sweeps the number of training images per half itself "
+                         f"({', '.join(map(str, halves.SIZES[mode]))} here, those that fit the setting)")
+    _study_config(a, mode)                       # a bad value is reported under its option's name
+    g = halves.grid(mode, **_study_options(a))
+    _check_start(a, directory=True)
+    doc = halves.run(g, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
+                     workers=a.workers)
+    if doc is not None:                          # rank 0 (or the only process)
+        print((Path(a.out) / "halves.md").read_text())
+    return 0
+
+
 def cmd_sweep(a) -> int:
     from ._validate import UsageError
     from .study import StudyConfig, grid
@@ -339,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .sampling import sample
     from .study.config import DATA, PRESETS, RECIPE, RUN, SAMPLER, StudyConfig
     from .study.creativity import SIZES
+    from .study.halves import SIZES as HALVES_SIZES
     study = StudyConfig()
     p = argparse.ArgumentParser(prog="fastscore", description="Creativity in diffusion models: key-value "
                                 "data, CNN and attention score networks, sampling and scoring.")
@@ -396,13 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     for m, what in (("quick", "the few-minute version"), ("tiny", "a seconds-long smoke run (CI)")):
         mode.add_argument(f"--{m}", action="store_true", help=f"{what}: " + ", ".join(
             f"{flag.get(k, k)} {_show(v)}" for k, v in PRESETS[m].items()))
-    r.add_argument("--study", choices=("coordination", "creativity", "theory"), default="coordination",
+    r.add_argument("--study", choices=("coordination", "creativity", "halves", "theory"), default="coordination",
                    help="coordination: the networks (--networks) at one training set (results.md). creativity: are "
                         "consistent samples new or copies? A sweep over the number of training images "
                         f"({_show(SIZES['full'])}; --quick {_show(SIZES['quick'])}; --tiny {_show(SIZES['tiny'])}) "
                         "of the CNN and softmax attention "
                         "beside the ideal score and the ELS machine, without the probe; cells in OUT/cells/, "
-                        "creativity.md, creativity.json and figures in OUT. theory: does Kamb & Ganguli's calibrated "
+                        "creativity.md, creativity.json and figures in OUT. halves: memorisation to "
+                        "generalisation (Kadkhodaie et al.): per number n of training images "
+                        f"({_show(HALVES_SIZES['full'])}; --quick {_show(HALVES_SIZES['quick'])}; --tiny "
+                        f"{_show(HALVES_SIZES['tiny'])}, those that fit), two networks of each kind (default none,"
+                        "softmax; 4 colours) on disjoint halves of n images, sampled from the same noise: the "
+                        "fraction of pairs with the same content, their pixel r and the copy rates (halves.md, "
+                        "halves.json, halves.png in OUT, default runs/halves; docs/halves.md). theory: does Kamb & Ganguli's calibrated "
                         "ELS machine predict the CNN's samples, and the attention network's, from the same noise; "
                         "its --networks: none, softmax (the default), unet, unet_attn (diffusers UNet2DModels, "
                         "pip install fastscore[unet]) "
@@ -410,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default=None, help="--study theory: comma list of digits (scikit-learn), kv (the "
                    "key-value images) or .npy/.safetensors files (N, C, H, W) (default digits)")
     r.add_argument("--out", default=None,
-                   help="output directory (default runs/reproduce; --study creativity: runs/creativity)")
+                   help="output directory (default runs/reproduce; --study creativity: runs/creativity; --study halves: "
+                        "runs/halves)")
     _run_options(r)
     r.add_argument("--pairs-sweep", default=None, metavar="K1,K2,...",
                    help="e.g. 2,4,6,8: fastscore sweep's grid over n_pairs (a cell per count in OUT/cells/, one "
