@@ -116,6 +116,29 @@ def test_a_run_stopped_inside_a_step_resumes_from_that_step_with_the_global_gene
     _assert_same(whole, train(_Dropping(), data, TC, progress=False, resume=path))
 
 
+def test_a_stop_during_the_weight_update_saves_nothing_and_resumes_from_the_last_save(tmp_path, monkeypatch):
+    """Half the parameters updated is no state to save: the file keeps step 4 (save_every=4)."""
+    data = _data()
+    whole = train(_net(), data, TC, progress=False)
+    path = tmp_path / "state.safetensors"
+    lerp, armed = torch.Tensor.lerp_, []
+
+    def trapped(self, *args, **kwargs):
+        if armed:
+            armed.append(1)
+            if len(armed) == 4:   # the third lerp_ of step 6: some moments and EMA updated, others not
+                raise KeyboardInterrupt
+        return lerp(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "lerp_", trapped)
+    with pytest.raises(KeyboardInterrupt):
+        train(_net(), data, TC, progress=False, resume=path, save_every=4,
+              callback=lambda s, loss: armed.append(0) if s == 5 else None)
+    monkeypatch.undo()
+    assert load_tensors(path, STATE_KIND)[1]["step"] == 4
+    _assert_same(whole, train(_net(), data, TC, progress=False, resume=path, save_every=4))
+
+
 def test_a_finished_state_returns_the_result_without_training(tmp_path):
     data = _data()
     path = tmp_path / "state.safetensors"
