@@ -2,7 +2,8 @@
 
 ``out/study.json`` is the config (a different config is refused without ``force``);
 ``rows/<net>-seed<s>.json`` one finished row each (the unit of resumption; a row's training resumes
-from ``checkpoints/<net>-seed<s>.partial.safetensors`` until its checkpoint is saved); ``checkpoints/``,
+from ``checkpoints/<net>-seed<s>.partial.safetensors`` until its checkpoint is saved, and that file stays
+listed in the manifest after its removal); ``checkpoints/``,
 ``samples/``, ``figures/``; ``results.json``/``results.md``; ``invocations.json`` (wall time per
 invocation). ``manifest.txt`` lists, one relative path a line, every file the study wrote, appended
 after each atomic write (an ``O_APPEND`` write of one line, safe from several worker processes).
