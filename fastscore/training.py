@@ -17,30 +17,43 @@ engine at M = 1. Per member, from its own ``TrainConfig``:
   sampling should use;
 - top-1's Gumbel seed ``gumbel_seed(config.seed, step)``, passed as ``seed`` when ``forward`` takes one.
 Seeded: the same configs, data and seeds give the same weights on the same device, backend and
-schedule. A member of M agrees with the same network trained alone: bitwise on the loop schedule (the
+schedule.
+Resumable (``train(..., resume=path)``): the state between two steps is the stacked parameters and
+buffers, the AdamW moments, the EMA, the step, the losses so far and the generators' states (the
+members' data generators and torch's global ones, for modules that draw from them); the lr schedule
+is a table of the configs and the Gumbel seed a function of the step, so the step restores both. A run
+saved at step k and continued gives the bits of the run that never stopped (same device and threads). A member of M agrees with the same network trained alone: bitwise on the loop schedule (the
 CPU default), up to float32 summation order under vmap or on CUDA (measured in tests/test_training.py).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import overload
+from pathlib import Path
+from typing import Any, overload
 
 import torch
 import torch.nn as nn
 
 from . import _validate, graphs
+from .checkpoint import check_writable, load_tensors, save_tensors
 from .ensemble import Ensemble, takes_seed
-from .options import option
+from .options import matches, option
 from .schedule import Schedule, make_schedule
 
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 STREAMS = ("train", "device")
 _BETA2, _ADAM_EPS = 0.999, 1e-8   # torch.optim.AdamW's defaults
+#: ``train``'s default ``save_every`` with ``resume``: a save (a few MB, milliseconds) per this many steps
+#: costs < 0.1% of the steps' time on a CPU
+SAVE_EVERY = 1000
+STATE_KIND = "train_state"
 
 
 @dataclass(frozen=True)
@@ -163,6 +176,45 @@ class _Trainer:
         self.ab = schedule.alpha_bar.to(device, torch.float32)
         gen_dev = device if stream == "device" else torch.device("cpu")
         self.gens = [torch.Generator(device=gen_dev).manual_seed(c.seed) for c in configs]
+        # for a save on interrupt: whether the weights are mid-update (no consistent state to save), and
+        # the generators' states at the start of step ``step_host`` (a step interrupted before its update
+        # is saved as not yet taken)
+        self.dirty = False
+        self.boundary: dict[str, torch.Tensor] | None = None
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The states of every generator a step draws from: the members' and torch's global ones."""
+        out = {f"gen.{m}": g.get_state() for m, g in enumerate(self.gens)}
+        out["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            out["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return out
+
+    def state(self, rng: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors that continue training from step ``step_host`` (``rng``: the generator states to
+        store; default their states now)."""
+        out = {f"{kind}.{n}": t for kind, d in (("param", self.params), ("buffer", self.ens.buffers_by_name()),
+                                                ("ema", self.ema), ("exp_avg", self.exp_avg),
+                                                ("exp_avg_sq", self.exp_avg_sq)) for n, t in d.items()}
+        out["losses"] = self.losses[:, :self.step_host]
+        out.update(self.rng_state() if rng is None else rng)
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor], step: int) -> None:
+        """Continue from ``state()``'s tensors, saved at step ``step``."""
+        with torch.no_grad():
+            for kind, d in (("param", self.params), ("buffer", self.ens.buffers_by_name()), ("ema", self.ema),
+                            ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                for n, t in d.items():
+                    t.copy_(tensors[f"{kind}.{n}"])
+            self.losses[:, :step] = tensors["losses"]
+            self.k.fill_(step)
+        for m, g in enumerate(self.gens):
+            g.set_state(tensors[f"gen.{m}"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.step_host = step
 
     def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_t (M, B, ...), t (M, B), eps: each member's draws, in this order, from its generator."""
@@ -187,6 +239,9 @@ class _Trainer:
         """One step of all members."""
         self.device_step()
         self.step_host += 1
+        if self.boundary is not None:
+            self.boundary = self.rng_state()
+        self.dirty = False
 
     def device_step(self) -> None:
         """One step's device work (the host step counter is not advanced): no host synchronisation on
@@ -200,6 +255,7 @@ class _Trainer:
         grads = torch.autograd.grad(per.sum(), params, allow_unused=True)
         M = per.shape[0]
         grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+        self.dirty = True   # from here until ``step`` returns the weights are neither before nor after the step
         with torch.no_grad():
             row = self.table.index_select(1, self.k).squeeze(1)                           # (M, 5)
             col = [row[:, j] for j in range(5)]
@@ -268,21 +324,24 @@ def _check(models: list[nn.Module], data: torch.Tensor, configs: list[TrainConfi
 def train(model: nn.Module, data: torch.Tensor, config: TrainConfig | Sequence[TrainConfig] = ..., *,
           schedule: Schedule | None = ..., device: str | torch.device | None = ..., members: str = ...,
           stream: str = ..., cuda_graph: bool | None = ..., chunk: int | None = ..., progress: bool = ...,
-          desc: str = ..., callback: Callable | None = ..., check_every: int | None = ...) -> TrainResult: ...
+          desc: str = ..., callback: Callable | None = ..., check_every: int | None = ...,
+          resume: str | os.PathLike | None = ..., save_every: int | None = ...) -> TrainResult: ...
 
 
 @overload
 def train(model: Sequence[nn.Module], data: torch.Tensor, config: TrainConfig | Sequence[TrainConfig] = ..., *,
           schedule: Schedule | None = ..., device: str | torch.device | None = ..., members: str = ...,
           stream: str = ..., cuda_graph: bool | None = ..., chunk: int | None = ..., progress: bool = ...,
-          desc: str = ..., callback: Callable | None = ..., check_every: int | None = ...) -> list[TrainResult]: ...
+          desc: str = ..., callback: Callable | None = ..., check_every: int | None = ...,
+          resume: str | os.PathLike | None = ..., save_every: int | None = ...) -> list[TrainResult]: ...
 
 
 def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
           config: TrainConfig | Sequence[TrainConfig] = TrainConfig(), *, schedule: Schedule | None = None,
           device: str | torch.device | None = None, members: str = "auto", stream: str = "train",
           cuda_graph: bool | None = None, chunk: int | None = None, progress: bool = True, desc: str = "train",
-          callback: Callable | None = None, check_every: int | None = None) -> TrainResult | list[TrainResult]:
+          callback: Callable | None = None, check_every: int | None = None, resume: str | os.PathLike | None = None,
+          save_every: int | None = None) -> TrainResult | list[TrainResult]:
     """Train ``model`` (``(x_t, t) -> eps_hat``), or a list of M models of one architecture together, on
     images ``data`` (N, C, H, W) in [-1, 1]; see the module docstring for what each member gets.
 
@@ -297,6 +356,17 @@ def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
     a check is a host sync; 1 there when the callback times steps). Raises ValueError before any work when ``data``
     or a model's parameters hold NaN/inf, and FloatingPointError at the first step whose loss is
     NaN/inf (naming the step).
+
+    ``resume``: a file (safetensors) for the training state. If it holds this run's state (the same
+    configs, as ``options.matches`` reads them; the models' class, config, shapes, backend and initial
+    weights; the data; the noise schedule; the member schedule, stream and device type), training
+    continues from its step, and the result is bit for bit the one of a run that never stopped (same
+    device and thread count); the callback is called for the steps this call runs. A state of another
+    run is refused (ValueError naming what differs; delete the file to start again). The state is
+    written atomically every ``save_every`` steps (default ``SAVE_EVERY``), on KeyboardInterrupt or
+    SystemExit (Ctrl-C, or SIGTERM made one) unless it strikes mid-update, and at the end, marked
+    finished: the same call again returns the trained result without training. Not with ``chunk``
+    smaller than the number of models, nor with ``cuda_graph=True`` (``None`` turns the graph off).
     """
     single = isinstance(model, nn.Module)
     if not single and not isinstance(model, (list, tuple)):
@@ -317,17 +387,35 @@ def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
         _validate.positive_int("chunk", chunk)
     if check_every is not None:
         _validate.positive_int("check_every", check_every)
+    if save_every is not None:
+        _validate.positive_int("save_every", save_every)
+        if resume is None:
+            raise ValueError("save_every needs resume (the file the training state is saved to)")
+    if resume is not None and not isinstance(resume, (str, os.PathLike)):
+        raise TypeError(f"resume must be a path (str or os.PathLike), got {type(resume).__name__}")
     schedule = _check(models, data, configs, schedule, stream)
     Ensemble(models, members=members)   # one architecture, a known schedule: checked before any work
     dev = torch.device(device) if device is not None else next(models[0].parameters()).device
     cfg = getattr(models[0], "config", None)   # a Gumbel seed per step is a host integer: no graph
     seed_taken = takes_seed(models[0]) and getattr(cfg, "attention", "top1") == "top1" and getattr(cfg, "gumbel", True)
-    use_graph = dev.type == "cuda" and stream == "device" and not seed_taken if cuda_graph is None else bool(cuda_graph)
+    use_graph = dev.type == "cuda" and stream == "device" and not seed_taken and resume is None \
+        if cuda_graph is None else bool(cuda_graph)
     if use_graph and (dev.type != "cuda" or stream != "device" or seed_taken):
         raise ValueError("cuda_graph=True needs a CUDA device, stream='device' and members without a per-step "
                          "Gumbel seed (top-1 attention)")
     M = len(models)
     size = min(chunk or M, M)
+    saver = None
+    if resume is not None:
+        if use_graph:
+            raise ValueError("resume cannot save the state of a CUDA graph's generators; pass cuda_graph=False")
+        if size < M:
+            raise ValueError(f"resume keeps the state of all {M} members in one file: chunk ({chunk}) must be unset "
+                             f"or at least {M}")
+        schedule_of_members = "vmap" if members == "vmap" or (members == "auto" and dev.type == "cuda" and M > 1) \
+            else "loop"
+        saver = _Saver.open(Path(resume), save_every or SAVE_EVERY, models, data, configs, schedule,
+                            schedule_of_members, stream, dev)
     results: list[TrainResult | None] = [None] * M
     bar = _progress(configs[0].steps * M, desc, progress)
     start = 0
@@ -337,9 +425,9 @@ def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
             try:
                 out = _train_group([models[i] for i in part], data, [configs[i] for i in part], schedule, dev,
                                    members, stream, use_graph, bar,
-                                   None if callback is None else _callback(callback, single), check_every)
+                                   None if callback is None else _callback(callback, single), check_every, saver)
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-                if size == 1 or not _out_of_memory(e):
+                if size == 1 or saver is not None or not _out_of_memory(e):
                     raise
                 size = math.ceil(size / 2)
                 if torch.cuda.is_available():
@@ -363,28 +451,48 @@ def _callback(callback: Callable, single: bool) -> Callable[[int, list[float]], 
 
 def _train_group(models: list[nn.Module], data: torch.Tensor, configs: list[TrainConfig], schedule: Schedule,
                  device: torch.device, members: str, stream: str, use_graph: bool, bar,
-                 callback: Callable[[int, list[float]], None] | None, check_every: int | None = None
-                 ) -> list[TrainResult]:
-    """Train ``models`` as one ensemble; write the trained weights back into them."""
+                 callback: Callable[[int, list[float]], None] | None, check_every: int | None = None,
+                 saver: _Saver | None = None) -> list[TrainResult]:
+    """Train ``models`` as one ensemble (continuing ``saver``'s state, saving to it); write the trained
+    weights back into them."""
     t0 = time.perf_counter()
     tr = _Trainer(Ensemble(models, members=members), data, configs, schedule, device, stream)
+    before = 0.0   # wall seconds of the calls this one continues
+    if saver is not None:
+        before = saver.restore(tr)
+        if bar is not None:
+            bar.update(tr.step_host * len(models))
     replay: Callable[[], None] | None = None
     if check_every is None:
         check_every = 1 if device.type != "cuda" else 50   # a loss check is a host sync
-    checked = 0
-    while tr.step_host < tr.steps:
-        if use_graph and replay is None and tr.steps - tr.step_host > 3:
-            replay = capture(tr.device_step, device, 3, tr.gens)   # three real warm-up steps, then the capture
-            tr.step_host += 3
-        if replay is not None:
-            replay()
-            tr.step_host += 1
-        else:
-            tr.step()
-        if tr.step_host - checked >= check_every or tr.step_host == tr.steps:
-            _check_losses(tr, checked, bar, callback)
-            checked = tr.step_host
-    seconds = (time.perf_counter() - t0) / len(models)
+    checked = saved = tr.step_host
+    try:
+        while tr.step_host < tr.steps:
+            if use_graph and replay is None and tr.steps - tr.step_host > 3:
+                replay = capture(tr.device_step, device, 3, tr.gens)   # three real warm-up steps, then the capture
+                tr.step_host += 3
+            if replay is not None:
+                replay()
+                tr.step_host += 1
+            else:
+                tr.step()
+            due = saver is not None and tr.step_host % saver.every == 0 and tr.step_host < tr.steps
+            if tr.step_host - checked >= check_every or tr.step_host == tr.steps or due:
+                _check_losses(tr, checked, bar, callback)
+                checked = tr.step_host
+            if due:
+                assert saver is not None
+                saver.save(tr, before + time.perf_counter() - t0)
+                saved = tr.step_host
+    except (KeyboardInterrupt, SystemExit):
+        # between two steps, or in a step before its update: the state of step ``step_host`` is whole
+        if saver is not None and not tr.dirty and tr.step_host > saved and \
+                bool(torch.isfinite(tr.losses[:, :tr.step_host]).all()):
+            saver.save(tr, before + time.perf_counter() - t0, rng=tr.boundary)
+        raise
+    if saver is not None and saved < tr.steps:
+        saver.save(tr, before + time.perf_counter() - t0)
+    seconds = (before + time.perf_counter() - t0) / len(models)
     losses = tr.losses.cpu().tolist()
     out = []
     for m, (model, c) in enumerate(zip(models, configs)):
@@ -397,6 +505,89 @@ def _train_group(models: list[nn.Module], data: torch.Tensor, configs: list[Trai
             ema.load_state_dict(tr.ens.state(m, tr.ema))
         out.append(TrainResult(ema, model, losses[m], seconds))
     return out
+
+
+def _digest(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the tensors' dtypes, shapes and bytes, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(config: Any) -> Any:
+    return config.to_dict() if hasattr(config, "to_dict") else None
+
+
+@dataclass
+class _Saver:
+    """``train``'s ``resume``: the file, how often to save, the run's identity (what a stored state
+    must match) and the state found there (None: start from step 0)."""
+    path: Path
+    every: int
+    doc: dict
+    found: tuple[dict[str, torch.Tensor], dict] | None = None
+
+    @classmethod
+    def open(cls, path: Path, every: int, models: list[nn.Module], data: torch.Tensor, configs: list[TrainConfig],
+             schedule: Schedule, schedule_of_members: str, stream: str, device: torch.device) -> _Saver:
+        """The saver of this run; reads and checks a state already at ``path`` (before any work)."""
+        check_writable(path, overwrite=True)
+        first = models[0]
+        doc = {"configs": [c.to_dict() for c in configs],
+               "model_class": f"{type(first).__module__}.{type(first).__qualname__}",
+               "model_config": _jsonable(getattr(first, "config", None)),
+               "backend": getattr(first, "backend", None),
+               "shapes": {n: list(v.shape) for n, v in first.state_dict().items()},
+               "init": _digest(v for m in models for v in m.state_dict().values()),
+               "data": _digest([data.to(torch.float32)]), "noise_schedule": _digest([schedule.alpha_bar]),
+               "members": schedule_of_members, "stream": stream, "device": device.type}
+        saver = cls(path, every, doc)
+        if path.exists():
+            tensors, meta = load_tensors(path, STATE_KIND)
+            differ = [k for k, v in doc.items() if k not in ("configs", "model_config") and meta.get(k) != v]
+            cfg = getattr(first, "config", None)
+            stored_cfg = meta.get("model_config")
+            if (stored_cfg is None) != (cfg is None) or (cfg is not None and (
+                    not isinstance(stored_cfg, dict) or not matches(stored_cfg, cfg))):
+                differ.insert(0, "model config")
+            stored = meta.get("configs")
+            if not isinstance(stored, list) or len(stored) != len(configs) or \
+                    not all(isinstance(d, dict) and matches(d, c) for d, c in zip(stored, configs)):
+                differ.insert(0, "train config")
+            step = meta.get("step")
+            if not differ and not (isinstance(step, int) and 0 < step <= configs[0].steps):
+                raise ValueError(f"{path} holds a training state at step {step!r}, not in [1, {configs[0].steps}]: "
+                                 "corrupt; delete it to train from the start")
+            if differ:
+                raise ValueError(f"{path} holds the training state of another run (different "
+                                 f"{', '.join(differ)}); delete it to train from the start, or pass another resume path")
+            saver.found = (tensors, meta)
+        return saver
+
+    def restore(self, tr: _Trainer) -> float:
+        """Load the state found (if any) into ``tr``, start tracking its generators; returns the wall
+        seconds the stored state took."""
+        seconds = 0.0
+        if self.found is not None:
+            tensors, meta = self.found
+            need = {k for k in tr.state() if k != "rng.cuda"}
+            if not need <= set(tensors):
+                raise ValueError(f"{self.path} is missing tensors of the training state "
+                                 f"({sorted(need - set(tensors))[:3]}); delete it to train from the start")
+            tr.load(tensors, meta["step"])
+            seconds = float(meta.get("seconds", 0.0))
+            self.found = None
+        tr.boundary = tr.rng_state()
+        return seconds
+
+    def save(self, tr: _Trainer, seconds: float, rng: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``tr``'s state at step ``step_host`` atomically (``rng``: the generators' states to store)."""
+        save_tensors(self.path, tr.state(rng), {"kind": STATE_KIND, "step": tr.step_host,
+                                                "finished": tr.step_host == tr.steps, "seconds": seconds, **self.doc},
+                     overwrite=True)
 
 
 def _check_losses(tr: _Trainer, start: int, bar, callback: Callable[[int, list[float]], None] | None) -> None:

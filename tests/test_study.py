@@ -42,7 +42,10 @@ def test_tiny_study_resumes_and_protects_its_directory(tmp_path):
     # --force replaces the study's own files only: a file the user put among them survives
     (out / "checkpoints" / "mine.pt").write_bytes(b"user data")
     written = set((out / MANIFEST).read_text().split())
-    assert written == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {MANIFEST, "checkpoints/mine.pt"}
+    partials = {w for w in written if w.endswith(".partial.safetensors")}   # removed once their row trained
+    assert not any((out / w).exists() for w in partials)
+    assert written - partials == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - \
+        {MANIFEST, "checkpoints/mine.pt"}
     reproduce(other, out, progress=False, force=True)
     assert not (out / "rows" / "softmax-seed0.json").exists()
     assert not (out / "checkpoints" / "softmax-seed0.safetensors").exists()

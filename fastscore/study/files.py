@@ -1,7 +1,9 @@
 """A study's directory: what it holds, how it is resumed, and what ``force`` may remove.
 
 ``out/study.json`` is the config (a different config is refused without ``force``);
-``rows/<net>-seed<s>.json`` one finished row each (the unit of resumption); ``checkpoints/``,
+``rows/<net>-seed<s>.json`` one finished row each (the unit of resumption; a row's training resumes
+from ``checkpoints/<net>-seed<s>.partial.safetensors`` until its checkpoint is saved, and that file stays
+listed in the manifest after its removal); ``checkpoints/``,
 ``samples/``, ``figures/``; ``results.json``/``results.md``; ``invocations.json`` (wall time per
 invocation). ``manifest.txt`` lists, one relative path a line, every file the study wrote, appended
 after each atomic write (an ``O_APPEND`` write of one line, safe from several worker processes).
@@ -158,6 +160,13 @@ class StudyDir:
     def load_samples(self, name: str) -> torch.Tensor | None:
         path = self.path / "samples" / f"{name}.safetensors"
         return load_tensors(path, "samples")[0]["samples"] if path.exists() else None
+
+    def partial(self, name: str) -> Path:
+        """``checkpoints/<name>.partial.safetensors``: the partial-training state of row(s) ``name``, which
+        ``fastscore.train`` writes itself (``resume``); recorded in the manifest here, before any write."""
+        rel = f"checkpoints/{name}.partial.safetensors"
+        self._record(rel)
+        return self.path / rel
 
     def checkpoint(self, net: str, seed: int) -> Path:
         return self.path / "checkpoints" / f"{row_name(net, seed)}.safetensors"

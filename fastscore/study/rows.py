@@ -7,26 +7,35 @@ The unit of work is a network with its seeds (``units``, ``run_unit``): with ``g
 seeds whose checkpoints are missing are trained together as one ensemble (``fastscore.train`` on a
 list: each member gets its row's model config, train config and init seed; the same engine trains a
 row alone, so each checkpoint is the one the row would train alone up to float32 summation order);
-then each row is evaluated and saved as it would be alone. Without it, one row at a time."""
+then each row is evaluated and saved as it would be alone. Without it, one row at a time.
+
+Training resumes: a row (or a unit's rows) saves its partial-training state (``train``'s ``resume``) in
+``checkpoints/<name>.partial.safetensors`` every ``SAVE_EVERY`` steps and when stopped, and the same
+command continues from it, to the same bits; the file is removed once the checkpoints are saved."""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, load_tensors
 from ..data import make_dataset
 from ..metrics import score
 from ..models import ModelConfig, build_model
 from ..probe import coordination_probe, probe_json
 from ..sampling import sample
 from ..schedule import Schedule, make_schedule
-from ..training import TrainResult, train
+from ..training import STATE_KIND, TrainResult, train
 from .config import ANALYTIC, MODEL_SEED, PROBE_SEED, SAMPLE_SEED, StudyConfig
 from .files import StudyDir, row_name
+
+#: training steps between two saves of a row's partial-training state: ~1 min of a CPU row (a 10,000-step
+#: softmax row took ~525 s) for a save of milliseconds; on a GPU a few seconds
+SAVE_EVERY = 1000
 
 
 @dataclass
@@ -102,9 +111,25 @@ def network(ctx: RunContext, net: str, seed: int) -> Built:
     assert ctx.images is not None, "run_row gives the context its data"
     torch.manual_seed(MODEL_SEED + seed)
     model = build_model(c.model_config(net), backend=ctx.backend)
+    partial = ctx.out.partial(row_name(net, seed))
+    _count_resumed(ctx, partial, 1)
     res = train(model, ctx.images, c.train_config(seed), device=ctx.device, progress=False,
-                callback=ctx.on_train_step())
-    return _save_trained(ctx, net, seed, res)
+                callback=ctx.on_train_step(), resume=partial, save_every=SAVE_EVERY)
+    built = _save_trained(ctx, net, seed, res)
+    partial.unlink(missing_ok=True)
+    return built
+
+
+def _count_resumed(ctx: RunContext, partial: Path, members: int) -> None:
+    """Progress for the steps a partial-training state holds (``train``'s callback sees only the steps
+    it runs); a file ``train`` will refuse counts nothing."""
+    if ctx.bar is None or not partial.exists():
+        return
+    try:
+        step = load_tensors(partial, STATE_KIND)[1].get("step", 0)
+    except ValueError:
+        return
+    ctx.bar.update(ctx.weights["train"] * members * (step if isinstance(step, int) else 0))
 
 
 def _save_trained(ctx: RunContext, net: str, seed: int, res: TrainResult) -> Built:
@@ -127,9 +152,13 @@ def train_together(ctx: RunContext, net: str, seeds: list[int]) -> dict[int, Bui
     for s in seeds:
         torch.manual_seed(MODEL_SEED + s)
         models.append(build_model(c.model_config(net), backend=ctx.backend))
+    partial = ctx.out.partial(f"{net}-seeds{'-'.join(map(str, seeds))}")
+    _count_resumed(ctx, partial, len(seeds))
     results = train(models, ctx.images, [c.train_config(s) for s in seeds], device=ctx.device, progress=False,
-                    callback=ctx.on_ensemble_step())
-    return {s: _save_trained(ctx, net, s, res) for s, res in zip(seeds, results)}
+                    callback=ctx.on_ensemble_step(), resume=partial, save_every=SAVE_EVERY)
+    built = {s: _save_trained(ctx, net, s, res) for s, res in zip(seeds, results)}
+    partial.unlink(missing_ok=True)
+    return built
 
 
 def analytic(ctx: RunContext, kind: str, seed: int) -> Built:
