@@ -65,6 +65,7 @@ from .config import LABELS, MODEL_SEED, SAMPLE_SEED, StudyConfig
 from .files import StudyDir, row_name, versions
 from .grid import Grid
 from .report import fmt
+from .rows import SAVE_EVERY
 from .run import Interrupted
 from .sweep import cell_config
 from .sweep import run as run_sweep
@@ -166,11 +167,14 @@ def _network(sd: StudyDir, config: StudyConfig, net: str, half: str, seed: int, 
         return model, {"train_seconds": meta["extra"]["seconds"], "losses": meta["extra"]["losses"]}
     torch.manual_seed(MODEL_SEED + seed)
     model = build_model(config.model_config(net), backend=backend)
-    res = train(model, images, config.train_config(seed), device=device, progress=False)
+    partial = sd.partial(row_name(f"{net}-{half}", seed))     # resumes mid-training (rows.SAVE_EVERY)
+    res = train(model, images, config.train_config(seed), device=device, progress=False, resume=partial,
+                save_every=SAVE_EVERY)
     extra = {"half": half, "n_train": config.n_train, "data_seed": config.data_seed, "losses": res.losses[::10],
              "seconds": res.seconds}
     sd.save_model(str(ckpt.relative_to(sd.path)), res.model, data_config=config.data_config(),
                   train_config=config.train_config(seed), extra=extra)
+    partial.unlink(missing_ok=True)
     return res.model, {"train_seconds": res.seconds, "losses": extra["losses"]}
 
 
