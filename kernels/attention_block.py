@@ -338,16 +338,9 @@ def _block_bwd_kernel(
             dk = dk * sm_scale
             if KIND == 1:
                 dz = dk + dv
-            else:
-                dk16 = dk.to(DT)
-                dv16 = dv.to(DT)
-                _store_rows(DQKV, b, offs_j, N, 1, 3, offs_d, BLOCK_D, dk16)
-                _store_rows(DQKV, b, offs_j, N, 2, 3, offs_d, BLOCK_D, dv16)
-                dz = _back(dk16, WT, m, 1, 0, offs_c, offs_d, KB, BLOCK_D, PREC)
-                dz += _back(dv16, WT, m, 2, 0, offs_c, offs_d, KB, BLOCK_D, PREC)
-                if WRITE_DPATCH:
-                    dp = _back(dk16, WT, m, 1, BLOCK_C, offs_p, offs_d, KB, BLOCK_D, PREC)
-                    dp += _back(dv16, WT, m, 2, BLOCK_C, offs_p, offs_d, KB, BLOCK_D, PREC)
+            else:   # kept in DQKV (read back below and by the weight-gradient kernel), not in registers
+                _store_rows(DQKV, b, offs_j, N, 1, 3, offs_d, BLOCK_D, dk.to(DT))
+                _store_rows(DQKV, b, offs_j, N, 2, 3, offs_d, BLOCK_D, dv.to(DT))
             # B2: j as query, i as key; rows j, columns i
             qj = _qkv(Z, X, WT, BT, b, m, offs_j, N, H, Wd, C, P, offs_c, offs_p, offs_d, 0, BLOCK_C, KB, BLOCK_D,
                       KIND, HAS_PATCH, PREC)
@@ -368,13 +361,20 @@ def _block_bwd_kernel(
             if KIND == 1:
                 dz += dq
             else:
-                dq16 = dq.to(DT)
-                _store_rows(DQKV, b, offs_j, N, 0, 3, offs_d, BLOCK_D, dq16)
-                dz += _back(dq16, WT, m, 0, 0, offs_c, offs_d, KB, BLOCK_D, PREC)
+                _store_rows(DQKV, b, offs_j, N, 0, 3, offs_d, BLOCK_D, dq.to(DT))
+                tl.debug_barrier()   # this block's dq, dk, dv rows are in DQKV before they are read back
+                dq16 = _rows(DQKV, b, offs_j, N, 0, 3, offs_d, BLOCK_D)
+                dk16 = _rows(DQKV, b, offs_j, N, 1, 3, offs_d, BLOCK_D)
+                dv16 = _rows(DQKV, b, offs_j, N, 2, 3, offs_d, BLOCK_D)
                 if WRITE_DPATCH:
-                    dp += _back(dq16, WT, m, 0, BLOCK_C, offs_p, offs_d, KB, BLOCK_D, PREC)
+                    dp = _back(dq16, WT, m, 0, BLOCK_C, offs_p, offs_d, KB, BLOCK_D, PREC)
+                    dp += _back(dk16, WT, m, 1, BLOCK_C, offs_p, offs_d, KB, BLOCK_D, PREC)
+                    dp += _back(dv16, WT, m, 2, BLOCK_C, offs_p, offs_d, KB, BLOCK_D, PREC)
                     tl.store(DPATCH + (b * N + offs_j)[:, None] * P + offs_p[None, :], dp,
                              mask=(offs_j[:, None] < N) & (offs_p[None, :] < P))
+                dz = _back(dq16, WT, m, 0, 0, offs_c, offs_d, KB, BLOCK_D, PREC)
+                dz += _back(dk16, WT, m, 1, 0, offs_c, offs_d, KB, BLOCK_D, PREC)
+                dz += _back(dv16, WT, m, 2, 0, offs_c, offs_d, KB, BLOCK_D, PREC)
             dz += _tokens(G, b, offs_j, N, C, offs_c).to(tl.float32)            # the residual
             tl.store((DZ + b * (C * N)) + (offs_c[None, :] * N + offs_j[:, None]), dz.to(DT),
                      mask=(offs_j[:, None] < N) & (offs_c[None, :] < C))
@@ -458,8 +458,11 @@ MAX_WGRAD_SLOTS = 128
 
 
 def token_block(n: int) -> int:
-    """BLOCK (query and key rows per tile): next_pow2(N) clipped to [16, 64]."""
-    return min(max(triton.next_power_of_2(int(n)), 16), 64)
+    """BLOCK (query and key rows per tile, forward and backward): next_pow2(N) clipped to [16, 32]. 64
+    spilled in the backward on sm_90a in bf16 (docs/attention-block.md); one size for both passes keeps
+    the backward's recomputed scores the forward's bit for bit where the dot's tile shape matters (the
+    interpreter's matmul: top-1's unscaled surrogate logits amplify an ulp)."""
+    return min(max(triton.next_power_of_2(int(n)), 16), 32)
 
 
 def images_per_program(nb: int, n_blocks: int, n: int) -> int:
@@ -479,9 +482,9 @@ def wgrad_splits(b_per: int, members: int) -> tuple[int, int]:
     return triton.cdiv(b_per, ipw), ipw
 
 
-def launch_config(dtype: torch.dtype) -> tuple[int, int]:
-    """(num_warps, num_stages); 8 warps, 1 stage (from ptxas -v on sm_90a, docs/attention-block.md), until
-    a GPU measurement."""
+def launch_config() -> tuple[int, int]:
+    """(num_warps, num_stages) of the forward and the backward: 8 warps, 1 stage, from ``ptxas -v`` on sm_80
+    and sm_90a at the study's shapes (no spills; docs/attention-block.md), until a GPU measurement."""
     return 8, 1
 
 
@@ -567,12 +570,12 @@ def block_forward(z: torch.Tensor, x: torch.Tensor | None, w_qkv, b_qkv, w_out, 
     idx = torch.empty((NB, N) if kind == "top1" else (1,), device=z.device, dtype=torch.int64)
     n_blocks = triton.cdiv(N, meta["BLOCK"])
     ipp = images_per_program(NB, n_blocks, N)
-    nw, ns = launch_config(z.dtype)
+    gumbel = bool(gumbel) and kind == "top1"
+    nw, ns = launch_config()
     _block_fwd_kernel[(n_blocks, triton.cdiv(NB, ipp))](
         z, z if x is None else x, wt, bt, wot, bo, out, lse, idx, int(seed),
         NB // members, NB, N, H, W, C, P, ipp, float(qk_scale) * LOG2E,
-        **meta, KIND=KINDS[kind], GUMBEL=bool(gumbel) and kind == "top1", PREC=dot_precision(z.dtype),
-        num_warps=nw, num_stages=ns,
+        **meta, KIND=KINDS[kind], GUMBEL=gumbel, PREC=dot_precision(z.dtype), num_warps=nw, num_stages=ns,
     )
     return out, lse, (idx if kind == "top1" else None)
 
@@ -600,12 +603,13 @@ def block_backward(g: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None, w_q
     aout = torch.empty((NB, N, BD) if weighted else (1,), device=dev, dtype=z.dtype)
     dqkv = torch.empty((NB, N, 3, BD) if weighted else (1,), device=dev, dtype=z.dtype)
     ipp = images_per_program(NB, 1, N)
-    nw, ns = launch_config(z.dtype)
+    nw, ns = launch_config()
     no_idx = torch.zeros(1, device=dev, dtype=torch.int64)
     _block_bwd_kernel[(triton.cdiv(NB, ipp),)](
         z, z if x is None else x, wt, bt, wot, g, lse, no_idx if idx is None else idx, delta, dz, dpatch, aout, dqkv,
         int(seed), B_per, NB, N, H, W, C, P, ipp, float(sm_scale) * LOG2E, float(sm_scale),
-        **meta, KIND=KINDS[kind], GUMBEL=bool(gumbel) and kind == "top1", WRITE_DPATCH=bool(need_dpatch and P),
+        **meta, KIND=KINDS[kind], GUMBEL=bool(gumbel) and kind == "top1",
+        WRITE_DPATCH=bool(need_dpatch and P),
         PREC=dot_precision(z.dtype), num_warps=nw, num_stages=ns,
     )
     grads = (None,) * 4
@@ -650,14 +654,14 @@ def compile_configs(dtypes=("fp32", "bf16")) -> list[dict]:
         if kind == "identity" and p:
             continue
         meta = _meta(kind, c, p, d, n)
-        bwd = [(_block_bwd_kernel, {"KIND": KINDS[kind], "WRITE_DPATCH": w}, launch_config(torch.float32))
-               for w in ((False, True) if p else (False,))]
-        fns = [(_block_fwd_kernel, {"KIND": KINDS[kind]}, launch_config(torch.float32)), *bwd]
+        bwd = [(_block_bwd_kernel, "bwd", {"KIND": KINDS[kind], "WRITE_DPATCH": w}) for w in ((False, True) if p else (False,))]
+        fns = [(_block_fwd_kernel, "fwd", {"KIND": KINDS[kind]}), *bwd]
         if kind != "identity":
-            fns.append((_block_wgrad_kernel, {}, (WGRAD_WARPS, 1)))
-        for fn, extra, (nw, ns) in fns:
+            fns.append((_block_wgrad_kernel, "wgrad", {}))
+        for fn, which, extra in fns:
             gumbels = (False, True) if (kind == "top1" and "GUMBEL" in fn.arg_names) else (False,)
             for gumbel, prec in itertools.product(gumbels, dot_precisions(_DTYPES[dt])):
+                nw, ns = (WGRAD_WARPS, 1) if which == "wgrad" else launch_config()
                 args = set(fn.arg_names)
                 pointers = {a: (None if a in data else "i64" if a == "IDX" else "fp32")
                             for a in args & (data | f32_ptrs | {"IDX"})}
