@@ -1,4 +1,4 @@
-"""The fused patch-attention block: ScoreNet's whole attention layer in one kernel per image group.
+"""The fused patch-attention block: ScoreNet's whole attention layer, one forward kernel and a backward in two.
 
 For one image with tokens ``z_i`` (the C channels of pixel i of z (B, C, H, W), N = H*W) and, with
 patch features, ``p_i`` = the raw zero-padded 3x3 neighbourhood of x (B, c, H, W) at pixel i
@@ -15,18 +15,27 @@ Forward (``_block_fwd_kernel``): one program per (query block, group of images);
 projects, runs the online softmax (or argmax) over key blocks that it projects itself, applies the
 output projection and the residual and writes ``out`` only, plus the log2-domain log-sum-exp (of the
 surrogate for top-1) (B, N) float32 and, for top-1, the index map (B, N) int64.
-Backward (``_block_bwd_kernel``): one program per group of images of one ensemble member; recomputes
-everything from z, x and the weights: pass A (per query block) recomputes ``a`` and writes
-``Delta_i = a_i . da_i`` (B, N) float32, pass B (per token block j) gets dk_j, dv_j (j as key) and
-dq_j (j as query), maps them back through the projections and writes dz_j (and, when asked, the
-patch-feature gradient, from which the op computes dx). Weight gradients are accumulated in the
-program and written as per-program float32 partials (M, G, ...) that the launcher sums over G in a
-fixed order: no atomics, results repeat bit for bit.
+Backward (``_block_bwd_kernel``): one program per group of images; recomputes everything from z, x and
+the weights: pass A (per query block) recomputes ``a`` and writes ``Delta_i = a_i . da_i`` (B, N)
+float32 and ``a`` itself (the hard one for top-1); pass B (per token block j) gets dk_j, dv_j (j as
+key, loop B1) then dq_j (j as query, loop B2), writes them to ``DQKV`` and maps them back through the
+projections to dz_j (and, when asked, the patch-feature gradient, from which the op computes dx).
+Weight gradients (``_block_wgrad_kernel``): one program per (target, split of the member's images,
+member), each a sum over its images of ``u^T dq/dk/dv`` (u = [z; patches]) or ``a^T g``, written as a
+float32 partial per (member, split) that the launcher sums over splits in a fixed order: no atomics,
+results repeat bit for bit. Keeping them out of the backward's registers is what lets it run without
+spills (docs/attention-block.md).
+
+Memory layout: z, x and the output gradient are read as contiguous NCHW (the launcher copies other
+layouts), so a token tile is contiguous along the pixels; ``N_MULT`` (16 when N is a multiple of 16)
+tells the compiler so, for vector loads, without specialising the integer N. The weights are packed by
+the launcher (``pack_weights``) transposed and zero-padded to the blocks, so their tiles load without
+masks from aligned rows.
 
 Ensembles: weights carry a leading member dim M; images b of the flat batch (M * B_per) belong to
-member ``b // B_per``. Every dot has dims >= 16: C, P and d are padded (masked loads, zeros) to
-powers of two >= 16. Math is float32; 16-bit inputs round q, k, v, p and the attention output to the
-input dtype before each product, as the torch composition does. N <= MAX_N = 256.
+member ``b // B_per``. Every dot has dims >= 16: C, P and d are padded (zeros) to powers of two >= 16.
+Math is float32; 16-bit inputs round q, k, v, p and the attention output to the input dtype before each
+product, as the torch composition does. N <= MAX_N = 256.
 
 This module imports nothing from ``fastscore``.
 """
@@ -633,10 +642,10 @@ WGRAD_WARPS = 4
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time compile configurations
 # ----------------------------------------------------------------------------------------------
-#: the study's shapes and their neighbours, (N, C, P, d), and the smallest blocks (N, C, d <= 16, c = 1:
-#: what the GPU-compile guard launches)
+#: the study's shapes and their neighbours, (N, C, P, d), and the smallest blocks (N, C, d <= 16, c = 1,
+#: N a multiple of 16 or not (N_MULT): what the GPU-compile guard launches)
 STUDY_SHAPES = ((64, 64, 27, 64), (64, 64, 0, 64), (64, 64, 27, 16), (256, 64, 27, 64), (64, 16, 27, 16),
-                (16, 16, 9, 16), (16, 16, 0, 16))
+                (16, 16, 9, 16), (16, 16, 0, 16), (15, 16, 9, 16), (15, 16, 0, 16))
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
