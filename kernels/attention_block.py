@@ -49,6 +49,7 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
+    MAXNREG,
     TL_DTYPES,
     TL_LOG2E,
     config_key,
@@ -584,7 +585,7 @@ def block_forward(z: torch.Tensor, x: torch.Tensor | None, w_qkv, b_qkv, w_out, 
     _block_fwd_kernel[(n_blocks, triton.cdiv(NB, ipp))](
         z, z if x is None else x, wt, bt, wot, bo, out, lse, idx, int(seed),
         NB // members, NB, N, H, W, C, P, ipp, float(qk_scale) * LOG2E,
-        **meta, KIND=KINDS[kind], GUMBEL=gumbel, PREC=dot_precision(z.dtype), num_warps=nw, num_stages=ns,
+        **meta, KIND=KINDS[kind], GUMBEL=gumbel, PREC=dot_precision(z.dtype), num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
     return out, lse, (idx if kind == "top1" else None)
 
@@ -619,7 +620,7 @@ def block_backward(g: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None, w_q
         int(seed), B_per, NB, N, H, W, C, P, ipp, float(sm_scale) * LOG2E, float(sm_scale),
         **meta, KIND=KINDS[kind], GUMBEL=bool(gumbel) and kind == "top1",
         WRITE_DPATCH=bool(need_dpatch and P),
-        PREC=dot_precision(z.dtype), num_warps=nw, num_stages=ns,
+        PREC=dot_precision(z.dtype), num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
     grads = (None,) * 4
     if weighted:
@@ -629,7 +630,7 @@ def block_backward(g: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None, w_q
                  ((3, KB, BD), (3, BD), (BD, meta["BLOCK_C"]), (meta["BLOCK_C"],))]
         _block_wgrad_kernel[(7 if P else 4, n_splits, members)](
             z, z if x is None else x, g, aout, dqkv, *parts, B_per, N, H, W, C, P, ipw,
-            **meta, PREC=dot_precision(z.dtype), num_warps=WGRAD_WARPS, num_stages=1,
+            **meta, PREC=dot_precision(z.dtype), num_warps=WGRAD_WARPS, num_stages=1, maxnreg=MAXNREG,
         )
         grads = unpack_grads(parts, C, P, D, meta)
     return (dz, dpatch if (need_dpatch and P) else None, *grads)
@@ -678,7 +679,7 @@ def compile_configs(dtypes=("fp32", "bf16")) -> list[dict]:
                 if "GUMBEL" in args:
                     const["GUMBEL"] = gumbel
                 name = f"attention_block.{fn.__name__}" + ("" if fn is _block_wgrad_kernel else f".{kind}")
-                cfg = make_config(name, fn, dt, const, nw, ns,
+                cfg = make_config(name, fn, dt, const, nw, ns, maxnreg=MAXNREG,
                                   pointers=pointers, fp32=tuple(a for a in ("qk_scale", "sm_scale") if a in args),
                                   i64=("seed",) if "seed" in args else (), aligned=tuple(pointers))
                 if all(config_key(cfg) != config_key(o) for o in out):   # N = 64 and 256 share BLOCK = 64
