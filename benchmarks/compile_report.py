@@ -119,9 +119,10 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
     return row
 
 
-#: kernels known to spill, reported but not counted as a problem until fixed: the fused attention block
-#: keeps every weight-gradient accumulator in registers (docs/attention-block.md, "Spills")
-KNOWN_SPILLS = ("attention_block.",)
+#: (kernel prefix, data dtype) known to spill, reported but not counted as a problem: the fused attention
+#: block in float32 (IEEE products are FMAs; docs/attention-block.md, "Registers and spills"); its bf16
+#: configurations are checked like every other kernel's
+KNOWN_SPILLS = (("attention_block.", "fp32"),)
 
 
 def problems(row: dict) -> list[str]:
@@ -131,7 +132,8 @@ def problems(row: dict) -> list[str]:
     if row.get("error"):
         out.append(f"error: {row['error']}")
         return out
-    if (row["spill_stores"] or row["spill_loads"]) and not row["kernel"].startswith(KNOWN_SPILLS):
+    known = any(row["kernel"].startswith(k) and row["config"].split()[0] == dt for k, dt in KNOWN_SPILLS)
+    if (row["spill_stores"] or row["spill_loads"]) and not known:
         out.append(f"spills {row['spill_stores']}/{row['spill_loads']} bytes")
     arch = 90 if row["target"].startswith("sm_90") else 80
     if row["smem"] > SMEM_LIMIT[arch]:

@@ -1,4 +1,4 @@
-"""The fused patch-attention block: ScoreNet's whole attention layer in one kernel per image group.
+"""The fused patch-attention block: ScoreNet's whole attention layer, one forward kernel and a backward in two.
 
 For one image with tokens ``z_i`` (the C channels of pixel i of z (B, C, H, W), N = H*W) and, with
 patch features, ``p_i`` = the raw zero-padded 3x3 neighbourhood of x (B, c, H, W) at pixel i
@@ -15,18 +15,27 @@ Forward (``_block_fwd_kernel``): one program per (query block, group of images);
 projects, runs the online softmax (or argmax) over key blocks that it projects itself, applies the
 output projection and the residual and writes ``out`` only, plus the log2-domain log-sum-exp (of the
 surrogate for top-1) (B, N) float32 and, for top-1, the index map (B, N) int64.
-Backward (``_block_bwd_kernel``): one program per group of images of one ensemble member; recomputes
-everything from z, x and the weights: pass A (per query block) recomputes ``a`` and writes
-``Delta_i = a_i . da_i`` (B, N) float32, pass B (per token block j) gets dk_j, dv_j (j as key) and
-dq_j (j as query), maps them back through the projections and writes dz_j (and, when asked, the
-patch-feature gradient, from which the op computes dx). Weight gradients are accumulated in the
-program and written as per-program float32 partials (M, G, ...) that the launcher sums over G in a
-fixed order: no atomics, results repeat bit for bit.
+Backward (``_block_bwd_kernel``): one program per group of images; recomputes everything from z, x and
+the weights: pass A (per query block) recomputes ``a`` and writes ``Delta_i = a_i . da_i`` (B, N)
+float32 and ``a`` itself (the hard one for top-1); pass B (per token block j) gets dk_j, dv_j (j as
+key, loop B1) then dq_j (j as query, loop B2), writes them to ``DQKV`` and maps them back through the
+projections to dz_j (and, when asked, the patch-feature gradient, from which the op computes dx).
+Weight gradients (``_block_wgrad_kernel``): one program per (target, split of the member's images,
+member), each a sum over its images of ``u^T dq/dk/dv`` (u = [z; patches]) or ``a^T g``, written as a
+float32 partial per (member, split) that the launcher sums over splits in a fixed order: no atomics,
+results repeat bit for bit. Keeping them out of the backward's registers is what lets it run without
+spills (docs/attention-block.md).
+
+Memory layout: z, x and the output gradient are read as contiguous NCHW (the launcher copies other
+layouts), so a token tile is contiguous along the pixels; ``N_MULT`` (16 when N is a multiple of 16)
+tells the compiler so, for vector loads, without specialising the integer N. The weights are packed by
+the launcher (``pack_weights``) transposed and zero-padded to the blocks, so their tiles load without
+masks from aligned rows.
 
 Ensembles: weights carry a leading member dim M; images b of the flat batch (M * B_per) belong to
-member ``b // B_per``. Every dot has dims >= 16: C, P and d are padded (masked loads, zeros) to
-powers of two >= 16. Math is float32; 16-bit inputs round q, k, v, p and the attention output to the
-input dtype before each product, as the torch composition does. N <= MAX_N = 256.
+member ``b // B_per``. Every dot has dims >= 16: C, P and d are padded (zeros) to powers of two >= 16.
+Math is float32; 16-bit inputs round q, k, v, p and the attention output to the input dtype before each
+product, as the torch composition does. N <= MAX_N = 256.
 
 This module imports nothing from ``fastscore``.
 """
@@ -40,6 +49,7 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
+    MAXNREG,
     TL_DTYPES,
     TL_LOG2E,
     config_key,
@@ -54,8 +64,7 @@ MAX_N = 256
 #: largest C, d and P = 9c the kernels take
 MAX_FEATURES = 128
 KINDS = {"softmax": 0, "identity": 1, "top1": 2}
-_INT_ARGS = ("seed", "B_per", "NB", "N", "H", "Wd", "C", "P", "D", "ipp",
-             *(f"stride_{t}{a}" for t in ("z", "x", "g") for a in "bchw"))
+_INT_ARGS = ("seed", "B_per", "NB", "N", "H", "Wd", "C", "P", "ipp", "ipw")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,18 +76,18 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _tokens(Z, b, offs, N, Wd, C, offs_c, sb, sc, sh, sw):
-    """(len(offs), len(offs_c)) tile ``z[b, c, n]`` (n = h * Wd + w), zero outside n < N, c < C."""
-    h = offs // Wd
-    w = offs % Wd
-    ptrs = Z + b * sb + offs_c[None, :] * sc + (h * sh + w * sw)[:, None]
+def _tokens(Z, b, offs, N, C, offs_c):
+    """(len(offs), len(offs_c)) tile ``z[b, c, n]`` of a contiguous (NB, C, N) tensor, zero outside
+    n < N, c < C (contiguous along n: vector loads when N is a known multiple of 16)."""
+    ptrs = (Z + b * (C * N)) + (offs_c[None, :] * N + offs[:, None])
     return tl.load(ptrs, mask=(offs[:, None] < N) & (offs_c[None, :] < C), other=0.0)
 
 
 @triton.jit
-def _patches(X, b, offs, N, H, Wd, P, offs_p, sb, sc, sh, sw):
-    """(len(offs), len(offs_p)) tile of the 3x3 patch features of x[b] at pixels ``offs``: feature
-    f = ch * 9 + k is x[b, ch, h + k // 3 - 1, w + k % 3 - 1], zero outside the image (zero padding)."""
+def _patches(X, b, offs, N, H, Wd, P, offs_p):
+    """(len(offs), len(offs_p)) tile of the 3x3 patch features of a contiguous x (NB, P // 9, H, Wd) at
+    image b, pixels ``offs``: feature f = ch * 9 + k is x[b, ch, h + k // 3 - 1, w + k % 3 - 1], zero
+    outside the image (zero padding)."""
     h = offs // Wd
     w = offs % Wd
     ch = offs_p // 9
@@ -86,26 +95,41 @@ def _patches(X, b, offs, N, H, Wd, P, offs_p, sb, sc, sh, sw):
     hh = h[:, None] + (k // 3 - 1)[None, :]
     ww = w[:, None] + (k % 3 - 1)[None, :]
     mask = (offs[:, None] < N) & (offs_p[None, :] < P) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < Wd)
-    return tl.load(X + b * sb + ch[None, :] * sc + hh * sh + ww * sw, mask=mask, other=0.0)
+    return tl.load((X + b * ((P // 9) * N)) + (ch[None, :] * N + hh * Wd + ww), mask=mask, other=0.0)
 
 
 @triton.jit
-def _w_t(W, row0, D, col0, ncols, K, offs_cols, offs_d):
-    """(len(offs_cols), len(offs_d)) tile ``W[row0 + e, col0 + c]`` at [c, e] of a row-major (rows, K)
-    weight (the transpose of a row block), zero outside e < D, c < ncols."""
-    ptrs = W + (row0 + offs_d)[None, :] * K + (col0 + offs_cols)[:, None]
-    return tl.load(ptrs, mask=(offs_d[None, :] < D) & (offs_cols[:, None] < ncols), other=0.0)
+def _rows(T, b, offs, N, j, J: tl.constexpr, offs_d, BLOCK_D: tl.constexpr):
+    """(len(offs), BLOCK_D) tile ``t[b, n, j, :]`` of a contiguous (NB, N, J, BLOCK_D) buffer, zero for n >= N."""
+    ptrs = T + ((b * N + offs)[:, None] * J + j) * BLOCK_D + offs_d[None, :]
+    return tl.load(ptrs, mask=offs[:, None] < N, other=0.0)
 
 
 @triton.jit
-def _proj(zt, pt, W, Bias, j, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH: tl.constexpr, PREC: tl.constexpr):
-    """Projection j (0: q, 1: k, 2: v) of tokens: ``[zt, pt] W[j*D:(j+1)*D]^T + bias`` (float32)."""
-    K = C + P
-    acc = _dot(zt, _w_t(W, j * D, D, 0, C, K, offs_c, offs_d), PREC)
+def _store_rows(T, b, offs, N, j, J: tl.constexpr, offs_d, BLOCK_D: tl.constexpr, val):
+    tl.store(T + ((b * N + offs)[:, None] * J + j) * BLOCK_D + offs_d[None, :], val, mask=offs[:, None] < N)
+
+
+@triton.jit
+def _wt(WT, m, j, r0, offs_r, offs_d, KB: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``r0 + offs_r`` of projection j's packed, zero-padded W^T (M, 3, KB, BLOCK_D): [input, output]."""
+    return tl.load(WT + ((m * 3 + j) * KB + r0 + offs_r)[:, None] * BLOCK_D + offs_d[None, :])
+
+
+@triton.jit
+def _proj(zt, pt, WT, BT, m, j, offs_c, offs_p, offs_d, BLOCK_C: tl.constexpr, KB: tl.constexpr,
+          BLOCK_D: tl.constexpr, HAS_PATCH: tl.constexpr, PREC: tl.constexpr):
+    """Projection j (0: q, 1: k, 2: v) of tokens: ``[zt, pt] W_j^T + b_j`` (float32, (rows, BLOCK_D))."""
+    acc = _dot(zt, _wt(WT, m, j, 0, offs_c, offs_d, KB, BLOCK_D), PREC)
     if HAS_PATCH:
-        acc += _dot(pt, _w_t(W, j * D, D, C, P, K, offs_p, offs_d), PREC)
-    bias = tl.load(Bias + j * D + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-    return acc + bias[None, :]
+        acc += _dot(pt, _wt(WT, m, j, BLOCK_C, offs_p, offs_d, KB, BLOCK_D), PREC)
+    return acc + tl.load(BT + (m * 3 + j) * BLOCK_D + offs_d).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _back(dproj, WT, m, j, r0, offs_r, offs_d, KB: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """``dproj W_j[:, r0 + offs_r]``: a projection's gradient mapped back to its inputs (float32)."""
+    return _dot(dproj, tl.trans(_wt(WT, m, j, r0, offs_r, offs_d, KB, BLOCK_D)), PREC)
 
 
 @triton.jit
@@ -117,25 +141,68 @@ def _scores(q, k, seed, b, offs_m, offs_n, N, PREC: tl.constexpr, GUMBEL: tl.con
     return s
 
 
+@triton.jit
+def _qkv(Z, X, WT, BT, b, m, offs, N, H, Wd, C, P, offs_c, offs_p, offs_d, J: tl.constexpr,
+         BLOCK_C: tl.constexpr, KB: tl.constexpr, BLOCK_D: tl.constexpr, KIND: tl.constexpr,
+         HAS_PATCH: tl.constexpr, PREC: tl.constexpr):
+    """Projection J of the tokens ``offs`` of image b in the data dtype (identity: the tokens)."""
+    zt = _tokens(Z, b, offs, N, C, offs_c)
+    if KIND == 1:
+        return zt
+    pt = zt
+    if HAS_PATCH:
+        pt = _patches(X, b, offs, N, H, Wd, P, offs_p)
+    return _proj(zt, pt, WT, BT, m, J, offs_c, offs_p, offs_d, BLOCK_C, KB, BLOCK_D, HAS_PATCH, PREC).to(Z.dtype.element_ty)
+
+
+@triton.jit
+def _kv(Z, X, WT, BT, b, m, offs, N, H, Wd, C, P, offs_c, offs_p, offs_d, BLOCK_C: tl.constexpr, KB: tl.constexpr,
+        BLOCK_D: tl.constexpr, KIND: tl.constexpr, HAS_PATCH: tl.constexpr, PREC: tl.constexpr):
+    """(k, v) of the tokens ``offs`` of image b, sharing one load of the tokens and patches."""
+    zt = _tokens(Z, b, offs, N, C, offs_c)
+    if KIND == 1:
+        return zt, zt
+    pt = zt
+    if HAS_PATCH:
+        pt = _patches(X, b, offs, N, H, Wd, P, offs_p)
+    DT = Z.dtype.element_ty
+    k = _proj(zt, pt, WT, BT, m, 1, offs_c, offs_p, offs_d, BLOCK_C, KB, BLOCK_D, HAS_PATCH, PREC).to(DT)
+    v = _proj(zt, pt, WT, BT, m, 2, offs_c, offs_p, offs_d, BLOCK_C, KB, BLOCK_D, HAS_PATCH, PREC).to(DT)
+    return k, v
+
+
+@triton.jit
+def _grad_a(G, WOT, b, m, offs, N, C, offs_c, offs_d, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+            KIND: tl.constexpr, PREC: tl.constexpr):
+    """``da = g W_out`` (identity: g) of the tokens ``offs``, in the data dtype, (rows, BLOCK_D)."""
+    g = _tokens(G, b, offs, N, C, offs_c)
+    if KIND == 1:
+        return g
+    wo = tl.load(WOT + (m * BLOCK_D + offs_d)[:, None] * BLOCK_C + offs_c[None, :])     # [e, c]
+    return _dot(g, tl.trans(wo), PREC).to(G.dtype.element_ty)
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _block_fwd_kernel(
-    Z, X, WQKV, BQKV, WO, BO, OUT, LSE, IDX, seed: tl.int64,
-    stride_zb, stride_zc, stride_zh, stride_zw, stride_xb, stride_xc, stride_xh, stride_xw,
-    B_per, NB, N, H, Wd, C, P, D, ipp, qk_scale,
+    Z, X, WT, BT, WOT, BO, OUT, LSE, IDX, seed: tl.int64,
+    B_per, NB, N, H, Wd, C, P, ipp, qk_scale,
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    KIND: tl.constexpr, HAS_PATCH: tl.constexpr, GUMBEL: tl.constexpr, PREC: tl.constexpr,
+    KIND: tl.constexpr, HAS_PATCH: tl.constexpr, GUMBEL: tl.constexpr, PREC: tl.constexpr, N_MULT: tl.constexpr,
 ):
     """Block forward for query rows ``pid_m*BLOCK ...`` of images ``pid_b*ipp ...`` (clipped to NB).
 
-    Z: (NB, C, H, W) embedding and X: (NB, c, H, W) input (patch features, HAS_PATCH), any strides;
-    WQKV (M, 3D, C + P), BQKV (M, 3D), WO (M, C, D), BO (M, C): contiguous weights of member
-    ``b // B_per`` (unused for identity, where D = C); OUT: (NB, C, H, W) contiguous; LSE: (NB, N)
-    float32, log2-domain log-sum-exp of ``qk_scale * s`` (s = q.k, + Gumbel noise for top-1);
-    IDX: (NB, N) int64 argmax (top-1 only). qk_scale: scale * log2(e) (top-1: log2(e) / T).
+    Z: (NB, C, H, W) embedding, X: (NB, P // 9, H, W) input (HAS_PATCH), contiguous; WT (M, 3, KB,
+    BLOCK_D), BT (M, 3, BLOCK_D), WOT (M, BLOCK_D, BLOCK_C), BO (M, BLOCK_C): the packed, zero-padded
+    weights of member ``b // B_per`` (``pack_weights``; unused for identity, where BLOCK_D = BLOCK_C);
+    OUT: (NB, C, H, W) contiguous; LSE: (NB, N) float32, log2-domain log-sum-exp of ``qk_scale * s``
+    (s = q.k, + Gumbel noise for top-1); IDX: (NB, N) int64 argmax (top-1 only). qk_scale: scale *
+    log2(e) (top-1: log2(e) / T). N_MULT: 16 when N is a multiple of 16, else 1 (vector loads).
     """
+    N = (N // N_MULT) * N_MULT          # the same value; tells the compiler its divisibility
+    KB: tl.constexpr = BLOCK_C + BLOCK_P if HAS_PATCH else BLOCK_C
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
@@ -148,16 +215,8 @@ def _block_fwd_kernel(
     for s_i in range(0, n_here):
         b = (pid_b * ipp + s_i).to(tl.int64)
         m = b // B_per
-        wqkv = WQKV + m * (3 * D * (C + P))
-        bqkv = BQKV + m * (3 * D)
-        zq = _tokens(Z, b, offs_m, N, Wd, C, offs_c, stride_zb, stride_zc, stride_zh, stride_zw)
-        pq = zq
-        if HAS_PATCH:
-            pq = _patches(X, b, offs_m, N, H, Wd, P, offs_p, stride_xb, stride_xc, stride_xh, stride_xw)
-        if KIND == 1:
-            q = zq
-        else:
-            q = _proj(zq, pq, wqkv, bqkv, 0, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
+        q = _qkv(Z, X, WT, BT, b, m, offs_m, N, H, Wd, C, P, offs_c, offs_p, offs_d, 0, BLOCK_C, KB, BLOCK_D,
+                 KIND, HAS_PATCH, PREC)
         m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
@@ -165,16 +224,8 @@ def _block_fwd_kernel(
         idx = tl.zeros([BLOCK], dtype=tl.int32)
         for start_n in range(0, N, BLOCK):
             offs_n = start_n + offs_n0
-            zk = _tokens(Z, b, offs_n, N, Wd, C, offs_c, stride_zb, stride_zc, stride_zh, stride_zw)
-            if KIND == 1:
-                k = zk
-                v = zk
-            else:
-                pk = zk
-                if HAS_PATCH:
-                    pk = _patches(X, b, offs_n, N, H, Wd, P, offs_p, stride_xb, stride_xc, stride_xh, stride_xw)
-                k = _proj(zk, pk, wqkv, bqkv, 1, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
-                v = _proj(zk, pk, wqkv, bqkv, 2, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
+            k, v = _kv(Z, X, WT, BT, b, m, offs_n, N, H, Wd, C, P, offs_c, offs_p, offs_d, BLOCK_C, KB, BLOCK_D,
+                       KIND, HAS_PATCH, PREC)
             s = _scores(q, k, seed, b, offs_m, offs_n, N, PREC, GUMBEL)
             s = tl.where(offs_n[None, :] < N, s, float("-inf"))
             if KIND == 2:
@@ -194,22 +245,19 @@ def _block_fwd_kernel(
             m_i = m_new
         if KIND == 2:
             # a_i = v[idx_i]: project the gathered token (one extra projection, no (N, d) buffer)
-            zg = _tokens(Z, b, idx, N, Wd, C, offs_c, stride_zb, stride_zc, stride_zh, stride_zw)
-            pg = zg
-            if HAS_PATCH:
-                pg = _patches(X, b, idx, N, H, Wd, P, offs_p, stride_xb, stride_xc, stride_xh, stride_xw)
-            a = _proj(zg, pg, wqkv, bqkv, 2, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
+            a = _qkv(Z, X, WT, BT, b, m, idx, N, H, Wd, C, P, offs_c, offs_p, offs_d, 2, BLOCK_C, KB, BLOCK_D,
+                     KIND, HAS_PATCH, PREC)
             tl.store(IDX + b * N + offs_m, idx.to(tl.int64), mask=offs_m < N)
         else:
             a = (acc / l_i[:, None]).to(DT)
         if KIND == 1:
             o = a.to(tl.float32)
         else:
-            wo = WO + m * (C * D)
-            o = _dot(a, _w_t(wo, 0, C, 0, D, D, offs_d, offs_c), PREC)          # a W_out^T
-            o += tl.load(BO + m * C + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
-        out = zq.to(tl.float32) + o
-        optrs = OUT + b * (C * N) + offs_c[None, :] * N + offs_m[:, None]
+            wo = tl.load(WOT + (m * BLOCK_D + offs_d)[:, None] * BLOCK_C + offs_c[None, :])      # [e, c]
+            o = _dot(a, wo, PREC) + tl.load(BO + m * BLOCK_C + offs_c).to(tl.float32)[None, :]
+        # the residual: z reloaded (cache-hot) rather than kept live across the key loop
+        out = _tokens(Z, b, offs_m, N, C, offs_c).to(tl.float32) + o
+        optrs = (OUT + b * (C * N)) + (offs_c[None, :] * N + offs_m[:, None])
         tl.store(optrs, out.to(DT), mask=(offs_m[:, None] < N) & (offs_c[None, :] < C))
         tl.store(LSE + b * N + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < N)
 
@@ -217,153 +265,76 @@ def _block_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _grad_out(G, b, offs, N, Wd, C, offs_c, sb, sc, sh, sw, wo, offs_d, D, KIND: tl.constexpr,
-              PREC: tl.constexpr):
-    """(g, da): the output gradient tile g (BLOCK, BLOCK_C) and ``da = g W_out`` (identity: g), float32."""
-    g = _tokens(G, b, offs, N, Wd, C, offs_c, sb, sc, sh, sw)
-    if KIND == 1:
-        da = g.to(tl.float32)
-    else:
-        da = _dot(g, tl.trans(_w_t(wo, 0, C, 0, D, D, offs_d, offs_c)), PREC)   # (BLOCK, BLOCK_D)
-    return g, da
-
-
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _block_bwd_kernel(
-    Z, X, WQKV, BQKV, WO, G, LSE, IDX, DELTA, DZ, DPATCH, PWQKV, PBQKV, PWO, PBO, seed: tl.int64,
-    stride_zb, stride_zc, stride_zh, stride_zw, stride_xb, stride_xc, stride_xh, stride_xw,
-    stride_gb, stride_gc, stride_gh, stride_gw,
-    B_per, NB, N, H, Wd, C, P, D, ipp, qk_scale, sm_scale,
+    Z, X, WT, BT, WOT, G, LSE, IDX, DELTA, DZ, DPATCH, AOUT, DQKV, seed: tl.int64,
+    B_per, NB, N, H, Wd, C, P, ipp, qk_scale, sm_scale,
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     KIND: tl.constexpr, HAS_PATCH: tl.constexpr, GUMBEL: tl.constexpr, WRITE_DPATCH: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, N_MULT: tl.constexpr,
 ):
-    """Block backward for images ``m*B_per + pid*ipp ...`` (clipped to the member) of member m =
-    program_id(1); pid = program_id(0), G_progs = num_programs(0).
+    """Block backward of images ``pid*ipp ...`` (clipped to NB): dz, the patch-feature gradient and what
+    the weight-gradient kernel reads; no reduction over images, so no partials.
 
-    Z, X, WQKV, BQKV, WO as in the forward; G: (NB, C, H, W) output gradient, any strides; LSE, IDX:
-    the forward's; DELTA: (NB, N) float32 scratch (written, then read, by this program only);
+    Z, X, WT, BT, WOT as in the forward; G: (NB, C, H, W) output gradient, contiguous; LSE, IDX: the
+    forward's; DELTA: (NB, N) float32 scratch (written, then read, by this program only);
     DZ: (NB, C, H, W) contiguous; DPATCH: (NB, N, P) float32 patch-feature gradient (WRITE_DPATCH);
-    PWQKV (M, G_progs, 3D, C + P), PBQKV (M, G_progs, 3D), PWO (M, G_progs, C, D), PBO (M, G_progs, C):
-    float32 partial weight gradients of this program (not for identity). sm_scale: the score scale
+    AOUT: (NB, N, BLOCK_D) the attention output a (top-1: the hard one) and DQKV: (NB, N, 3, BLOCK_D)
+    the gradients of q, k, v, both in the data dtype (not for identity). sm_scale: the score scale
     (top-1: 1 / T); qk_scale = sm_scale * log2(e).
     """
+    N = (N // N_MULT) * N_MULT
+    KB: tl.constexpr = BLOCK_C + BLOCK_P if HAS_PATCH else BLOCK_C
     pid = tl.program_id(0)
-    m = tl.program_id(1).to(tl.int64)
-    nprog = tl.num_programs(0)
     offs0 = tl.arange(0, BLOCK)
     offs_c = tl.arange(0, BLOCK_C)
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     DT = Z.dtype.element_ty
-    K = C + P
-    wqkv = WQKV + m * (3 * D * K)
-    bqkv = BQKV + m * (3 * D)
-    wo = WO + m * (C * D)
-    # weight-gradient accumulators, transposed like the weight tiles: [input feature, output feature]
-    gq_z = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
-    gk_z = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
-    gv_z = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
-    gq_p = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    gk_p = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    gv_p = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    gbq = tl.zeros([BLOCK_D], dtype=tl.float32)
-    gbk = tl.zeros([BLOCK_D], dtype=tl.float32)
-    gbv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    go = tl.zeros([BLOCK_D, BLOCK_C], dtype=tl.float32)
-    gbo = tl.zeros([BLOCK_C], dtype=tl.float32)
-    n_here = tl.minimum(ipp, B_per - pid * ipp)
+    n_here = tl.minimum(ipp, NB - pid * ipp)
     for s_i in range(0, n_here):
-        b = m * B_per + pid * ipp + s_i
-        # ---- pass A: Delta_i = a_i . da_i (a: the softmax, or top-1 surrogate, output), dW_out
+        b = (pid * ipp + s_i).to(tl.int64)
+        m = b // B_per
+        # ---- pass A: Delta_i = a_i . da_i (a: the softmax, or top-1 surrogate, output); a for dW_out
         for start_m in range(0, N, BLOCK):
             offs_m = start_m + offs0
-            zq = _tokens(Z, b, offs_m, N, Wd, C, offs_c, stride_zb, stride_zc, stride_zh, stride_zw)
-            pq = zq
-            if HAS_PATCH:
-                pq = _patches(X, b, offs_m, N, H, Wd, P, offs_p, stride_xb, stride_xc, stride_xh, stride_xw)
-            if KIND == 1:
-                q = zq
-            else:
-                q = _proj(zq, pq, wqkv, bqkv, 0, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
-            g, da = _grad_out(G, b, offs_m, N, Wd, C, offs_c, stride_gb, stride_gc, stride_gh, stride_gw,
-                              wo, offs_d, D, KIND, PREC)
+            q = _qkv(Z, X, WT, BT, b, m, offs_m, N, H, Wd, C, P, offs_c, offs_p, offs_d, 0, BLOCK_C, KB, BLOCK_D,
+                     KIND, HAS_PATCH, PREC)
             lse2 = tl.load(LSE + b * N + offs_m, mask=offs_m < N, other=0.0)
             a = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
             for start_n in range(0, N, BLOCK):
                 offs_n = start_n + offs0
-                zk = _tokens(Z, b, offs_n, N, Wd, C, offs_c, stride_zb, stride_zc, stride_zh, stride_zw)
-                if KIND == 1:
-                    v = zk
-                    k = zk
-                else:
-                    pk = zk
-                    if HAS_PATCH:
-                        pk = _patches(X, b, offs_n, N, H, Wd, P, offs_p, stride_xb, stride_xc, stride_xh, stride_xw)
-                    k = _proj(zk, pk, wqkv, bqkv, 1, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
-                    v = _proj(zk, pk, wqkv, bqkv, 2, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
+                k, v = _kv(Z, X, WT, BT, b, m, offs_n, N, H, Wd, C, P, offs_c, offs_p, offs_d, BLOCK_C, KB, BLOCK_D,
+                           KIND, HAS_PATCH, PREC)
                 s = _scores(q, k, seed, b, offs_m, offs_n, N, PREC, GUMBEL) * qk_scale
                 p = tl.where(offs_n[None, :] < N, tl.math.exp2(s - lse2[:, None]), 0.0)
                 a += _dot(p.to(DT), v, PREC)
-            delta = tl.sum(a.to(DT).to(tl.float32) * da.to(DT).to(tl.float32), 1)
+            da = _grad_a(G, WOT, b, m, offs_m, N, C, offs_c, offs_d, BLOCK_C, BLOCK_D, KIND, PREC)
+            delta = tl.sum(a.to(DT).to(tl.float32) * da.to(tl.float32), 1)
             tl.store(DELTA + b * N + offs_m, delta, mask=offs_m < N)
             if KIND != 1:
                 if KIND == 2:
                     idx = tl.load(IDX + b * N + offs_m, mask=offs_m < N, other=0).to(tl.int32)
-                    zg = _tokens(Z, b, idx, N, Wd, C, offs_c, stride_zb, stride_zc, stride_zh, stride_zw)
-                    pg = zg
-                    if HAS_PATCH:
-                        pg = _patches(X, b, idx, N, H, Wd, P, offs_p, stride_xb, stride_xc, stride_xh, stride_xw)
-                    a = _proj(zg, pg, wqkv, bqkv, 2, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC)
-                    a = tl.where(offs_m[:, None] < N, a, 0.0)
-                go += _dot(tl.trans(a.to(DT)), g, PREC)
-                gbo += tl.sum(g.to(tl.float32), 0)
+                    a = _qkv(Z, X, WT, BT, b, m, idx, N, H, Wd, C, P, offs_c, offs_p, offs_d, 2, BLOCK_C, KB,
+                             BLOCK_D, KIND, HAS_PATCH, PREC)
+                _store_rows(AOUT, b, offs_m, N, 0, 1, offs_d, BLOCK_D, a.to(DT))
         tl.debug_barrier()   # DELTA of every row is written before pass B reads it
-        # ---- pass B: for token block j, dk_j and dv_j (j as key), dq_j (j as query), then dz_j
+        # ---- pass B, per token block j: B1 dk_j, dv_j (j as key), B2 dq_j (j as query); dz_j from them
         for start_j in range(0, N, BLOCK):
             offs_j = start_j + offs0
-            zj = _tokens(Z, b, offs_j, N, Wd, C, offs_c, stride_zb, stride_zc, stride_zh, stride_zw)
-            pj = zj
-            if HAS_PATCH:
-                pj = _patches(X, b, offs_j, N, H, Wd, P, offs_p, stride_xb, stride_xc, stride_xh, stride_xw)
-            if KIND == 1:
-                qj = zj
-                kj = zj
-                vj = zj
-            else:
-                qj = _proj(zj, pj, wqkv, bqkv, 0, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
-                kj = _proj(zj, pj, wqkv, bqkv, 1, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
-                vj = _proj(zj, pj, wqkv, bqkv, 2, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
-            gj, daj = _grad_out(G, b, offs_j, N, Wd, C, offs_c, stride_gb, stride_gc, stride_gh, stride_gw,
-                                wo, offs_d, D, KIND, PREC)
-            daj = daj.to(DT)
-            lse2_j = tl.load(LSE + b * N + offs_j, mask=offs_j < N, other=0.0)
-            delta_j = tl.load(DELTA + b * N + offs_j, mask=offs_j < N, other=0.0)
+            # B1: j as key, i as query; rows j, columns i
+            kj, vj = _kv(Z, X, WT, BT, b, m, offs_j, N, H, Wd, C, P, offs_c, offs_p, offs_d, BLOCK_C, KB, BLOCK_D,
+                         KIND, HAS_PATCH, PREC)
             dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-            dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
             for start_i in range(0, N, BLOCK):
                 offs_i = start_i + offs0
-                zi = _tokens(Z, b, offs_i, N, Wd, C, offs_c, stride_zb, stride_zc, stride_zh, stride_zw)
-                if KIND == 1:
-                    qi = zi
-                    ki = zi
-                    vi = zi
-                else:
-                    pi = zi
-                    if HAS_PATCH:
-                        pi = _patches(X, b, offs_i, N, H, Wd, P, offs_p, stride_xb, stride_xc, stride_xh, stride_xw)
-                    qi = _proj(zi, pi, wqkv, bqkv, 0, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
-                    ki = _proj(zi, pi, wqkv, bqkv, 1, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
-                    vi = _proj(zi, pi, wqkv, bqkv, 2, D, C, P, offs_c, offs_p, offs_d, HAS_PATCH, PREC).to(DT)
-                gi, dai = _grad_out(G, b, offs_i, N, Wd, C, offs_c, stride_gb, stride_gc, stride_gh, stride_gw,
-                                    wo, offs_d, D, KIND, PREC)
-                dai = dai.to(DT)
+                qi = _qkv(Z, X, WT, BT, b, m, offs_i, N, H, Wd, C, P, offs_c, offs_p, offs_d, 0, BLOCK_C, KB, BLOCK_D,
+                          KIND, HAS_PATCH, PREC)
+                dai = _grad_a(G, WOT, b, m, offs_i, N, C, offs_c, offs_d, BLOCK_C, BLOCK_D, KIND, PREC)
                 lse2_i = tl.load(LSE + b * N + offs_i, mask=offs_i < N, other=0.0)
                 delta_i = tl.load(DELTA + b * N + offs_i, mask=offs_i < N, other=0.0)
                 valid = (offs_j[:, None] < N) & (offs_i[None, :] < N)
-                # j as key, i as query: rows j, columns i
                 sT = tl.trans(_scores(qi, kj, seed, b, offs_i, offs_j, N, PREC, GUMBEL)) * qk_scale
                 pT = tl.where(valid, tl.math.exp2(sT - lse2_i[None, :]), 0.0)
                 if KIND == 2:
@@ -374,83 +345,139 @@ def _block_bwd_kernel(
                     dv += _dot(pT.to(DT), dai, PREC)
                 dsT = pT * (_dot(vj, tl.trans(dai), PREC) - delta_i[None, :])
                 dk += _dot(dsT.to(DT), qi, PREC)
-                # j as query, i as key: rows j, columns i
+            dk = dk * sm_scale
+            if KIND == 1:
+                dz = dk + dv
+            else:   # kept in DQKV (read back below and by the weight-gradient kernel), not in registers
+                _store_rows(DQKV, b, offs_j, N, 1, 3, offs_d, BLOCK_D, dk.to(DT))
+                _store_rows(DQKV, b, offs_j, N, 2, 3, offs_d, BLOCK_D, dv.to(DT))
+            # B2: j as query, i as key; rows j, columns i
+            qj = _qkv(Z, X, WT, BT, b, m, offs_j, N, H, Wd, C, P, offs_c, offs_p, offs_d, 0, BLOCK_C, KB, BLOCK_D,
+                      KIND, HAS_PATCH, PREC)
+            daj = _grad_a(G, WOT, b, m, offs_j, N, C, offs_c, offs_d, BLOCK_C, BLOCK_D, KIND, PREC)
+            lse2_j = tl.load(LSE + b * N + offs_j, mask=offs_j < N, other=0.0)
+            delta_j = tl.load(DELTA + b * N + offs_j, mask=offs_j < N, other=0.0)
+            dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+            for start_i in range(0, N, BLOCK):
+                offs_i = start_i + offs0
+                ki, vi = _kv(Z, X, WT, BT, b, m, offs_i, N, H, Wd, C, P, offs_c, offs_p, offs_d, BLOCK_C, KB,
+                             BLOCK_D, KIND, HAS_PATCH, PREC)
+                valid = (offs_j[:, None] < N) & (offs_i[None, :] < N)
                 s = _scores(qj, ki, seed, b, offs_j, offs_i, N, PREC, GUMBEL) * qk_scale
                 p = tl.where(valid, tl.math.exp2(s - lse2_j[:, None]), 0.0)
                 ds = p * (_dot(daj, tl.trans(vi), PREC) - delta_j[:, None])
                 dq += _dot(ds.to(DT), ki, PREC)
             dq = dq * sm_scale
-            dk = dk * sm_scale
-            rows = (offs_j[:, None] < N) & (offs_c[None, :] < C)
             if KIND == 1:
-                dz = gj.to(tl.float32) + dq + dk + dv
+                dz += dq
             else:
-                dq16 = dq.to(DT)
-                dk16 = dk.to(DT)
-                dv16 = dv.to(DT)
-                dz = gj.to(tl.float32)
-                dz += _dot(dq16, tl.trans(_w_t(wqkv, 0, D, 0, C, K, offs_c, offs_d)), PREC)
-                dz += _dot(dk16, tl.trans(_w_t(wqkv, D, D, 0, C, K, offs_c, offs_d)), PREC)
-                dz += _dot(dv16, tl.trans(_w_t(wqkv, 2 * D, D, 0, C, K, offs_c, offs_d)), PREC)
-                zjT = tl.trans(zj)
-                gq_z += _dot(zjT, dq16, PREC)
-                gk_z += _dot(zjT, dk16, PREC)
-                gv_z += _dot(zjT, dv16, PREC)
-                gbq += tl.sum(dq, 0)
-                gbk += tl.sum(dk, 0)
-                gbv += tl.sum(dv, 0)
-                if HAS_PATCH:
-                    pjT = tl.trans(pj)
-                    gq_p += _dot(pjT, dq16, PREC)
-                    gk_p += _dot(pjT, dk16, PREC)
-                    gv_p += _dot(pjT, dv16, PREC)
-                    if WRITE_DPATCH:
-                        dp = _dot(dq16, tl.trans(_w_t(wqkv, 0, D, C, P, K, offs_p, offs_d)), PREC)
-                        dp += _dot(dk16, tl.trans(_w_t(wqkv, D, D, C, P, K, offs_p, offs_d)), PREC)
-                        dp += _dot(dv16, tl.trans(_w_t(wqkv, 2 * D, D, C, P, K, offs_p, offs_d)), PREC)
-                        tl.store(DPATCH + b * (N * P) + offs_j[:, None] * P + offs_p[None, :], dp,
-                                 mask=(offs_j[:, None] < N) & (offs_p[None, :] < P))
-            tl.store(DZ + b * (C * N) + offs_c[None, :] * N + offs_j[:, None], dz.to(DZ.dtype.element_ty), mask=rows)
-    if KIND != 1:
-        slot = m * nprog + pid
-        dmask = offs_d < D
-        # [c, e] -> W[row0 + e, col0 + c]
-        base = PWQKV + slot * (3 * D * K)
-        zmask = (offs_c[:, None] < C) & dmask[None, :]
-        tl.store(base + offs_d[None, :] * K + offs_c[:, None], gq_z, mask=zmask)
-        tl.store(base + (D + offs_d)[None, :] * K + offs_c[:, None], gk_z, mask=zmask)
-        tl.store(base + (2 * D + offs_d)[None, :] * K + offs_c[:, None], gv_z, mask=zmask)
+                _store_rows(DQKV, b, offs_j, N, 0, 3, offs_d, BLOCK_D, dq.to(DT))
+                tl.debug_barrier()   # this block's dq, dk, dv rows are in DQKV before they are read back
+                dq16 = _rows(DQKV, b, offs_j, N, 0, 3, offs_d, BLOCK_D)
+                dk16 = _rows(DQKV, b, offs_j, N, 1, 3, offs_d, BLOCK_D)
+                dv16 = _rows(DQKV, b, offs_j, N, 2, 3, offs_d, BLOCK_D)
+                if WRITE_DPATCH:
+                    dp = _back(dq16, WT, m, 0, BLOCK_C, offs_p, offs_d, KB, BLOCK_D, PREC)
+                    dp += _back(dk16, WT, m, 1, BLOCK_C, offs_p, offs_d, KB, BLOCK_D, PREC)
+                    dp += _back(dv16, WT, m, 2, BLOCK_C, offs_p, offs_d, KB, BLOCK_D, PREC)
+                    tl.store(DPATCH + (b * N + offs_j)[:, None] * P + offs_p[None, :], dp,
+                             mask=(offs_j[:, None] < N) & (offs_p[None, :] < P))
+                dz = _back(dq16, WT, m, 0, 0, offs_c, offs_d, KB, BLOCK_D, PREC)
+                dz += _back(dk16, WT, m, 1, 0, offs_c, offs_d, KB, BLOCK_D, PREC)
+                dz += _back(dv16, WT, m, 2, 0, offs_c, offs_d, KB, BLOCK_D, PREC)
+            dz += _tokens(G, b, offs_j, N, C, offs_c).to(tl.float32)            # the residual
+            tl.store((DZ + b * (C * N)) + (offs_c[None, :] * N + offs_j[:, None]), dz.to(DT),
+                     mask=(offs_j[:, None] < N) & (offs_c[None, :] < C))
+
+
+@triton.jit(do_not_specialize=_INT_ARGS)
+def _block_wgrad_kernel(
+    Z, X, G, AOUT, DQKV, PW, PB, PWO, PBO,
+    B_per, N, H, Wd, C, P, ipw,
+    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PATCH: tl.constexpr, PREC: tl.constexpr, N_MULT: tl.constexpr,
+):
+    """Weight gradients of images ``m*B_per + s*ipw ...`` (clipped to the member) of member m =
+    program_id(2), split s = program_id(1) of G = num_programs(1); target t = program_id(0):
+    t < 3: ``W_j^T[:C]`` (z columns) of projection j = t and its bias; 3 <= t < 6 (HAS_PATCH): the patch
+    columns of projection t - 3; t = 3 (no patches) or 6: ``W_out^T`` and its bias.
+
+    Z, X, G, AOUT, DQKV as in the backward; float32 partials of this (member, split) slot, every element
+    written (zeros in the padding): PW (M, G, 3, KB, BLOCK_D), PB (M, G, 3, BLOCK_D), PWO (M, G, BLOCK_D,
+    BLOCK_C), PBO (M, G, BLOCK_C). The launcher sums them over G in a fixed order: no atomics.
+    """
+    N = (N // N_MULT) * N_MULT
+    KB: tl.constexpr = BLOCK_C + BLOCK_P if HAS_PATCH else BLOCK_C
+    LAST: tl.constexpr = 6 if HAS_PATCH else 3
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    m = tl.program_id(2).to(tl.int64)
+    slot = m * tl.num_programs(1) + s
+    offs0 = tl.arange(0, BLOCK)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    b0 = m * B_per + s * ipw
+    n_here = tl.minimum(ipw, B_per - s * ipw)
+    if t == LAST:
+        acc_o = tl.zeros([BLOCK_D, BLOCK_C], dtype=tl.float32)
+        bias_o = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for s_i in range(0, n_here):
+            b = b0 + s_i
+            for start in range(0, N, BLOCK):
+                offs = start + offs0
+                g = _tokens(G, b, offs, N, C, offs_c)
+                a = _rows(AOUT, b, offs, N, 0, 1, offs_d, BLOCK_D)
+                acc_o += _dot(tl.trans(a), g, PREC)
+                bias_o += tl.sum(g.to(tl.float32), 0)
+        tl.store(PWO + (slot * BLOCK_D + offs_d)[:, None] * BLOCK_C + offs_c[None, :], acc_o)
+        tl.store(PBO + slot * BLOCK_C + offs_c, bias_o)
+    elif t < 3:
+        acc_z = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        bias_z = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s_i in range(0, n_here):
+            b = b0 + s_i
+            for start in range(0, N, BLOCK):
+                offs = start + offs0
+                zt = _tokens(Z, b, offs, N, C, offs_c)
+                dp = _rows(DQKV, b, offs, N, t, 3, offs_d, BLOCK_D)
+                acc_z += _dot(tl.trans(zt), dp, PREC)
+                bias_z += tl.sum(dp.to(tl.float32), 0)
+        tl.store(PW + ((slot * 3 + t) * KB + offs_c)[:, None] * BLOCK_D + offs_d[None, :], acc_z)
+        tl.store(PB + (slot * 3 + t) * BLOCK_D + offs_d, bias_z)
+    else:
         if HAS_PATCH:
-            pmask = (offs_p[:, None] < P) & dmask[None, :]
-            tl.store(base + offs_d[None, :] * K + C + offs_p[:, None], gq_p, mask=pmask)
-            tl.store(base + (D + offs_d)[None, :] * K + C + offs_p[:, None], gk_p, mask=pmask)
-            tl.store(base + (2 * D + offs_d)[None, :] * K + C + offs_p[:, None], gv_p, mask=pmask)
-        bb = PBQKV + slot * (3 * D)
-        tl.store(bb + offs_d, gbq, mask=dmask)
-        tl.store(bb + D + offs_d, gbk, mask=dmask)
-        tl.store(bb + 2 * D + offs_d, gbv, mask=dmask)
-        # go[e, c] -> W_out[c, e]
-        tl.store(PWO + slot * (C * D) + offs_c[None, :] * D + offs_d[:, None], go,
-                 mask=(offs_c[None, :] < C) & dmask[:, None])
-        tl.store(PBO + slot * C + offs_c, gbo, mask=offs_c < C)
+            j = t - 3
+            acc_p = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+            for s_i in range(0, n_here):
+                b = b0 + s_i
+                for start in range(0, N, BLOCK):
+                    offs = start + offs0
+                    pt = _patches(X, b, offs, N, H, Wd, P, offs_p)
+                    dp = _rows(DQKV, b, offs, N, j, 3, offs_d, BLOCK_D)
+                    acc_p += _dot(tl.trans(pt), dp, PREC)
+            tl.store(PW + ((slot * 3 + j) * KB + BLOCK_C + offs_p)[:, None] * BLOCK_D + offs_d[None, :], acc_p)
 
 
 # ----------------------------------------------------------------------------------------------
 # heuristics and launchers
 # ----------------------------------------------------------------------------------------------
-#: backward programs per member: enough to fill a GPU, few enough that the float32 weight-gradient
-#: partials (G x the weights) stay small; each program loops over ceil(B_per / G) images
-MAX_BWD_PROGRAMS = 256
+#: (member, split) slots of the weight-gradient reduction per launch: enough programs (x 4 or 7 targets)
+#: to fill a GPU, few enough that the float32 partials (slots x the padded weights) stay small
+MAX_WGRAD_SLOTS = 128
 
 
 def token_block(n: int) -> int:
-    """BLOCK (query and key rows per tile): next_pow2(N) clipped to [16, 64]."""
-    return min(max(triton.next_power_of_2(int(n)), 16), 64)
+    """BLOCK (query and key rows per tile, forward and backward): next_pow2(N) clipped to [16, 32]. 64
+    spilled in the backward on sm_90a in bf16 (docs/attention-block.md); one size for both passes keeps
+    the backward's recomputed scores the forward's bit for bit where the dot's tile shape matters (the
+    interpreter's matmul: top-1's unscaled surrogate logits amplify an ulp)."""
+    return min(max(triton.next_power_of_2(int(n)), 16), 32)
 
 
 def images_per_program(nb: int, n_blocks: int, n: int) -> int:
-    """Images per forward program: several when one image is a single small block and the batch is
-    large (short rows, as attorch does), keeping >= ~1024 programs; a divisor of nb when one is near."""
+    """Images per program: several when one image is a single small block and the batch is large
+    (short rows, as attorch does), keeping >= ~1024 programs; a divisor of nb when one is near."""
     want = max(1, min(8, nb // 1024)) if (n_blocks == 1 and n <= 16) else 1
     want = max(want, triton.cdiv(nb, 65535))
     for ipp in range(want, min(2 * want, nb) + 1):
@@ -459,9 +486,15 @@ def images_per_program(nb: int, n_blocks: int, n: int) -> int:
     return want
 
 
-def launch_config(dtype: torch.dtype) -> tuple[int, int]:
-    """(num_warps, num_stages); 8 warps (more registers per program: at 4 warps the study's shape
-    spilled 2.5 KB forward, 8-11 KB backward in bf16 on sm_90a), 1 stage, until a GPU measurement."""
+def wgrad_splits(b_per: int, members: int) -> tuple[int, int]:
+    """(G, images per split) of the weight-gradient reduction of ``members`` members of ``b_per`` images."""
+    ipw = triton.cdiv(b_per, max(1, min(b_per, MAX_WGRAD_SLOTS // members)))
+    return triton.cdiv(b_per, ipw), ipw
+
+
+def launch_config() -> tuple[int, int]:
+    """(num_warps, num_stages) of the forward and the backward: 8 warps, 1 stage, from ``ptxas -v`` on sm_80
+    and sm_90a at the study's shapes (no spills; docs/attention-block.md), until a GPU measurement."""
     return 8, 1
 
 
@@ -478,33 +511,59 @@ def check_inputs(kind: str, dtype: torch.dtype, n: int, c: int, p: int, d: int) 
 
 def _meta(kind: str, C: int, P: int, D: int, N: int) -> dict:
     return dict(BLOCK=token_block(N), BLOCK_C=feature_block(C), BLOCK_P=feature_block(max(P, 1)),
-                BLOCK_D=feature_block(C if kind == "identity" else D), KIND=KINDS[kind], HAS_PATCH=P > 0)
+                BLOCK_D=feature_block(C if kind == "identity" else D), HAS_PATCH=P > 0,
+                N_MULT=16 if N % 16 == 0 else 1)
 
 
-def _strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
-    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)  # type: ignore[return-value]
-
-
-def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` when its data is 16-byte aligned (what the compiled variants assume, as the JIT infers it
-    from the pointer), else an aligned copy with the same strides (so launches stay ``compile_configs()``)."""
-    if t is None or t.data_ptr() % 16 == 0:
+def _data(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` contiguous with 16-byte aligned data (what the kernels index and the compiled variants assume):
+    ``t`` itself when it is, else a copy."""
+    if t is None or (t.is_contiguous() and t.data_ptr() % 16 == 0):
         return t
-    return torch.empty_like(t).copy_(t)
+    return torch.empty(t.shape, device=t.device, dtype=t.dtype).copy_(t)
 
 
-def _weights(kind: str, w_qkv, b_qkv, w_out, b_out, like: torch.Tensor):
+def pack_weights(kind: str, w_qkv, b_qkv, w_out, b_out, like: torch.Tensor, meta: dict):
+    """The weights as the kernels read them, zero-padded to the blocks (no masks, aligned rows):
+    WT (M, 3, KB, BLOCK_D) with ``WT[m, j, c, e] = w_qkv[m, j*d + e, c]`` (c < C) and
+    ``WT[m, j, BLOCK_C + f, e] = w_qkv[m, j*d + e, C + f]`` (patch features, KB = BLOCK_C + BLOCK_P),
+    BT (M, 3, BLOCK_D), WOT (M, BLOCK_D, BLOCK_C) = w_out^T, BO (M, BLOCK_C); identity: placeholders."""
     if kind == "identity":
         e = like.new_zeros(1)
         return e, e, e, e
-    return tuple(_aligned(w.contiguous()) for w in (w_qkv, b_qkv, w_out, b_out))
+    BC, BP, BD = meta["BLOCK_C"], meta["BLOCK_P"], meta["BLOCK_D"]
+    M, three_d, K = w_qkv.shape
+    D, C = three_d // 3, w_out.shape[1]
+    KB = BC + BP if meta["HAS_PATCH"] else BC
+    w = w_qkv.reshape(M, 3, D, K).transpose(-1, -2)                          # (M, 3, K, D)
+    wt = like.new_zeros(M, 3, KB, BD)
+    wt[:, :, :C, :D] = w[:, :, :C]
+    if meta["HAS_PATCH"]:
+        wt[:, :, BC:BC + K - C, :D] = w[:, :, C:]
+    bt = like.new_zeros(M, 3, BD)
+    bt[:, :, :D] = b_qkv.reshape(M, 3, D)
+    wot = like.new_zeros(M, BD, BC)
+    wot[:, :D, :C] = w_out.transpose(-1, -2)
+    bo = like.new_zeros(M, BC)
+    bo[:, :C] = b_out
+    return wt, bt, wot, bo
+
+
+def unpack_grads(parts, C: int, P: int, D: int, meta: dict):
+    """Sum the weight-gradient partials over the splits (fixed order) and undo ``pack_weights``:
+    (dw_qkv (M, 3D, C+P), db_qkv (M, 3D), dw_out (M, C, D), db_out (M, C)), float32."""
+    pw, pb, pwo, pbo = (t.sum(1) for t in parts)
+    M, BC = pw.shape[0], meta["BLOCK_C"]
+    cols = [pw[:, :, :C, :D]] + ([pw[:, :, BC:BC + P, :D]] if P else [])
+    dw = torch.cat(cols, 2).transpose(-1, -2).reshape(M, 3 * D, C + P)
+    return dw, pb[:, :, :D].reshape(M, 3 * D), pwo[:, :D, :C].transpose(-1, -2).contiguous(), pbo[:, :C].contiguous()
 
 
 def block_forward(z: torch.Tensor, x: torch.Tensor | None, w_qkv, b_qkv, w_out, b_out, *, kind: str,
                   members: int, qk_scale: float, gumbel: bool = False, seed: int = 0,
                   out: torch.Tensor | None = None):
-    """Launch the forward. z: (NB, C, H, W); x: (NB, c, H, W) or None; weights (M, ...) contiguous-able
-    (None for identity); ``members`` = M (NB = M * B_per); ``qk_scale``: the score scale (top-1: 1 / T).
+    """Launch the forward. z: (NB, C, H, W); x: (NB, c, H, W) or None; weights (M, ...) (None for
+    identity); ``members`` = M (NB = M * B_per); ``qk_scale``: the score scale (top-1: 1 / T).
     Returns (out (NB, C, H, W) contiguous, lse (NB, N) float32 log2-domain, idx (NB, N) int64 or None).
     ``out`` may be given (tests poison it): contiguous, fully overwritten."""
     NB, C, H, W = z.shape
@@ -512,20 +571,21 @@ def block_forward(z: torch.Tensor, x: torch.Tensor | None, w_qkv, b_qkv, w_out, 
     P = 0 if x is None else 9 * x.shape[1]
     D = C if kind == "identity" else w_qkv.shape[-2] // 3
     check_inputs(kind, z.dtype, N, C, P, D)
-    z, x = _aligned(z), _aligned(x)
+    z, x = _data(z), _data(x)
     meta = _meta(kind, C, P, D, N)
-    wq, bq, wo, bo = _weights(kind, w_qkv, b_qkv, w_out, b_out, z)
+    wt, bt, wot, bo = pack_weights(kind, w_qkv, b_qkv, w_out, b_out, z, meta)
     if out is None:
         out = torch.empty((NB, C, H, W), device=z.device, dtype=z.dtype)
     lse = torch.empty((NB, N), device=z.device, dtype=torch.float32)
     idx = torch.empty((NB, N) if kind == "top1" else (1,), device=z.device, dtype=torch.int64)
     n_blocks = triton.cdiv(N, meta["BLOCK"])
     ipp = images_per_program(NB, n_blocks, N)
-    nw, ns = launch_config(z.dtype)
+    gumbel = bool(gumbel) and kind == "top1"
+    nw, ns = launch_config()
     _block_fwd_kernel[(n_blocks, triton.cdiv(NB, ipp))](
-        z, z if x is None else x, wq, bq, wo, bo, out, lse, idx, int(seed),
-        *_strides(z), *_strides(x), NB // members, NB, N, H, W, C, P, D, ipp, float(qk_scale) * LOG2E,
-        **meta, GUMBEL=bool(gumbel) and kind == "top1", PREC=dot_precision(z.dtype), num_warps=nw, num_stages=ns,
+        z, z if x is None else x, wt, bt, wot, bo, out, lse, idx, int(seed),
+        NB // members, NB, N, H, W, C, P, ipp, float(qk_scale) * LOG2E,
+        **meta, KIND=KINDS[kind], GUMBEL=gumbel, PREC=dot_precision(z.dtype), num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
     return out, lse, (idx if kind == "top1" else None)
 
@@ -533,76 +593,95 @@ def block_forward(z: torch.Tensor, x: torch.Tensor | None, w_qkv, b_qkv, w_out, 
 def block_backward(g: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None, w_qkv, b_qkv, w_out, b_out,
                    lse: torch.Tensor, idx: torch.Tensor | None, *, kind: str, members: int, sm_scale: float,
                    gumbel: bool = False, seed: int = 0, need_dpatch: bool = False):
-    """Launch the backward. Returns (dz (NB, C, H, W) contiguous, dpatch (NB, N, P) float32 or None,
-    dw_qkv (M, 3D, C+P), db_qkv (M, 3D), dw_out (M, C, D), db_out (M, C) float32 or None for identity):
-    per-program partials summed over programs in a fixed order (deterministic)."""
+    """Launch the backward (and, unless identity, the weight-gradient kernel). Returns (dz (NB, C, H, W)
+    contiguous, dpatch (NB, N, P) float32 or None, dw_qkv (M, 3D, C+P), db_qkv (M, 3D), dw_out (M, C, D),
+    db_out (M, C) float32 or None for identity): partials summed over splits in a fixed order (deterministic)."""
     NB, C, H, W = z.shape
     N = H * W
     P = 0 if x is None else 9 * x.shape[1]
     D = C if kind == "identity" else w_qkv.shape[-2] // 3
     check_inputs(kind, z.dtype, N, C, P, D)
-    g, z, x = _aligned(g), _aligned(z), _aligned(x)
+    g, z, x = _data(g), _data(z), _data(x)
     meta = _meta(kind, C, P, D, N)
-    wq, bq, wo, _ = _weights(kind, w_qkv, b_qkv, w_out, b_out, z)
+    wt, bt, wot, _ = pack_weights(kind, w_qkv, b_qkv, w_out, b_out, z, meta)
     B_per = NB // members
-    ipp = triton.cdiv(B_per, min(B_per, MAX_BWD_PROGRAMS))
-    nprog = triton.cdiv(B_per, ipp)
-    dev, f32 = z.device, torch.float32
+    dev, f32, BD = z.device, torch.float32, meta["BLOCK_D"]
+    weighted = kind != "identity"
     dz = torch.empty((NB, C, H, W), device=dev, dtype=z.dtype)
     delta = torch.empty((NB, N), device=dev, dtype=f32)
     dpatch = torch.empty((NB, N, P), device=dev, dtype=f32) if (need_dpatch and P) else delta
-    weighted = kind != "identity"
-    K = C + P
-    shp = ((3 * D, K), (3 * D,), (C, D), (C,)) if weighted else ((1,),) * 4
-    parts = [torch.empty((members, nprog, *s), device=dev, dtype=f32) for s in shp]
-    nw, ns = launch_config(z.dtype)
-    _block_bwd_kernel[(nprog, members)](
-        z, z if x is None else x, wq, bq, wo, g, lse, torch.zeros(1, device=dev, dtype=torch.int64) if idx is None else idx, delta, dz, dpatch, *parts,
-        int(seed), *_strides(z), *_strides(x), *_strides(g), B_per, NB, N, H, W, C, P, D, ipp,
-        float(sm_scale) * LOG2E, float(sm_scale),
-        **meta, GUMBEL=bool(gumbel) and kind == "top1", WRITE_DPATCH=bool(need_dpatch and P), PREC=dot_precision(z.dtype),
-        num_warps=nw, num_stages=ns,
+    aout = torch.empty((NB, N, BD) if weighted else (1,), device=dev, dtype=z.dtype)
+    dqkv = torch.empty((NB, N, 3, BD) if weighted else (1,), device=dev, dtype=z.dtype)
+    ipp = images_per_program(NB, 1, N)
+    nw, ns = launch_config()
+    no_idx = torch.zeros(1, device=dev, dtype=torch.int64)
+    _block_bwd_kernel[(triton.cdiv(NB, ipp),)](
+        z, z if x is None else x, wt, bt, wot, g, lse, no_idx if idx is None else idx, delta, dz, dpatch, aout, dqkv,
+        int(seed), B_per, NB, N, H, W, C, P, ipp, float(sm_scale) * LOG2E, float(sm_scale),
+        **meta, KIND=KINDS[kind], GUMBEL=bool(gumbel) and kind == "top1",
+        WRITE_DPATCH=bool(need_dpatch and P),
+        PREC=dot_precision(z.dtype), num_warps=nw, num_stages=ns, maxnreg=MAXNREG,
     )
-    grads = tuple(p.sum(1) for p in parts) if weighted else (None,) * 4
+    grads = (None,) * 4
+    if weighted:
+        n_splits, ipw = wgrad_splits(B_per, members)
+        KB = meta["BLOCK_C"] + (meta["BLOCK_P"] if P else 0)
+        parts = [torch.empty((members, n_splits, *s), device=dev, dtype=f32) for s in
+                 ((3, KB, BD), (3, BD), (BD, meta["BLOCK_C"]), (meta["BLOCK_C"],))]
+        _block_wgrad_kernel[(7 if P else 4, n_splits, members)](
+            z, z if x is None else x, g, aout, dqkv, *parts, B_per, N, H, W, C, P, ipw,
+            **meta, PREC=dot_precision(z.dtype), num_warps=WGRAD_WARPS, num_stages=1, maxnreg=MAXNREG,
+        )
+        grads = unpack_grads(parts, C, P, D, meta)
     return (dz, dpatch if (need_dpatch and P) else None, *grads)
+
+
+#: warps of the weight-gradient kernel (one (BLOCK_C or BLOCK_P) x BLOCK_D float32 accumulator)
+WGRAD_WARPS = 4
 
 
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time compile configurations
 # ----------------------------------------------------------------------------------------------
-#: the study's shapes and their neighbours, (N, C, P, d), and the smallest blocks (N, C, d <= 16, c = 1:
-#: what the GPU-compile guard launches)
+#: the study's shapes and their neighbours, (N, C, P, d), and the smallest blocks (N, C, d <= 16, c = 1,
+#: N a multiple of 16 or not (N_MULT): what the GPU-compile guard launches)
 STUDY_SHAPES = ((64, 64, 27, 64), (64, 64, 0, 64), (64, 64, 27, 16), (256, 64, 27, 64), (64, 16, 27, 16),
-                (16, 16, 9, 16), (16, 16, 0, 16))
+                (16, 16, 9, 16), (16, 16, 0, 16), (15, 16, 9, 16), (15, 16, 0, 16))
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compile_configs(dtypes=("fp32", "bf16")) -> list[dict]:
-    """The configurations the launchers launch at ``STUDY_SHAPES``: forward and backward, each kind
-    (identity only without patches), GUMBEL for top-1, WRITE_DPATCH (the dx path) with patches, and
-    for float32 each dot precision of the fp32 policy (``_common.dot_precisions``).
+    """The configurations the launchers launch at ``STUDY_SHAPES``: forward, backward and weight gradient,
+    each kind (identity only without patches; no weight gradient), GUMBEL for top-1, WRITE_DPATCH (the dx
+    path) with patches, and for float32 each dot precision of the fp32 policy (``_common.dot_precisions``).
     Each a ``make_config`` dict."""
     out = []
-    data = {"Z", "X", "WQKV", "BQKV", "WO", "BO", "OUT", "G", "DZ"}      # pointers of the data dtype
-    f32_ptrs = {"LSE", "DELTA", "DPATCH", "PWQKV", "PBQKV", "PWO", "PBO"}
+    data = {"Z", "X", "WT", "BT", "WOT", "BO", "OUT", "G", "DZ", "AOUT", "DQKV"}      # data-dtype pointers
+    f32_ptrs = {"LSE", "DELTA", "DPATCH", "PW", "PB", "PWO", "PBO"}
     for dt, (n, c, p, d), kind in itertools.product(dtypes, STUDY_SHAPES, KINDS):
         if kind == "identity" and p:
             continue
-        nw, ns = launch_config(torch.float32)
         meta = _meta(kind, c, p, d, n)
-        bwd = [(_block_bwd_kernel, {"WRITE_DPATCH": w}) for w in ((False, True) if p else (False,))]
-        for fn, extra in [(_block_fwd_kernel, {}), *bwd]:
-            gumbels = (False, True) if kind == "top1" else (False,)
+        bwd = [(_block_bwd_kernel, "bwd", {"KIND": KINDS[kind], "WRITE_DPATCH": w}) for w in ((False, True) if p else (False,))]
+        fns = [(_block_fwd_kernel, "fwd", {"KIND": KINDS[kind]}), *bwd]
+        if kind != "identity":
+            fns.append((_block_wgrad_kernel, "wgrad", {}))
+        for fn, which, extra in fns:
+            gumbels = (False, True) if (kind == "top1" and "GUMBEL" in fn.arg_names) else (False,)
             for gumbel, prec in itertools.product(gumbels, dot_precisions(_DTYPES[dt])):
+                nw, ns = (WGRAD_WARPS, 1) if which == "wgrad" else launch_config()
                 args = set(fn.arg_names)
                 pointers = {a: (None if a in data else "i64" if a == "IDX" else "fp32")
                             for a in args & (data | f32_ptrs | {"IDX"})}
-                const = dict(meta, GUMBEL=gumbel, PREC=prec, **extra)
-                cfg = make_config(f"attention_block.{fn.__name__}.{kind}", fn, dt, const, nw, ns,
+                const = dict(meta, PREC=prec, **extra)
+                if "GUMBEL" in args:
+                    const["GUMBEL"] = gumbel
+                name = f"attention_block.{fn.__name__}" + ("" if fn is _block_wgrad_kernel else f".{kind}")
+                cfg = make_config(name, fn, dt, const, nw, ns, maxnreg=MAXNREG,
                                   pointers=pointers, fp32=tuple(a for a in ("qk_scale", "sm_scale") if a in args),
-                                  i64=("seed",), aligned=tuple(pointers))
+                                  i64=("seed",) if "seed" in args else (), aligned=tuple(pointers))
                 if all(config_key(cfg) != config_key(o) for o in out):   # N = 64 and 256 share BLOCK = 64
                     out.append(cfg)
     return out

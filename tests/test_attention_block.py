@@ -191,7 +191,7 @@ def test_groups_of_images(seed, monkeypatch):
     """B = 70 with several images per program in the forward and the backward (ragged last groups); the
     identity kind, the cheapest in the interpreter (the group loop is the same code for every kind)."""
     monkeypatch.setattr(K, "images_per_program", lambda nb, n_blocks, n: 4)
-    monkeypatch.setattr(K, "MAX_BWD_PROGRAMS", 8)
+    monkeypatch.setattr(K, "MAX_WGRAD_SLOTS", 8)
     args = _inputs("identity", 70, 16, 1, 1, 0, 16)
     _compare(args, _kw("identity", 16, 16))
 
