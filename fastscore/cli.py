@@ -226,12 +226,10 @@ def cmd_reproduce(a) -> int:
         a.out = f"runs/{a.study if a.study in ('creativity', 'halves', 'theory') else 'reproduce'}"
     if a.dataset is not None and a.study != "theory":
         raise UsageError("--dataset belongs to --study theory")
-    if a.study == "creativity":
-        return _creativity(a, mode)
+    if a.study in _SIZED_STUDIES:
+        return _sized_study(a, mode, a.study)
     if a.study == "theory":
         return _theory(a, mode)
-    if a.study == "halves":
-        return _halves(a, mode)
     if a.pairs_sweep:
         return _pairs_sweep(a, mode)
     cfg = _study_config(a, mode)
@@ -277,42 +275,30 @@ def _theory(a, mode: str) -> int:
     return 0
 
 
-def _creativity(a, mode: str) -> int:
-    """``reproduce --study creativity``: the sweep over the number of training images, then its report."""
-    from ._validate import UsageError
-    from .study import creativity
-    if a.pairs_sweep:
-        raise UsageError("--pairs-sweep belongs to --study coordination; the creativity study sweeps --n-train")
-    if a.n_train is not None:
-        raise UsageError("--n-train: the creativity study sweeps the number of training images itself "
-                         f"({', '.join(map(str, creativity.SIZES[mode]))} here)")
-    _study_config(a, mode)                       # a bad value is reported under its option's name
-    g = creativity.grid(mode, **_study_options(a))
-    _check_start(a, directory=True)
-    doc = creativity.run(g, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
-                         workers=a.workers)
-    if doc is not None:                          # rank 0 (or the only process)
-        print((Path(a.out) / "creativity.md").read_text())
-    return 0
+#: the studies that sweep the number of training images themselves: what their axis counts
+_SIZED_STUDIES = {"creativity": "the number of training images",
+                  "halves": "the number of training images per half (those that fit the setting)"}
 
 
-def _halves(a, mode: str) -> int:
-    """``reproduce --study halves``: networks on disjoint halves of each number of training images, sampled
-    from the same noise (``study.halves``), then its report."""
+def _sized_study(a, mode: str, name: str) -> int:
+    """``reproduce --study creativity|halves``: the study's sweep over the number of training images
+    (``study.creativity``, ``study.halves``), then its report."""
+    import importlib
+
     from ._validate import UsageError
-    from .study import halves
+    study = importlib.import_module(f".study.{name}", __package__)
     if a.pairs_sweep:
-        raise UsageError("--pairs-sweep belongs to --study coordination; the halves study sweeps --n-train")
+        raise UsageError(f"--pairs-sweep belongs to --study coordination; the {name} study sweeps --n-train")
     if a.n_train is not None:
-        raise UsageError("--n-train: the halves study sweeps the number of training images per half itself "
-                         f"({', '.join(map(str, halves.SIZES[mode]))} here, those that fit the setting)")
+        raise UsageError(f"--n-train: the {name} study sweeps {_SIZED_STUDIES[name]} itself "
+                         f"({', '.join(map(str, study.SIZES[mode]))} here)")
     _study_config(a, mode)                       # a bad value is reported under its option's name
-    g = halves.grid(mode, **_study_options(a))
+    g = study.grid(mode, **_study_options(a))
     _check_start(a, directory=True)
-    doc = halves.run(g, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
-                     workers=a.workers)
+    doc = study.run(g, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
+                    workers=a.workers)
     if doc is not None:                          # rank 0 (or the only process)
-        print((Path(a.out) / "halves.md").read_text())
+        print((Path(a.out) / f"{name}.md").read_text())
     return 0
 
 
