@@ -264,6 +264,21 @@ def test_noise_range_is_bit_identical_to_indexed_noise():
     assert philox.normal_range(7, 5, 0).shape == (0,)
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3, 2**63 - 1])
+def test_uniform_range_is_bit_identical_to_indexed_uniforms(seed):
+    """The numpy path of ``uniform_range`` (CPU) against the torch words of ``uniform``: any start (also
+    mid-group and past 2**32 groups), both streams, and on CUDA the device's words against the CPU's."""
+    from fastscore.ops import philox
+    for start, count in ((0, 1), (3, 10), (5, 4), (1023, 777), (2**33 + 1, 9), (17, 100_003)):
+        e = torch.arange(start, start + count, dtype=torch.int64)
+        for c2, c3 in ((0, philox.STREAM_GUMBEL), (5, philox.STREAM_NOISE)):
+            got = philox.uniform_range(seed, start, count, c2=c2, c3=c3)
+            assert got.dtype == torch.float32 and torch.equal(got, philox.uniform(seed, e, c2=c2, c3=c3))
+            if torch.cuda.is_available():
+                assert torch.equal(philox.uniform_range(seed, start, count, c2=c2, c3=c3, device="cuda").cpu(), got)
+    assert philox.uniform_range(seed, 5, 0).shape == (0,)
+
+
 def test_theory_asks_the_op_for_its_path():
     from fastscore import theory
     assert not hasattr(theory, "MAX_TRITON_D")

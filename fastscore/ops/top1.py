@@ -34,8 +34,7 @@ from .attention import _check, fold, member, per_member, unfold
 # ---------------------------------------------------------------------------------------------
 def gumbel_noise(seed: int, b: int, nq: int, nk: int, device: torch.device) -> torch.Tensor:
     """Gumbel(0, 1) noise (b, nq, nk) float32 of the documented stream."""
-    e = torch.arange(b * nq * nk, device=device, dtype=torch.int64).view(b, nq, nk)
-    u = philox.uniform(seed, e).clamp(1e-10, 1.0 - 1e-7)
+    u = philox.uniform_range(seed, 0, b * nq * nk, device=device).view(b, nq, nk).clamp(1e-10, 1.0 - 1e-7)
     return -torch.log(-torch.log(u))
 
 
