@@ -113,12 +113,12 @@ def uniform_range(seed: int, start: int, count: int, *, c2: int = 0, c3: int = S
     g0, g1 = start >> 2, (start + count - 1) >> 2
     lo = start - 4 * g0
     if torch.device(device).type == "cpu":
-        g = np.arange(g0, g1 + 1, dtype=np.uint64)
+        gn = np.arange(g0, g1 + 1, dtype=np.uint64)
         m = np.uint64(MASK32)
-        words = np.stack(_philox_numpy(seed, g & m, g >> np.uint64(32), np.uint64(c2), np.uint64(c3), 10), axis=-1)
-        x = words.astype(np.uint32).view(np.int32).reshape(-1)[lo:lo + count]
-        x = x ^ (x >> 31)  # uint_to_uniform_float's fold: -x - 1 == ~x for negative int32
-        return torch.from_numpy(x.astype(np.float32)) * _SCALE
+        wn = np.stack(_philox_numpy(seed, gn & m, gn >> np.uint64(32), np.uint64(c2), np.uint64(c3), 10), axis=-1)
+        xn = wn.astype(np.uint32).view(np.int32).reshape(-1)[lo:lo + count]
+        xn = xn ^ (xn >> 31)  # uint_to_uniform_float's fold: -x - 1 == ~x for negative int32
+        return torch.from_numpy(xn.astype(np.float32)) * _SCALE
     g = torch.arange(g0, g1 + 1, dtype=torch.int64, device=device)
     words = torch.stack(philox4x32(seed, g & MASK32, g >> 32, c2, c3), dim=-1)
     return uint32_to_uniform(words).flatten()[lo:lo + count]
