@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from fastscore._validate import UsageError
 from fastscore.checkpoint import load_tensors
 from fastscore.models import ModelConfig
 from fastscore.options import option
@@ -164,8 +165,14 @@ def test_each_component_setting_is_declared_once():
         assert getattr(m, name) == value
         assert {k: v for k, v in m.to_dict().items() if k != name} == \
             {k: v for k, v in base.model_config("softmax").to_dict().items() if k != name}
-    tc = StudyConfig(train_steps=7, batch_size=3, lr=1e-3, ema=0.5).train_config(4)
-    assert (tc.steps, tc.batch_size, tc.lr, tc.ema, tc.seed) == (7, 3, 1e-3, 0.5, 4)
+    tc = StudyConfig(train_steps=7, batch_size=3, lr=1e-3, ema=0.5, lr_schedule="cosine").train_config(4)
+    assert (tc.steps, tc.batch_size, tc.lr, tc.ema, tc.seed, tc.lr_schedule) == (7, 3, 1e-3, 0.5, 4, "cosine")
+    assert StudyConfig().train_config(0).lr_schedule == "onecycle"
+    with pytest.raises(UsageError, match="lr_schedule"):
+        StudyConfig(lr_schedule="linear")
+    # a study.json from before lr_schedule was a study setting is today's default config
+    older = {k: v for k, v in StudyConfig().to_dict().items() if k != "lr_schedule"}
+    assert StudyConfig().matches(older) and not StudyConfig(lr_schedule="constant").matches(older)
     assert StudyConfig(image_size=10, n_pairs=3).model_config("none").image_size == 10
     assert StudyConfig(image_size=10, n_pairs=3).data_config().n_pairs == 3
 
