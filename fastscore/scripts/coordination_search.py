@@ -31,26 +31,15 @@ TABLE = HERE / "coordination_search.md"
 PROBE_T = (100, 200, 300, 400)
 
 
-FINDINGS = """## What produced coordination
+FINDINGS = "## What produced coordination"
 
-- **Four colours: nothing tried coordinates.** Up to 10,000 steps, with t-focus and `attn_patch`, softmax
-  attention is 93.5% valid but 26.4% [23.7, 29.3] consistent among valid samples against 25.5% chance; the
-  probe gap stays under +1 pp.
-- **Two colours, `attn_patch`, t-focus (half the training timesteps from [50, 400]), 10,000 steps: both
-  seeds tried coordinate**, well above the 23.4% chance and the CNN's 26.9% [23.7, 30.4]: seed 0 56.1% (batch 128)
-  and 51.2% (batch 64), seed 1 36.1% (batch 128) and 35.5% (batch 64), all 98-100% valid. The spread across
-  seeds is large; batch 64 does as well as batch 128 at half the compute, so the study's defaults use it.
-- **Training length is the switch.** The same recipe stopped at 5,000 steps (batch 128) gives 29.4% valid,
-  and width 32 at 10,000 steps 24.5% valid: the networks have not yet learnt clean cells, and among their few
-  valid samples consistency is 34-35%. A better sampler does not rescue an under-trained network (the
-  5,000-step one, 500 samples: DDIM-50 eta 1 28.8% valid, eta 0 19.8%, DDIM-100 35.0%, DDPM-1000 34.8%).
-- **`attn_patch` matters**: without it, seed 0 reaches 39.0% [36.0, 42.1] instead of 56.1%.
-- **The full study under these defaults** (`fastscore reproduce`, 3 seeds x 10,000 samples, model seeds
-  1000 + s, so not the runs above; docs/results-full.md): softmax 40.8% [40.1, 41.4] among valid (seeds 46.0,
-  27.9, 54.0), top-1 29.4% [28.7, 30.2], identity 24.5% [23.6, 25.5], CNN 23.4% [22.7, 24.1]; chance 23.44%.
 
-The `s` column is wall time on the 2-core CPU, often shared with another run, so it compares only loosely.
-"""
+def findings() -> str:
+    """The prose under the table: kept from the current page (from ``FINDINGS`` on), so the page is its
+    one copy and a new row never overwrites what was written below the table."""
+    text = TABLE.read_text() if TABLE.exists() else ""
+    at = text.find(FINDINGS)
+    return text[at:] if at >= 0 else FINDINGS + "\n\n(none yet)\n"
 
 
 def rebuild_table(rows: list[dict]) -> str:
@@ -73,7 +62,7 @@ def rebuild_table(rows: list[dict]) -> str:
         cav = f"{s['consistent_among_valid']} ({100 * r['chance']:.1f}%)" if s else "-"
         lines.append(f"| {r['name']} | {r['attention']} | {recipe} | {r['steps']} | {r['seconds']:.0f} | {gaps} | "
                      f"{valid} | {cav} |")
-    return "\n".join(lines) + "\n\n" + FINDINGS
+    return "\n".join(lines) + "\n\n" + findings()
 
 
 def main(argv: list[str] | None = None) -> None:
