@@ -156,7 +156,8 @@ class ScoreNet(nn.Module):
         if self.config.attn_patch and x is None:
             raise ValueError("attend needs x (the network input, (B, C, H, W)) when attn_patch=True")
         scale = self.attention_scale()
-        ws = () if kind == "identity" else (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
+        ws = () if kind == "identity" else tuple(w.to(z.dtype) for w in (self.qkv.weight, self.qkv.bias,
+                                                                          self.proj.weight, self.proj.bias))
         res = ops.attention_block(z, x.to(z.dtype) if x is not None and self.config.attn_patch else None, *ws,
                                   kind=kind, scale=scale, temperature=self.config.temperature / scale,
                                   gumbel=self.config.gumbel and self.training, seed=seed, backend=self.backend)

@@ -27,6 +27,7 @@ CPU default), up to float32 summation order under vmap or on CUDA (measured in t
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -48,6 +49,7 @@ from .options import matches, option
 from .schedule import Schedule, make_schedule
 
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
 STREAMS = ("train", "device")
 _BETA2, _ADAM_EPS = 0.999, 1e-8   # torch.optim.AdamW's defaults
 #: ``train``'s default ``save_every`` with ``resume``: a save (a few MB, milliseconds) per this many steps
@@ -72,6 +74,8 @@ class TrainConfig:
     seed: int = option(0, "seed of the batches, timesteps and noise drawn in training")
     t_focus: tuple[int, int] | None = option(None, "draw training timesteps from [LO, HI] with probability t_focus_prob")
     t_focus_prob: float = option(0.0, "probability of drawing a timestep from t_focus (0: all t uniformly)")
+    precision: str = option("fp32", "training arithmetic: fp32, or bf16 (autocast: convolutions and matmuls in "
+                            "bfloat16; weights, optimiser, EMA and loss in float32)")
 
     def __post_init__(self) -> None:
         _validate.positive_int("steps", self.steps)
@@ -79,6 +83,7 @@ class TrainConfig:
         _validate.finite_float("lr", self.lr, minimum=0.0, strict=True)
         _validate.finite_float("weight_decay", self.weight_decay, minimum=0.0)
         _validate.choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _validate.choice("precision", self.precision, PRECISIONS)
         _validate.finite_float("ema", self.ema, minimum=0.0)
         if self.ema >= 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
@@ -171,6 +176,7 @@ class _Trainer:
         self.k = torch.zeros(1, dtype=torch.int64, device=device)   # the step counter, on the device
         self.step_host = 0
         self.steps = configs[0].steps
+        self.bf16 = configs[0].precision == "bf16"
         self.losses = torch.zeros(len(configs), self.steps, dtype=torch.float32, device=device)
         self.data = data.to(device, torch.float32)
         self.ab = schedule.alpha_bar.to(device, torch.float32)
@@ -249,7 +255,10 @@ class _Trainer:
         x_t, t, eps = self._draw()
         seeds = torch.tensor([gumbel_seed(c.seed, self.step_host) for c in self.configs]) \
             if self.ens.takes_seed else None
-        per = ((self.ens.run(x_t, t, seeds=seeds) - eps) ** 2).flatten(1).mean(1)      # (M,) member losses
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False) if self.bf16 \
+                else contextlib.nullcontext():
+            out = self.ens.run(x_t, t, seeds=seeds)
+        per = ((out.float() - eps) ** 2).flatten(1).mean(1)      # (M,) member losses, in float32
         names = list(self.params)
         params = [self.params[n] for n in names]
         grads = torch.autograd.grad(per.sum(), params, allow_unused=True)
@@ -312,9 +321,10 @@ def _check(models: list[nn.Module], data: torch.Tensor, configs: list[TrainConfi
     for i, c in enumerate(configs):
         if not isinstance(c, TrainConfig):
             raise TypeError(f"config[{i}] must be a TrainConfig, got {type(c).__name__}")
-        if (c.steps, c.batch_size) != (configs[0].steps, configs[0].batch_size):
-            raise ValueError(f"config[{i}] has steps/batch_size ({c.steps}, {c.batch_size}), config[0] "
-                             f"({configs[0].steps}, {configs[0].batch_size}): members must share them")
+        if (c.steps, c.batch_size, c.precision) != (configs[0].steps, configs[0].batch_size, configs[0].precision):
+            raise ValueError(f"config[{i}] has steps/batch_size/precision ({c.steps}, {c.batch_size}, {c.precision}), "
+                             f"config[0] ({configs[0].steps}, {configs[0].batch_size}, {configs[0].precision}): "
+                             "members must share them")
         if c.t_focus is not None and c.t_focus_prob > 0 and c.t_focus[1] >= schedule.T:
             raise ValueError(f"t_focus must lie in [0, T={schedule.T}), got {c.t_focus}")
     return schedule
@@ -396,6 +406,8 @@ def train(model: nn.Module | Sequence[nn.Module], data: torch.Tensor,
     schedule = _check(models, data, configs, schedule, stream)
     Ensemble(models, members=members)   # one architecture, a known schedule: checked before any work
     dev = torch.device(device) if device is not None else next(models[0].parameters()).device
+    if configs[0].precision == "bf16" and dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"precision 'bf16' (autocast) needs a cpu or cuda device, got {dev}")
     cfg = getattr(models[0], "config", None)   # a Gumbel seed per step is a host integer: no graph
     seed_taken = takes_seed(models[0]) and getattr(cfg, "attention", "top1") == "top1" and getattr(cfg, "gumbel", True)
     use_graph = dev.type == "cuda" and stream == "device" and not seed_taken and resume is None \

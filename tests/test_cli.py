@@ -50,12 +50,12 @@ def test_reproduce_options_reach_the_study(tmp_path):
     assert main(["reproduce", "--tiny", "--out", str(out), "--networks", "softmax", "--n-samples", "4",
                  "--train-steps", "2", "--t-focus", "10,30", "--t-focus-prob", "0.75", "--no-attn-patch",
                  "--attn-dim", "8", "--colours", "3", "--pairs", "3", "--train-batch", "16", "--lr-schedule", "cosine",
-                 "--quiet"]) == 0
+                 "--precision", "bf16", "--quiet"]) == 0
     cfg = json.loads((out / "study.json").read_text())
     assert cfg["t_focus"] == [10, 30] and cfg["t_focus_prob"] == 0.75 and cfg["attn_patch"] is False
     assert (cfg["attn_dim"], cfg["n_colours"], cfg["n_pairs"], cfg["batch_size"]) == (8, 3, 3, 16)
     assert cfg["train_steps"] == 2 and cfg["n_samples"] == 4 and cfg["networks"] == ["softmax"]
-    assert cfg["lr_schedule"] == "cosine"
+    assert cfg["lr_schedule"] == "cosine" and cfg["precision"] == "bf16"
 
 
 def test_t_focus_must_be_two_integers(capsys):

@@ -168,6 +168,8 @@ def test_each_component_setting_is_declared_once():
     tc = StudyConfig(train_steps=7, batch_size=3, lr=1e-3, ema=0.5, lr_schedule="cosine").train_config(4)
     assert (tc.steps, tc.batch_size, tc.lr, tc.ema, tc.seed, tc.lr_schedule) == (7, 3, 1e-3, 0.5, 4, "cosine")
     assert StudyConfig().train_config(0).lr_schedule == "onecycle"
+    assert (StudyConfig().train_config(0).precision, StudyConfig(precision="bf16").train_config(1).precision) == \
+        ("fp32", "bf16")
     with pytest.raises(UsageError, match="lr_schedule"):
         StudyConfig(lr_schedule="linear")
     # a study.json from before lr_schedule was a study setting is today's default config

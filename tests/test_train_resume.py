@@ -67,6 +67,23 @@ def test_a_stopped_and_resumed_run_gives_the_bits_of_one_run(tmp_path, stop):
     assert not all(torch.equal(v, init[k]) for k, v in whole.raw_model.state_dict().items())   # it trained
 
 
+def test_a_bf16_run_resumes_to_its_bits_and_refuses_a_float32_state(tmp_path):
+    """precision='bf16' (autocast) resumes bit for bit too; the precision is part of the run, so a state
+    saved in float32 is not continued in bf16."""
+    data, cfg = _data(), TrainConfig(steps=STEPS, batch_size=4, ema=0.9, precision="bf16")
+    whole = train(_net(), data, cfg, progress=False)
+    path = tmp_path / "state.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(_net(), data, cfg, progress=False, resume=path, callback=_stop_at(4))
+    _assert_same(whole, train(_net(), data, cfg, progress=False, resume=path))
+    other = tmp_path / "fp32.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(_net(), data, TrainConfig(steps=STEPS, batch_size=4, ema=0.9), progress=False, resume=other,
+              callback=_stop_at(4))
+    with pytest.raises(ValueError, match="another run .different train config."):
+        train(_net(), data, cfg, progress=False, resume=other)
+
+
 @pytest.mark.parametrize("members", ["loop", "vmap"])
 def test_an_ensemble_resumes_to_the_bits_of_one_run(tmp_path, members):
     """Two top-1 members (a Gumbel seed per step) with their own seeds and lr."""

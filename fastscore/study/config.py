@@ -73,6 +73,7 @@ class StudyConfig:
     ema: float = inherit(TrainConfig, "ema", cli="--ema", group=RECIPE)
     t_focus: tuple[int, int] | None = inherit(TrainConfig, "t_focus", default=(50, 400), cli="--t-focus", group=RECIPE)
     t_focus_prob: float = inherit(TrainConfig, "t_focus_prob", default=0.5, cli="--t-focus-prob", group=RECIPE)
+    precision: str = inherit(TrainConfig, "precision", cli="--precision", group=RECIPE)
     n_seeds: int = option(3, "training seeds per network", cli="--n-seeds", group=RUN)
     n_samples: int = option(10000, "samples per network and seed", cli="--n-samples", group=RUN)
     sampler: str = option("ddim", "sampler: " + " or ".join(SAMPLERS), cli="--sampler", group=SAMPLER,
