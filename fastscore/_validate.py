@@ -56,6 +56,15 @@ def positive_int(name: str, x: Any, *, minimum: int = 1) -> int:
     return x
 
 
+def distinct_sizes(name: str, xs: Any) -> tuple[int, ...]:
+    """Check that ``xs`` is a non-empty sequence of distinct ints >= 1 (numbers of training images);
+    returns them as a tuple."""
+    sizes = tuple(positive_int(name, x) for x in xs)
+    if not sizes or len(set(sizes)) != len(sizes):
+        raise UsageError(f"{name} must be distinct numbers of training images, got {sizes}")
+    return sizes
+
+
 def finite_float(name: str, x: Any, *, minimum: float | None = None, strict: bool = False) -> float:
     """Check that ``x`` is a finite real number (>= or > ``minimum`` when given)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):

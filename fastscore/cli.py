@@ -226,6 +226,8 @@ def cmd_reproduce(a) -> int:
         a.out = f"runs/{a.study if a.study in ('creativity', 'halves', 'theory') else 'reproduce'}"
     if a.dataset is not None and a.study != "theory":
         raise UsageError("--dataset belongs to --study theory")
+    if a.sizes is not None and a.study not in _SIZED_STUDIES:
+        raise UsageError("--sizes belongs to --study creativity or halves (their numbers of training images)")
     if a.study in _SIZED_STUDIES:
         return _sized_study(a, mode, a.study)
     if a.study == "theory":
@@ -291,9 +293,15 @@ def _sized_study(a, mode: str, name: str) -> int:
         raise UsageError(f"--pairs-sweep belongs to --study coordination; the {name} study sweeps --n-train")
     if a.n_train is not None:
         raise UsageError(f"--n-train: the {name} study sweeps {_SIZED_STUDIES[name]} itself "
-                         f"({', '.join(map(str, study.SIZES[mode]))} here)")
+                         f"({', '.join(map(str, study.SIZES[mode]))} here); choose them with --sizes N1,N2,...")
+    sizes = None
+    if a.sizes is not None:
+        try:
+            sizes = tuple(int(n) for n in a.sizes.split(","))
+        except ValueError:
+            raise UsageError(f"--sizes expects numbers of training images such as 64,256,5000, got {a.sizes!r}") from None
     _study_config(a, mode)                       # a bad value is reported under its option's name
-    g = study.grid(mode, **_study_options(a))
+    g = study.grid(mode, sizes=sizes, **_study_options(a))
     _check_start(a, directory=True)
     doc = study.run(g, Path(a.out), device=a.device, backend=a.backend, force=a.force, progress=not a.quiet,
                     workers=a.workers)
@@ -428,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default runs/reproduce; --study creativity: runs/creativity; --study halves: "
                         "runs/halves)")
     _run_options(r)
+    r.add_argument("--sizes", default=None, metavar="N1,N2,...",
+                   help="--study creativity or halves: the numbers of training images (halves: per half) to sweep, "
+                        "instead of the preset's (listed under --study)")
     r.add_argument("--pairs-sweep", default=None, metavar="K1,K2,...",
                    help="e.g. 2,4,6,8: fastscore sweep's grid over n_pairs (a cell per count in OUT/cells/, one "
                         "table sweep.md; a larger image where the pairs do not fit, coordinate channels for all "

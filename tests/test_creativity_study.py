@@ -12,7 +12,7 @@ from fastscore import cli
 from fastscore.checkpoint import load_tensors
 from fastscore.data import make_dataset
 from fastscore.novelty import novelty
-from fastscore.study import creativity
+from fastscore.study import creativity, halves
 from fastscore.study.config import LABELS
 from fastscore.theory import Agreement
 
@@ -132,6 +132,27 @@ def test_the_grid_sweeps_n_train_and_refuses_it_as_a_setting():
 def test_cli_refuses_options_that_the_creativity_study_sets_itself_before_any_work(tmp_path, capsys, args, match):
     out = tmp_path / "c"
     assert cli.main(["reproduce", "--study", "creativity", "--tiny", "--out", str(out), *args]) == 2
+    assert re.search(match, capsys.readouterr().err) and not out.exists()
+
+
+@pytest.mark.parametrize("study, mod", [("creativity", creativity), ("halves", halves)])
+def test_cli_sizes_choose_the_studys_numbers_of_training_images(tmp_path, monkeypatch, study, mod):
+    seen = []
+    monkeypatch.setattr(mod, "run", lambda g, out, **kw: seen.append(g))     # the grid the study would run
+    assert cli.main(["reproduce", "--study", study, "--tiny", "--colours", "4", "--sizes", "40,8",
+                     "--out", str(tmp_path / "c")]) == 0
+    assert seen[0].axes == {"n_train": (8, 40)} and seen[0].base["n_colours"] == 4
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--study", "creativity", "--sizes", "8,x"], r"--sizes expects numbers of training images .*'8,x'"),
+    (["--study", "creativity", "--sizes", "8,8"], r"--sizes must be distinct numbers of training images"),
+    (["--study", "halves", "--sizes", "0,8"], r"--sizes must be >= 1, got 0"),
+    (["--sizes", "8"], r"--sizes belongs to --study creativity or halves"),
+    (["--study", "theory", "--sizes", "8"], r"--sizes belongs to --study creativity or halves")])
+def test_cli_refuses_bad_sizes_naming_the_option_before_any_work(tmp_path, capsys, args, match):
+    out = tmp_path / "c"
+    assert cli.main(["reproduce", "--tiny", "--out", str(out), *args]) == 2
     assert re.search(match, capsys.readouterr().err) and not out.exists()
 
 

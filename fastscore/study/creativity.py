@@ -62,10 +62,8 @@ def grid(mode: str = "full", sizes: tuple[int, ...] | None = None, **overrides: 
     _validate.choice("mode", mode, tuple(SIZES))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "n_train" in overrides:
-        raise ValueError("n_train is the creativity study's axis; give sizes=(...) instead of n_train")
-    sizes = tuple(SIZES[mode] if sizes is None else sizes)
-    if not sizes or len(set(sizes)) != len(sizes):
-        raise ValueError(f"sizes must be distinct numbers of training images, got {sizes}")
+        raise _validate.UsageError("n_train is the creativity study's axis; give sizes=(...) instead of n_train")
+    sizes = _validate.distinct_sizes("sizes", SIZES[mode] if sizes is None else sizes)
     g = Grid({**DEFAULTS, **overrides}, {"n_train": tuple(sorted(sizes))}, mode)
     for c in g.cells():
         cell_config(g, c)

@@ -271,11 +271,8 @@ def grid(mode: str = "full", sizes: tuple[int, ...] | None = None, **overrides: 
         if not sizes:
             raise UsageError(f"sizes: none of the preset's {SIZES[mode]} fits {data.n_pairs} pairs of "
                              f"{data.n_colours} colours ({total} contents); give sizes")
-    sizes = tuple(sizes)
-    if not sizes or len(set(sizes)) != len(sizes):
-        raise UsageError(f"sizes must be distinct numbers of training images, got {sizes}")
+    sizes = _validate.distinct_sizes("sizes", sizes)
     for n in sizes:
-        _validate.positive_int("sizes", n)
         if 2 * n > total:
             raise UsageError(f"sizes: {n} images per half need 2 x {n} = {2 * n} distinct contents, but "
                              f"{data.n_pairs} pairs of {data.n_colours} colours have {total} (largest size "
