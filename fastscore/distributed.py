@@ -13,12 +13,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+#: how long a collective waits for the other ranks. A rank that finishes its cells waits in
+#: ``gather_to_root`` for the slowest rank, which on a CPU can be hours behind (one study cell is
+#: hours of training); torch's default (30 min for gloo, 10 min for NCCL) would end the whole run there.
+TIMEOUT = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ def init(device: str | torch.device = "cpu") -> Rank:
         backend = "nccl" if torch.device(device).type == "cuda" and dist.is_nccl_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local % torch.cuda.device_count())
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=TIMEOUT)
     return Rank(rank, world, local)
 
 

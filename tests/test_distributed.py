@@ -27,6 +27,22 @@ def test_single_process_is_rank_zero_of_one_and_never_joins_a_group(monkeypatch)
     assert distributed.gather_to_root("x", r) == ["x"]
 
 
+def test_the_group_waits_hours_for_a_slow_rank_not_torchs_default(monkeypatch):
+    # a rank that finishes its cells early waits in gather_to_root for the slowest one; torch's default
+    # timeout (30 min gloo, 10 min NCCL) would end a CPU sweep whose cells take hours
+    import datetime
+
+    import torch.distributed as dist
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    r = distributed.init("cpu")
+    assert (r.rank, r.world, seen["backend"]) == (1, 2, "gloo")
+    assert seen["timeout"] >= datetime.timedelta(days=1)
+
+
 def test_shards_cover_every_item_once():
     items = list(range(11))
     shards = [distributed.shard(items, distributed.Rank(k, 3)) for k in range(3)]
