@@ -301,3 +301,40 @@ def test_a_study_written_before_a_setting_existed_resumes_without_retraining(tmp
     assert StudyDir(tmp_path).finished_rows(cfg.jobs()) == {("none", 0): {}}
     with pytest.raises(FileExistsError, match="another config"):     # a changed setting is another study
         StudyDir(tmp_path).prepare(dataclasses.replace(cfg, els_patch=3), force=False)
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_what_differs_and_one_of_this_row_is_reused(tmp_path,
+                                                                                                  monkeypatch):
+    import shutil
+
+    from fastscore.study import rows
+    from fastscore.study.files import load_checked_model
+    cfg = StudyConfig.preset("tiny", networks=("none",), n_samples=8, probe_n=8, n_random=50, train_steps=3,
+                             analytic=())
+    reproduce(cfg, tmp_path / "a", progress=False)
+    ckpt = tmp_path / "a" / "checkpoints" / "none-seed0.safetensors"
+    load_checked_model(ckpt, cfg, "none", 0)                            # the row it was trained as
+    for other, seed, what in ((dataclasses.replace(cfg, lr=cfg.lr / 2), 0, "train lr"),
+                              (cfg, 1, "train seed"),
+                              (dataclasses.replace(cfg, data_seed=7), 0, "extra data_seed"),
+                              (dataclasses.replace(cfg, n_train=cfg.n_train + 1), 0, "extra n_train")):
+        with pytest.raises(UsageError, match=f"none-seed0.safetensors was not trained as .*{what}"):
+            load_checked_model(ckpt, other, "none", seed)
+    # copied into a study that trains that row otherwise: refused before it is used, and left as it was
+    bad = dataclasses.replace(cfg, lr=cfg.lr / 2)
+    StudyDir(tmp_path / "b").prepare(bad, force=False)
+    (tmp_path / "b" / "checkpoints").mkdir(exist_ok=True)
+    shutil.copy2(ckpt, tmp_path / "b" / "checkpoints" / ckpt.name)
+    with pytest.raises(UsageError, match="train lr"):
+        reproduce(bad, tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "checkpoints" / ckpt.name).read_bytes() == ckpt.read_bytes()
+    # copied into a study of the same settings: loaded, not trained again
+    StudyDir(tmp_path / "c").prepare(cfg, force=False)
+    (tmp_path / "c" / "checkpoints").mkdir(exist_ok=True)
+    shutil.copy2(ckpt, tmp_path / "c" / "checkpoints" / ckpt.name)
+
+    def no_training(*args, **kw):
+        raise AssertionError("a reusable checkpoint was trained again")
+    monkeypatch.setattr(rows, "train", no_training)
+    doc = reproduce(cfg, tmp_path / "c", progress=False)
+    assert doc["rows"][0]["network"] == "none"

@@ -23,7 +23,15 @@ import torch
 
 from .. import __version__
 from .._validate import UsageError
-from ..checkpoint import atomic_write, atomic_write_text, check_writable, load_tensors, save_model, save_tensors
+from ..checkpoint import (
+    atomic_write,
+    atomic_write_text,
+    check_writable,
+    load_model,
+    load_tensors,
+    save_model,
+    save_tensors,
+)
 from .config import StudyConfig
 
 MANIFEST = "manifest.txt"
@@ -204,3 +212,35 @@ def versions(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"fastscore": __version__, "torch": torch.__version__, "triton": tv, "python": platform.python_version(),
             "device": str(device), "device_name": name, "threads": torch.get_num_threads()}
+
+
+def load_checked_model(path: Path, config: StudyConfig, net: str, seed: int, *, backend: str = "auto",
+                       device: str | torch.device = "cpu", **extra: Any) -> tuple[torch.nn.Module, dict]:
+    """``(model, meta)`` of the checkpoint ``path`` of row ``(net, seed)``, after checking that it was trained
+    as ``config`` trains that row: model, training and data configs, training set (``n_train``, ``data_seed``)
+    and any ``extra`` entries given (e.g. ``half="a"``). A checkpoint of another run (copied in by hand, or
+    left by other settings) is a UsageError naming the file and what differs: it is never used silently."""
+    from ..data import KVConfig
+    from ..training import TrainConfig
+    model, meta = load_model(path, backend=backend, device=device)
+    want = {"n_train": config.n_train, "data_seed": config.data_seed, **extra}
+    saved_extra = meta.get("extra") or {}
+    differ = [f"extra {k} (saved {saved_extra.get(k)!r}, here {v!r})" for k, v in want.items()
+              if saved_extra.get(k) != v]
+    pairs = (("model", lambda: model.config, config.model_config(net)),
+             ("train", lambda: TrainConfig(**meta["train"]), config.train_config(seed)),
+             ("data", lambda: KVConfig.from_dict(meta["data"]), config.data_config()))
+    for name, saved_of, here in pairs:
+        try:
+            saved = saved_of()
+        except (KeyError, TypeError, ValueError) as e:
+            differ.append(f"{name} config (saved one unreadable: {e})")
+            continue
+        fields = [f for f in here.__dataclass_fields__ if getattr(saved, f, None) != getattr(here, f)]
+        differ += [f"{name} {f} (saved {getattr(saved, f, None)!r}, here {getattr(here, f)!r})" for f in fields]
+    if differ:
+        raise UsageError(f"{path} was not trained as this study's row {net} seed {seed}: "
+                         f"{'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}. Move it away (or choose "
+                         "another --out); it is not used or overwritten")
+    return model, meta
+

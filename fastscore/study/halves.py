@@ -53,7 +53,7 @@ import torch
 
 from .. import _validate
 from .._validate import UsageError
-from ..checkpoint import atomic_write, atomic_write_text, load_model, save_tensors
+from ..checkpoint import atomic_write, atomic_write_text, save_tensors
 from ..data import KVBatch, KVConfig, decode, generate, render
 from ..metrics import Rate, analytic_random_consistency, content_codes, score
 from ..models import build_model
@@ -62,7 +62,7 @@ from ..sampling import sample
 from ..theory import correlation_summary, sample_correlation
 from ..training import train
 from .config import LABELS, MODEL_SEED, SAMPLE_SEED, StudyConfig
-from .files import StudyDir, row_name, versions
+from .files import StudyDir, load_checked_model, row_name, versions
 from .grid import Grid
 from .report import fmt
 from .rows import SAVE_EVERY
@@ -163,7 +163,7 @@ def _network(sd: StudyDir, config: StudyConfig, net: str, half: str, seed: int, 
     ``{"train_seconds", "losses"}`` (every 10th step)."""
     ckpt = sd.checkpoint(f"{net}-{half}", seed)
     if ckpt.exists():
-        model, meta = load_model(ckpt, backend=backend, device=device)
+        model, meta = load_checked_model(ckpt, config, net, seed, backend=backend, device=device, half=half)
         return model, {"train_seconds": meta["extra"]["seconds"], "losses": meta["extra"]["losses"]}
     torch.manual_seed(MODEL_SEED + seed)
     model = build_model(config.model_config(net), backend=backend)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_model, load_tensors
+from ..checkpoint import load_tensors
 from ..data import make_dataset
 from ..metrics import score
 from ..models import ModelConfig, build_model
@@ -31,7 +31,7 @@ from ..sampling import sample
 from ..schedule import Schedule, make_schedule
 from ..training import STATE_KIND, TrainResult, train
 from .config import ANALYTIC, MODEL_SEED, PROBE_SEED, SAMPLE_SEED, StudyConfig
-from .files import StudyDir, row_name
+from .files import StudyDir, load_checked_model, row_name
 
 #: training steps between two saves of a row's partial-training state: ~1 min of a CPU row (a 10,000-step
 #: softmax row took ~525 s) for a save of milliseconds; on a GPU a few seconds
@@ -104,7 +104,7 @@ def network(ctx: RunContext, net: str, seed: int) -> Built:
     c = ctx.config
     ckpt = ctx.out.checkpoint(net, seed)
     if ckpt.exists():
-        model, meta = load_model(ckpt, backend=ctx.backend, device=ctx.device)
+        model, meta = load_checked_model(ckpt, c, net, seed, backend=ctx.backend, device=ctx.device)
         if ctx.bar is not None:
             ctx.bar.update(ctx.weights["train"] * c.train_steps)
         return Built(model, None, meta["extra"].get("seconds", 0.0), meta["extra"].get("losses", []))
