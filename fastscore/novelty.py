@@ -15,7 +15,8 @@ For samples of the key-value dataset and the training set's contents (a ``KVBatc
   the novelty of a model that learned the rule and samples the data distribution.
 - *nearest training image*: per sample, the training image at the smallest pixel L2 distance
   (float64, over all C*H*W values in [-1, 1] units); a copy lies within its sampling error of a
-  training image, a new content at least one recoloured cell away (2.83 between red and green).
+  training image, a new content at least one recoloured cell away (``recolour_distances``: 2.83 between
+  red and green, 2.0-3.46 among the paper's 4 colours).
 
 Anchors: the ideal score (``fastscore.theory.IdealScore``) reproduces training images (novel 0); the
 ELS machine composes training patches into new contents at the mosaic chance (``python -m fastscore.scripts.creativity_groundwork``).
@@ -150,6 +151,16 @@ def mosaic_chance(config: KVConfig, train: KVBatch, keys: torch.Tensor | None = 
     return Fraction(consistent - seen, M ** n)
 
 
+def recolour_distances(config: KVConfig) -> tuple[float, float]:
+    """The smallest and largest pixel L2 distance (values in [-1, 1]) between two images that differ in
+    one cell's colour, over the palette's pairs of colours (red and green: 2.83 for 1-pixel cells)."""
+    if config.n_colours < 2:
+        raise ValueError(f"config: a recoloured cell needs 2 colours or more, got {config.n_colours}")
+    pal = torch.tensor(config.palette, dtype=torch.float64)
+    d = torch.cdist(pal, pal)[~torch.eye(len(pal), dtype=torch.bool)] * config.cell_size
+    return float(d.min()), float(d.max())
+
+
 def nearest_training(samples: torch.Tensor, train_images: torch.Tensor, *, chunk: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The nearest training image of each sample by pixel L2 distance.
@@ -263,5 +274,5 @@ def novelty(config: KVConfig, samples: torch.Tensor, train: KVBatch, *, toleranc
                    mosaic_chance(config, train), own, cov)
 
 
-__all__ = ["n_consistent_contents", "training_codes", "coverage", "novelty_chance", "mosaic_chance", "nearest_training",
-           "distance_summary", "Novelty", "novelty"]
+__all__ = ["n_consistent_contents", "training_codes", "coverage", "novelty_chance", "mosaic_chance",
+           "recolour_distances", "nearest_training", "distance_summary", "Novelty", "novelty"]

@@ -110,6 +110,15 @@ def test_verdicts_follow_the_stated_rules():
     assert v["identity"]["verdict"] == "no consistent samples"
     assert creativity.verdicts(models, chance=0.3, rule_novel=0.3)["softmax"]["verdict"] == \
         "neither: not above uniform chance"
+    assert v["softmax"]["every_seed_above"] is None                 # one pooled rate, no seeds given
+    # the intervals count samples: a pooled "creative" that one seed does not carry is said so
+    seeds = lambda *rates: [{"rates": {"novel_among_valid": {"rate": x}}} for x in rates]   # noqa: E731
+    cnn_rate = models["none"]["rates"]["novel_among_valid"]["rate"]
+    for rates, every in (((0.35, 0.25), True), ((0.35, cnn_rate - 0.01), False), ((0.5, 0.02), False)):
+        v2 = creativity.verdicts({**models, "softmax": {**models["softmax"], "per_seed": seeds(*rates)}},
+                                 chance=0.03, rule_novel=0.3)["softmax"]
+        assert v2["verdict"] == "creative" and v2["every_seed_above"] is every
+        assert creativity._verdict(v2) == "creative" + ("" if every else " (not in every seed)")
     # copies of nearly everything, but a rule sampler would draw hardly any new content either: not memorising
     few = creativity.verdicts(models, chance=0.03, rule_novel=0.003)["ideal"]
     assert few["mostly_copies"] and not few["below_rule_novel"] and few["verdict"].startswith("neither: not above")

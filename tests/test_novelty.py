@@ -17,6 +17,7 @@ from fastscore.novelty import (
     nearest_training,
     novelty,
     novelty_chance,
+    recolour_distances,
 )
 from fastscore.theory import (
     PAIR_CLASSES,
@@ -402,3 +403,16 @@ def test_novelty_curve_figure_is_written(tmp_path):
         plot_novelty_curve({"CNN": {8: 0.2}}, {}, tmp_path / "x.png")
     with pytest.raises(ValueError, match="at least one"):
         plot_novelty_curve({}, {}, tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("n_colours, cell_size", [(2, 1), (4, 1), (4, 2), (5, 1)])
+def test_recolour_distances_are_the_rendered_images_distances(n_colours, cell_size):
+    cfg = KVConfig(palette=palette_of_size(n_colours), cell_size=cell_size, image_size=8 * cell_size)
+    keys = torch.zeros(1, cfg.n_pairs, dtype=torch.int64)
+    d = []
+    for a, b in itertools.permutations(range(n_colours), 2):     # value cell 0 coloured a, then b
+        x = [render(cfg, keys, torch.full((1, cfg.n_pairs), 0).index_fill(1, torch.tensor([0]), c)).double()
+             for c in (a, b)]
+        d.append(float((x[0] - x[1]).flatten().norm()))
+    assert recolour_distances(cfg) == pytest.approx((min(d), max(d)), rel=1e-6)
+

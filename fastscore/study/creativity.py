@@ -35,9 +35,9 @@ import torch
 
 from .. import _validate
 from ..checkpoint import atomic_write_text
-from ..data import make_dataset
+from ..data import KVConfig, make_dataset
 from ..metrics import Rate
-from ..novelty import coverage, distance_summary, mosaic_chance, novelty
+from ..novelty import coverage, distance_summary, mosaic_chance, novelty, recolour_distances
 from .config import ANALYTIC, LABELS
 from .files import StudyDir, row_name
 from .grid import Grid
@@ -45,8 +45,9 @@ from .report import fmt, pooled
 from .sweep import cell_config
 from .sweep import run as run_sweep
 
-# numbers of training images per preset: from a few contents seen to all of them (4 pairs, 2 colours:
-# 5,000 images cover all 60 consistent contents)
+# numbers of training images per preset: from a few contents seen to all of them in the study's 2 colours
+# (4 pairs: 5,000 images cover all 60 consistent contents; with 4 colours they cover 3,831 of 16,720, and
+# --sizes chooses others)
 SIZES: dict[str, tuple[int, ...]] = {"full": (8, 16, 32, 64, 128, 256, 5000), "quick": (16, 64, 256), "tiny": (8, 32)}
 # what the creativity study changes in its preset: the CNN beside softmax attention, and no coordination
 # probe (the probe answers another question and costs a third of a quick row)
@@ -173,8 +174,19 @@ def verdicts(models: Mapping[str, dict], chance: float, rule_novel: float) -> di
             if tests["mostly_copies"]:
                 word += f"; copies {100 * copies:.0f}% of consistent, as a rule sampler's could be " \
                         f"({100 * (1 - rule_novel):.1f}%)"
-        out[name] = {"verdict": word, "copies_of_consistent": copies, **tests}
+        # the intervals count samples, not seeds (seeds differ more than samples do): say whether each
+        # seed's own rate clears the same bars, beside the verdict (None for one seed)
+        seeds = [ps["rates"]["novel_among_valid"]["rate"] for ps in m.get("per_seed", ())]
+        bar = max(chance, own or 0.0, cnn["rate"] if tests["above_cnn"] is not None and cnn else 0.0)
+        every = all(x > bar for x in seeds) if len(seeds) > 1 else None
+        out[name] = {"verdict": word, "copies_of_consistent": copies, **tests, "every_seed_above": every}
     return out
+
+
+def _verdict(v: dict) -> str:
+    """A verdict as the report writes it: "creative" not carried by every seed says so."""
+    return v["verdict"] + (" (not in every seed)" if v["verdict"] == "creative" and v.get("every_seed_above") is False
+                           else "")
 
 
 def report(g: Grid, out: str | Path, *, run_seconds: float | None = None) -> dict:
@@ -243,6 +255,12 @@ def _short(d: dict) -> str:
     return "n/a" if not d["n"] else f"{100 * d['rate']:.1f}% ({d['k']}/{d['n']})"
 
 
+def _recoloured(doc: dict) -> str:
+    """How far one recoloured cell is, in this report's palette: "2.83" or "2.00 to 3.46"."""
+    lo, hi = recolour_distances(KVConfig.from_dict(doc["data_config"]))
+    return f"{lo:.2f}" if hi - lo < 5e-3 else f"{lo:.2f} to {hi:.2f}"
+
+
 def markdown(doc: dict) -> str:
     """``creativity.md``: the consistent-and-new table with verdicts, then distances and ELS agreement."""
     c, v = doc["config"], doc["versions"] or {}
@@ -268,7 +286,8 @@ def markdown(doc: dict) -> str:
              f"*memorises* when copies are >= {100 * MEMORISES:.0f}% of consistent samples and the interval of new "
              "among consistent lies below the rule-novel share; *creative* when the interval of consistent-and-new "
              "lies above the larger of the uniform and own-mosaic chances and, for an attention network, above the "
-             "CNN's interval.", "",
+             "CNN's interval. The intervals count samples; *(not in every seed)* follows a verdict whose bars "
+             "(the chances and the CNN's rate) some seed's own rate does not clear.", "",
              "| training images | consistent contents covered | rule novel | uniform chance | mosaic chance | model | "
              "valid | consistent among valid | copies among valid | consistent and new among valid | own-mosaic "
              "chance | verdict |", "|---" * 12 + "|"]
@@ -280,10 +299,10 @@ def markdown(doc: dict) -> str:
                          f"{_pct(cov['rule_novel'])} | {_pct(cell['chance'])} | {_pct(cell['mosaic_chance'])} | {m['label']} | "
                          f"{_short(r['valid'])} | {fmt(r['consistent_among_valid'])} | {fmt(r['copy_among_valid'])} | "
                          f"{fmt(r['novel_among_valid'])} | {_pct(m['own_mosaic_chance'])} | "
-                         f"{cell['verdicts'][name]['verdict']} |")
+                         f"{_verdict(cell['verdicts'][name])} |")
     lines += ["", "## Distance to the training set and agreement with the ELS machine", "",
               "Nearest training image by pixel L2 distance (float64, values in [-1, 1]; one recoloured cell is "
-              "about 2.8 away): median [quartiles] over new samples and over copies, all seeds. Agreement with "
+              f"{_recoloured(doc)} away): median [quartiles] over new samples and over copies, all seeds. Agreement with "
               "the ELS machine from the same initial noise (seed 0): Pearson r over the cells' pixels (median), "
               "cells with the same decoded colour (and the agreement expected from the two colour frequencies "
               "alone), and pairs whose key and value both agree, split by whether the sample's pair is *alone* "
