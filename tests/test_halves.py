@@ -1,5 +1,6 @@
 """The halves study (reproduce --study halves): networks trained on disjoint halves of n training images,
 sampled from the same noise; disjointness, the pair measures against float64 references, resumption."""
+import itertools
 import json
 import os
 
@@ -16,7 +17,7 @@ from fastscore.novelty import n_consistent_contents
 from fastscore.sampling import sample
 from fastscore.schedule import make_schedule
 from fastscore.study import halves
-from fastscore.theory import IdealScore
+from fastscore.theory import IdealScore, correlation_summary
 
 CFG4 = KVConfig(palette=palette_of_size(4))
 CFG2 = KVConfig(palette=palette_of_size(2))
@@ -103,6 +104,51 @@ def test_compare_counts_and_r_equal_a_float64_reference_on_fresh_random_pairs():
     assert got["r_summary"]["median"] == pytest.approx(float(np.median(r)), abs=1e-12)
 
 
+def test_shuffled_pairs_a_sample_i_with_b_sample_i_plus_one_mod_n_against_a_float64_reference():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    print("seed", g.initial_seed())
+    n = 100
+    keys, values = torch.randint(0, 4, (n, 4), generator=g), torch.randint(0, 4, (n, 4), generator=g)
+    a = render(CFG4, keys, values)
+    nxt = [(i + 1) % n for i in range(n)]
+    b = render(CFG4, keys, values)
+    swap = torch.rand(n, generator=g) < 0.5
+    b[swap] = render(CFG4, torch.randint(0, 4, (n, 4), generator=g), torch.randint(0, 4, (n, 4), generator=g))[swap]
+    b = b[[(i - 1) % n for i in range(n)]]          # b[i + 1] holds a[i]'s content where not swapped
+    b += 0.1 * torch.randn(b.shape, generator=g)
+    got = halves.shuffled(CFG4, a, b)
+    same, both, r = _reference(CFG4, a, b[nxt])
+    assert 0 < same < both <= n
+    assert (got["same_content"]["k"], got["same_content"]["n"]) == (same, n)
+    assert (got["same_content_among_valid"]["k"], got["same_content_among_valid"]["n"]) == (same, both)
+    np.testing.assert_allclose(np.array(got["r"]), r, rtol=0, atol=1e-12)
+    assert halves.compare(CFG4, a, b)["same_content"]["k"] < same     # not the paired measure
+
+
+def _mass_brute_force(cfg: KVConfig, train) -> float:
+    """P(a draw of the data distribution is a content of ``train``), float64, over every (keys, function)
+    draw of ``fastscore.data.generate`` (uniform keys, one uniform function)."""
+    P, n = cfg.n_colours, cfg.n_pairs
+    mine = {tuple(k) + tuple(v) for k, v in zip(train.keys.tolist(), train.values.tolist())}
+    p = 1.0 / P ** (n + P)
+    total = 0.0
+    for keys in itertools.product(range(P), repeat=n):
+        for f in itertools.product(range(P), repeat=P):
+            total += p * (keys + tuple(f[k] for k in keys) in mine)
+    return total
+
+
+@pytest.mark.parametrize("cfg, n", [(CFG2, 30), (CFG2, 7), (CFG4, 16), (CFG4, 8000)])
+def test_rule_copy_rate_equals_a_brute_force_float64_sum_over_every_draw_of_the_data_distribution(cfg, n):
+    a, b = halves.split(cfg, n, 2)
+    ra, rb = halves.rule_copy_rate(cfg, a), halves.rule_copy_rate(cfg, b)
+    assert float(ra) == pytest.approx(_mass_brute_force(cfg, a), rel=1e-12, abs=0)
+    assert float(rb) == pytest.approx(_mass_brute_force(cfg, b), rel=1e-12, abs=0)
+    if 2 * n == n_consistent_contents(cfg.n_pairs, cfg.n_colours):
+        assert ra + rb == 1                                 # the two halves hold every content
+    assert 0 < ra < 1 and 0 < rb < 1
+
+
 def _ideal(images: torch.Tensor) -> IdealScore:
     return IdealScore(images, make_schedule("linear", 1000))
 
@@ -148,9 +194,20 @@ def test_tiny_run_writes_one_row_per_size_and_kind_with_numbers_recomputed_from_
     assert [c["n_train"] for c in doc["cells"]] == list(halves.SIZES["tiny"])
     assert doc["config"]["n_colours"] == 4
     md = (tiny / "halves.md").read_text()
+    assert ("| same content | same content, shuffled | same content, both valid | median r [quartiles] | "
+            "median r, shuffled [quartiles] | copy rate A | copy rate B | rule copy rate A, B |") in md
+    assert "| same content | same content, shuffled | median r | median r, shuffled |" in md
     for cell in doc["cells"]:
         n = cell["n_train"]
         a, b = halves.split(CFG4, n, 0)
+        rule = {"a": halves.rule_copy_rate(CFG4, a), "b": halves.rule_copy_rate(CFG4, b)}
+        assert cell["rule_copy"]["a_exact"] == f"{rule['a'].numerator}/{rule['a'].denominator}"
+        assert cell["rule_copy"]["b"] == float(rule["b"])
+        assert cell["rule_copy"]["mean"] == pytest.approx(float(rule["a"] + rule["b"]) / 2, abs=1e-15)
+        assert f"| {100 * float(rule['a']):.2f}%, {100 * float(rule['b']):.2f}% |" in md
+        # the rows are those of the code before the controls: the report computes them
+        row = json.loads((tiny / "cells" / f"n_train={n}" / "rows" / "none-seed0.json").read_text())
+        assert "shuffled" not in row and "rule_copy" not in row
         for net in ("none", "softmax"):
             assert f"| {n} | {cell['networks'][net]['label']} | 1 |" in md
             root = tiny / "cells" / f"n_train={n}" / "samples"
@@ -158,6 +215,13 @@ def test_tiny_run_writes_one_row_per_size_and_kind_with_numbers_recomputed_from_
             xb = load_tensors(root / f"{net}-b-seed0.safetensors", "halves-samples")[0]["samples"]
             m = cell["networks"][net]
             assert m["same_content"] == halves.compare(CFG4, xa, xb)["same_content"]
+            rolled = halves.compare(CFG4, xa, xb[[(i + 1) % xb.shape[0] for i in range(xb.shape[0])]])
+            assert m["shuffled"]["same_content"] == rolled["same_content"]
+            for k in ("k", "n"):
+                assert m["shuffled"]["same_content_among_valid"][k] == rolled["same_content_among_valid"][k]
+            assert m["shuffled"]["r"] == correlation_summary(torch.tensor(rolled["r"], dtype=torch.float64))
+            assert m["shuffled"]["r"]["median"] != pytest.approx(m["r"]["median"], abs=1e-3)
+            assert m["per_seed"][0]["shuffled_r_median"] == m["shuffled"]["r"]["median"]
             assert m["copy_a"]["k"] == int(halves.copies(CFG4, xa, a).sum())
             assert m["copy_b"]["k"] == int(halves.copies(CFG4, xb, b).sum())
             assert m["copy_of_other"]["k"] == int(halves.copies(CFG4, xa, b).sum() + halves.copies(CFG4, xb, a).sum())

@@ -31,6 +31,12 @@ copy every sample: the halves share no content); a pair that generalised draws t
 the same noise. The curve of same content and copy rate against ``n`` shows where each kind stops
 memorising.
 
+Two references, computed by ``report`` (from the halves and the saved samples, so a cell finished
+before they existed gets them too): the *rule copy rate* of a half (``rule_copy_rate``), the copy rate
+of a network that learned the rule and samples the data distribution, i.e. the half's mass under the
+data distribution; and the *shuffled* pairing (``shuffled``), A's sample i against B's sample
+(i + 1) mod N (other noise), the same content and r of unrelated samples of the two networks.
+
 ``run`` is a sweep (``fastscore.study.sweep.run`` with this module's ``run_cell``): a cell per ``n`` in
 ``out/cells/n_train=<n>/`` (``study.json``, the cell's ``StudyConfig``; ``checkpoints/<net>-<half>-seed<s>``,
 ``samples/<net>-<half>-seed<s>`` (kind ``halves-samples``), ``rows/<net>-seed<s>.json`` one finished pair
@@ -46,6 +52,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +60,11 @@ import torch
 
 from .. import _validate
 from .._validate import UsageError
-from ..checkpoint import atomic_write, atomic_write_text, save_tensors
+from ..checkpoint import atomic_write, atomic_write_text, load_tensors, save_tensors
 from ..data import KVBatch, KVConfig, decode, generate, render
 from ..metrics import Rate, analytic_random_consistency, content_codes, score
 from ..models import build_model
-from ..novelty import n_consistent_contents, training_codes
+from ..novelty import coverage, n_consistent_contents, training_codes
 from ..sampling import sample
 from ..theory import correlation_summary, sample_correlation
 from ..training import train
@@ -148,6 +155,19 @@ def compare(config: KVConfig, a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"same_content": Rate(int(same.sum()), int(same.numel())).to_dict(),
             "same_content_among_valid": Rate(int(same.sum()), int(both.sum())).to_dict(),
             "r": r.tolist(), "r_summary": correlation_summary(r)}
+
+
+def shuffled(config: KVConfig, a: torch.Tensor, b: torch.Tensor) -> dict:
+    """The shuffled-pairing control: ``compare(config, a, b.roll(-1, 0))``, A's sample i against B's sample
+    (i + 1) mod N, drawn from other noise."""
+    return compare(config, a, b.roll(-1, 0))
+
+
+def rule_copy_rate(config: KVConfig, train_set: KVBatch) -> Fraction:
+    """Exact probability that a draw of the data distribution is one of ``train_set``'s contents (1 -
+    ``novelty.coverage``'s ``rule_novel``): the copy rate of a network that learned the rule and samples the
+    data distribution."""
+    return 1 - Fraction(coverage(config, train_set)["rule_novel_exact"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +321,16 @@ def _pool(rates: list[dict]) -> dict:
     return Rate(sum(r["k"] for r in rates), sum(r["n"] for r in rates)).to_dict()
 
 
+def _shuffled_row(sd: StudyDir, cfg: KVConfig, net: str, seed: int) -> dict:
+    """``shuffled`` on the saved samples of the pair ``net``, ``seed``."""
+    a, b = (load_tensors(sd.path / _samples_rel(net, h, seed), "halves-samples")[0]["samples"] for h in HALVES)
+    return shuffled(cfg, a, b)
+
+
 def report(g: Grid, out: str | Path, *, run_seconds: float | None = None) -> dict:
     """Pool every finished cell of ``g`` under ``out`` over seeds and write ``halves.json``, ``halves.md``
-    and ``halves.png`` (with matplotlib); returns the document."""
+    and ``halves.png`` (with matplotlib); returns the document. The rule copy rates (per cell) and the
+    shuffled control (per network) are computed here, from the cell's halves and saved samples."""
     out = Path(out)
     cells, wall, vers = [], 0.0, None
     for c in g.cells():
@@ -315,22 +342,36 @@ def report(g: Grid, out: str | Path, *, run_seconds: float | None = None) -> dic
         wall += res.get("wall_seconds", 0.0)
         vers = vers or res.get("versions")
         sd = StudyDir(path.parent)
+        cfg = config.data_config()
+        rule = dict(zip(HALVES, (rule_copy_rate(cfg, h) for h in split(cfg, config.n_train, config.data_seed))))
         nets = {}
         for net in config.networks:
             rows = [json.loads(sd.row_path(net, s).read_text()) for s in range(config.n_seeds)]
+            shuf = [_shuffled_row(sd, cfg, net, row["seed"]) for row in rows]
             r = torch.tensor([v for row in rows for v in row["r"]], dtype=torch.float64)
+            r_shuf = torch.tensor([v for sh in shuf for v in sh["r"]], dtype=torch.float64)
             h = {k: _pool([row["halves"][x][k] for row in rows for x in HALVES])
                  for k in ("copy", "copy_of_other")}
             nets[net] = {"label": LABELS[net], "seeds": [row["seed"] for row in rows],
                          "same_content": _pool([row["same_content"] for row in rows]),
                          "same_content_among_valid": _pool([row["same_content_among_valid"] for row in rows]),
                          "r": correlation_summary(r),
+                         "shuffled": {"same_content": _pool([sh["same_content"] for sh in shuf]),
+                                      "same_content_among_valid": _pool([sh["same_content_among_valid"]
+                                                                         for sh in shuf]),
+                                      "r": correlation_summary(r_shuf)},
                          **{f"copy_{x}": _pool([row["halves"][x]["copy"] for row in rows]) for x in HALVES}, **h,
                          "valid": _pool([row["halves"][x]["rates"]["valid"] for row in rows for x in HALVES]),
                          "per_seed": [{"seed": row["seed"], "same_content": row["same_content"],
                                        "r_median": row["r_summary"]["median"],
-                                       **{f"copy_{x}": row["halves"][x]["copy"] for x in HALVES}} for row in rows]}
+                                       "shuffled_same_content": sh["same_content"],
+                                       "shuffled_r_median": sh["r_summary"]["median"],
+                                       **{f"copy_{x}": row["halves"][x]["copy"] for x in HALVES}}
+                                      for row, sh in zip(rows, shuf)]}
         cells.append({"cell": c.name, "n_train": config.n_train, "wall_seconds": res.get("wall_seconds", 0.0),
+                      "rule_copy": {**{x: float(rule[x]) for x in HALVES},
+                                    "mean": float((rule["a"] + rule["b"]) / 2),
+                                    **{f"{x}_exact": f"{rule[x].numerator}/{rule[x].denominator}" for x in HALVES}},
                       "networks": nets})
     first = cell_config(g, g.cells()[0])
     doc: dict[str, Any] = {"grid": g.to_dict(), "config": first.to_dict() | {"n_train": [c["n_train"] for c in cells]},
@@ -346,8 +387,13 @@ def _r(s: dict) -> str:
     return "n/a" if not s["n"] else f"{s['median']:.3f} [{s['q25']:.3f}, {s['q75']:.3f}]"
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
 def markdown(doc: dict) -> str:
-    """``halves.md``: per number of training images and network, same content, r and copy rates."""
+    """``halves.md``: per number of training images and network, same content and r (paired and shuffled),
+    copy rates and the rule copy rates."""
     c, v = doc["config"], doc["versions"] or {}
     lines = [f"# fastscore halves study: {c['n_pairs']} pairs, {c['n_colours']} colours, "
              f"{c['image_size']}x{c['image_size']}", "",
@@ -359,30 +405,40 @@ def markdown(doc: dict) -> str:
              f"{doc['study_wall_seconds']:.0f} s (sum over cells and invocations).", "",
              "Same content: both samples valid and decoded to the same content, of all pairs [95% Wilson interval] "
              "(and of the pairs both valid). r: per-pair Pearson r of the mean-centred pixels, median "
-             "[quartiles]. Copy rate: samples whose content is a training image of the network's own half, "
-             "of all samples; copies of the other half: of the other half's (both networks pooled).", "",
-             "| n per half | network | seeds | same content | same content, both valid | median r [quartiles] | "
-             "copy rate A | copy rate B | copies of the other half | valid |", "|---" * 10 + "|"]
+             "[quartiles]. Shuffled: the same measures with A's sample i paired with B's sample (i + 1) mod N "
+             "(other noise), what unrelated samples of the two networks give (the shared grey background and "
+             "the shared initial weights raise r without a shared function). Copy rate: samples whose content "
+             "is a training image of the network's own half, of all samples; copies of the other half: of the "
+             "other half's (both networks pooled). Rule copy rate A, B: each half's probability mass under the "
+             "data distribution, the copy rate of a network that learned the rule and samples the data "
+             "distribution (every sample valid).", "",
+             "| n per half | network | seeds | same content | same content, shuffled | same content, both valid | "
+             "median r [quartiles] | median r, shuffled [quartiles] | copy rate A | copy rate B | "
+             "rule copy rate A, B | copies of the other half | valid |", "|---" * 13 + "|"]
     for cell in doc["cells"]:
+        rule = cell["rule_copy"]
         for m in cell["networks"].values():
+            sh = m["shuffled"]
             lines.append(f"| {cell['n_train']} | {m['label']} | {len(m['seeds'])} | {fmt(m['same_content'])} | "
-                         f"{fmt(m['same_content_among_valid'])} | {_r(m['r'])} | {fmt(m['copy_a'])} | "
-                         f"{fmt(m['copy_b'])} | {fmt(m['copy_of_other'])} | {fmt(m['valid'])} |")
-    lines += ["", "Per seed:", "", "| n per half | network | seed | same content | median r | copy rate A | "
-              "copy rate B |", "|---" * 7 + "|"]
+                         f"{fmt(sh['same_content'])} | {fmt(m['same_content_among_valid'])} | {_r(m['r'])} | "
+                         f"{_r(sh['r'])} | {fmt(m['copy_a'])} | {fmt(m['copy_b'])} | "
+                         f"{_pct(rule['a'])}, {_pct(rule['b'])} | {fmt(m['copy_of_other'])} | {fmt(m['valid'])} |")
+    lines += ["", "Per seed:", "", "| n per half | network | seed | same content | same content, shuffled | "
+              "median r | median r, shuffled | copy rate A | copy rate B |", "|---" * 9 + "|"]
     for cell in doc["cells"]:
         for m in cell["networks"].values():
             for s in m["per_seed"]:
                 lines.append(f"| {cell['n_train']} | {m['label']} | {s['seed']} | {fmt(s['same_content'])} | "
-                             f"{s['r_median']:.3f} | {fmt(s['copy_a'])} | {fmt(s['copy_b'])} |")
+                             f"{fmt(s['shuffled_same_content'])} | {s['r_median']:.3f} | "
+                             f"{s['shuffled_r_median']:.3f} | {fmt(s['copy_a'])} | {fmt(s['copy_b'])} |")
     if doc.get("figure"):
         lines += ["", f"![same content and copy rate]({doc['figure']})"]
     return "\n".join(lines) + "\n"
 
 
 def _figure(path: Path, doc: dict) -> str | None:
-    """Same content (solid, 95% intervals) and copy rate (dashed, both halves) against n, per network kind;
-    None without matplotlib."""
+    """Same content (solid, 95% intervals) and copy rate (dashed, both halves) against n, per network kind,
+    and the rule copy rate (dotted, mean of the halves); None without matplotlib."""
     from .figures import pyplot
     plt = pyplot()
     if plt is None:
@@ -399,6 +455,8 @@ def _figure(path: Path, doc: dict) -> str | None:
         ax.errorbar(xs, ys, yerr=err, color=colour, marker="o", capsize=3, label=f"{LABELS[net]}: same content")
         copy = [100 * _pool([m["copy_a"], m["copy_b"]])["rate"] for _, m in pts]
         ax.plot(xs, copy, color=colour, marker="s", linestyle="--", label=f"{LABELS[net]}: copy rate")
+    ax.plot([cell["n_train"] for cell in doc["cells"]], [100 * cell["rule_copy"]["mean"] for cell in doc["cells"]],
+            color="0.4", linestyle=":", label="rule copy rate")
     ax.set_xscale("log")
     ax.set_xlabel("training images per half (n)")
     ax.set_ylabel("% of sample pairs / samples")
@@ -413,4 +471,4 @@ def _figure(path: Path, doc: dict) -> str | None:
 
 
 __all__ = ["CHUNK", "DEFAULTS", "HALVES", "SIZES", "compare", "copies", "distinct_contents", "grid", "markdown",
-           "report", "run", "run_cell", "run_row", "split"]
+           "report", "rule_copy_rate", "run", "run_cell", "run_row", "shuffled", "split"]
