@@ -338,3 +338,16 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs_and_one_of_t
     monkeypatch.setattr(rows, "train", no_training)
     doc = reproduce(cfg, tmp_path / "c", progress=False)
     assert doc["rows"][0]["network"] == "none"
+
+
+def test_results_put_each_network_beside_the_papers_number(tmp_path):
+    from fastscore.study import PAPER
+    from fastscore.study.report import fmt
+    cfg = StudyConfig.preset("tiny", networks=("none",), n_samples=8, probe_n=8, n_random=50, train_steps=2,
+                             analytic=("ideal",))
+    doc = reproduce(cfg, tmp_path, progress=False)
+    md = (tmp_path / "results.md").read_text()
+    section = md.split("## Beside the paper")[1].split("\n## ")[0]
+    r = doc["summary"]["networks"]["none"]["rates"]
+    assert f"| CNN | {fmt(r['consistent'])} | {PAPER['none']:.2f}% | {fmt(r['consistent_among_valid'])} |" in section
+    assert f"| {PAPER['random']:.2f}% |" in section and "ideal" not in section.lower()

@@ -5,7 +5,7 @@ import math
 
 from ..data import decode
 from ..metrics import Rate, shuffled_consistency
-from .config import ANALYTIC, LABELS, RATE_KEYS, StudyConfig
+from .config import ANALYTIC, LABELS, PAPER, RATE_KEYS, StudyConfig
 from .files import StudyDir, row_name
 
 
@@ -102,6 +102,17 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
                 cells = [r[k]["per_seed"][i] for k in ("valid", "consistent", "consistent_among_valid", "novel")]
                 lines.append(f"| {s['label']} | {seed} | "
                              + " | ".join("n/a" if c is None else f"{100 * c:.2f}%" for c in cells) + " |")
+    ours = [net for net in summary["networks"] if net in PAPER]
+    if ours:
+        lines += ["", "## Beside the paper", "",
+                  "Finn et al. (2025) report the share of all samples that are consistent (their headline column); "
+                  "their random baseline is not uniformly random pairs, so that row compares only in order.", "",
+                  "| model | consistent, here | consistent, paper | consistent among valid, here |", "|---|---|---|---|",
+                  f"| random | {100 * an:.2f}% (uniform pairs) | {PAPER['random']:.2f}% | {100 * an:.2f}% |"]
+        for net in ours:
+            r = summary["networks"][net]["rates"]
+            lines.append(f"| {LABELS[net]} | {fmt(r['consistent'])} | {PAPER[net]:.2f}% | "
+                         f"{fmt(r['consistent_among_valid'])} |")
     verdict, own = summary.get("coordination") or {}, summary.get("own_marginal_chance") or {}
     if own:
         lines += ["", "## Consistency among valid samples against chance", "",
