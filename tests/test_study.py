@@ -265,6 +265,11 @@ def test_coordination_verdict_needs_intervals_clear_of_chance_and_the_cnn():
     assert v["softmax"] == {"above_chance": True, "above_cnn": True}
     assert v["top1"] == {"above_chance": True, "above_cnn": False}     # overlaps the CNN's interval
     assert v["identity"] == {"above_chance": False, "above_cnn": False}  # no valid samples
+    # the intervals count samples: each seed's own rate is checked against the same bars (chance, the CNN's rate)
+    for seeds, every in (([0.44, 0.46], True), ([0.60, 0.26], False), ([0.50, None], False)):
+        summary["networks"]["softmax"]["rates"]["consistent_among_valid"]["per_seed"] = seeds
+        assert coordination_verdict(summary)["softmax"] == {"above_chance": True, "above_cnn": True,
+                                                            "every_seed_above": every}
 
 
 @dataclasses.dataclass(frozen=True)
