@@ -439,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(r)
     r.add_argument("--sizes", default=None, metavar="N1,N2,...",
                    help="--study creativity or halves: the numbers of training images (halves: per half) to sweep, "
-                        "instead of the preset's (listed under --study)")
+                        "instead of the preset's (listed under --study); other sizes in an existing OUT are another "
+                        "grid: --force, which keeps the finished cells of sizes in both")
     r.add_argument("--pairs-sweep", default=None, metavar="K1,K2,...",
                    help="e.g. 2,4,6,8: fastscore sweep's grid over n_pairs (a cell per count in OUT/cells/, one "
                         "table sweep.md; a larger image where the pairs do not fit, coordinate channels for all "

@@ -325,21 +325,25 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs_and_one_of_t
                               (dataclasses.replace(cfg, n_train=cfg.n_train + 1), 0, "extra n_train")):
         with pytest.raises(UsageError, match=f"none-seed0.safetensors was not trained as .*{what}"):
             load_checked_model(ckpt, other, "none", seed)
-    # copied into a study that trains that row otherwise: refused before it is used, and left as it was
-    bad = dataclasses.replace(cfg, lr=cfg.lr / 2)
+    with pytest.raises(UsageError, match=r"extra half \(saved None, here 'a'\)"):   # a halves row's is another row
+        load_checked_model(ckpt, cfg, "none", 0, half="a")
+    # copied into a study that trains that row otherwise: refused before anything trains, and left as it was
+    bad = dataclasses.replace(cfg, lr=cfg.lr / 2, n_seeds=2)
     StudyDir(tmp_path / "b").prepare(bad, force=False)
     (tmp_path / "b" / "checkpoints").mkdir(exist_ok=True)
-    shutil.copy2(ckpt, tmp_path / "b" / "checkpoints" / ckpt.name)
-    with pytest.raises(UsageError, match="train lr"):
-        reproduce(bad, tmp_path / "b", progress=False)
-    assert (tmp_path / "b" / "checkpoints" / ckpt.name).read_bytes() == ckpt.read_bytes()
+    shutil.copy2(ckpt, tmp_path / "b" / "checkpoints" / "none-seed1.safetensors")    # seed 0 would train first
+
+    def no_training(*args, **kw):
+        raise AssertionError("trained before the checkpoints were checked")
+    with monkeypatch.context() as m:
+        m.setattr(rows, "train", no_training)
+        with pytest.raises(UsageError, match="none-seed1.safetensors was not trained as this study's row none seed 1"):
+            reproduce(bad, tmp_path / "b", progress=False, workers=1)
+    assert (tmp_path / "b" / "checkpoints" / "none-seed1.safetensors").read_bytes() == ckpt.read_bytes()
     # copied into a study of the same settings: loaded, not trained again
     StudyDir(tmp_path / "c").prepare(cfg, force=False)
     (tmp_path / "c" / "checkpoints").mkdir(exist_ok=True)
     shutil.copy2(ckpt, tmp_path / "c" / "checkpoints" / ckpt.name)
-
-    def no_training(*args, **kw):
-        raise AssertionError("a reusable checkpoint was trained again")
     monkeypatch.setattr(rows, "train", no_training)
     doc = reproduce(cfg, tmp_path / "c", progress=False)
     assert doc["rows"][0]["network"] == "none"
@@ -349,10 +353,13 @@ def test_results_put_each_network_beside_the_papers_number(tmp_path):
     from fastscore.study import PAPER
     from fastscore.study.report import fmt
     cfg = StudyConfig.preset("tiny", networks=("none",), n_samples=8, probe_n=8, n_random=50, train_steps=2,
-                             analytic=("ideal",))
-    doc = reproduce(cfg, tmp_path, progress=False)
-    md = (tmp_path / "results.md").read_text()
+                             analytic=("ideal",), n_colours=4)
+    doc = reproduce(cfg, tmp_path / "4", progress=False)
+    md = (tmp_path / "4" / "results.md").read_text()
     section = md.split("## Beside the paper")[1].split("\n## ")[0]
     r = doc["summary"]["networks"]["none"]["rates"]
     assert f"| CNN | {fmt(r['consistent'])} | {PAPER['none']:.2f}% | {fmt(r['consistent_among_valid'])} |" in section
     assert f"| {PAPER['random']:.2f}% |" in section and "ideal" not in section.lower()
+    # another setting than the paper's (2 colours): no side-by-side table
+    reproduce(dataclasses.replace(cfg, n_colours=2), tmp_path / "2", progress=False)
+    assert "Beside the paper" not in (tmp_path / "2" / "results.md").read_text()

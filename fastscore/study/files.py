@@ -214,20 +214,24 @@ def versions(device: torch.device) -> dict:
             "device": str(device), "device_name": name, "threads": torch.get_num_threads()}
 
 
-def load_checked_model(path: Path, config: StudyConfig, net: str, seed: int, *, backend: str = "auto",
-                       device: str | torch.device = "cpu", **extra: Any) -> tuple[torch.nn.Module, dict]:
-    """``(model, meta)`` of the checkpoint ``path`` of row ``(net, seed)``, after checking that it was trained
-    as ``config`` trains that row: model, training and data configs, training set (``n_train``, ``data_seed``)
-    and any ``extra`` entries given (e.g. ``half="a"``). A checkpoint of another run (copied in by hand, or
-    left by other settings) is a UsageError naming the file and what differs: it is never used silently."""
+def check_checkpoint(path: Path, config: StudyConfig, net: str, seed: int, half: str | None = None) -> None:
+    """Check that the checkpoint ``path`` was trained as ``config`` trains row ``(net, seed)`` (of half
+    ``half`` in the halves study): model, training and data configs, training set (``n_train``,
+    ``data_seed``), the half, and the initial-weights seed where the file records it (since this check
+    exists). A checkpoint of another run (copied in by hand, or left by other settings) is a UsageError
+    naming the file and what differs: it is never used silently. Reads the metadata only."""
     from ..data import KVConfig
+    from ..models import ModelConfig
     from ..training import TrainConfig
-    model, meta = load_model(path, backend=backend, device=device)
-    want = {"n_train": config.n_train, "data_seed": config.data_seed, **extra}
+    from .config import MODEL_SEED
+    meta = load_tensors(path, "model")[1]
+    want = {"n_train": config.n_train, "data_seed": config.data_seed, "half": half}
     saved_extra = meta.get("extra") or {}
+    if "init_seed" in saved_extra:
+        want["init_seed"] = MODEL_SEED + seed
     differ = [f"extra {k} (saved {saved_extra.get(k)!r}, here {v!r})" for k, v in want.items()
               if saved_extra.get(k) != v]
-    pairs = (("model", lambda: model.config, config.model_config(net)),
+    pairs = (("model", lambda: ModelConfig(**meta["model"]), config.model_config(net)),
              ("train", lambda: TrainConfig(**meta["train"]), config.train_config(seed)),
              ("data", lambda: KVConfig.from_dict(meta["data"]), config.data_config()))
     for name, saved_of, here in pairs:
@@ -239,8 +243,14 @@ def load_checked_model(path: Path, config: StudyConfig, net: str, seed: int, *, 
         fields = [f for f in here.__dataclass_fields__ if getattr(saved, f, None) != getattr(here, f)]
         differ += [f"{name} {f} (saved {getattr(saved, f, None)!r}, here {getattr(here, f)!r})" for f in fields]
     if differ:
-        raise UsageError(f"{path} was not trained as this study's row {net} seed {seed}: "
+        row = f"{net}{'' if half is None else '-' + half} seed {seed}"
+        raise UsageError(f"{path} was not trained as this study's row {row}: "
                          f"{'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}. Move it away (or choose "
                          "another --out); it is not used or overwritten")
-    return model, meta
 
+
+def load_checked_model(path: Path, config: StudyConfig, net: str, seed: int, *, backend: str = "auto",
+                       device: str | torch.device = "cpu", half: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """``(model, meta)`` of the checkpoint ``path`` of row ``(net, seed)`` after ``check_checkpoint``."""
+    check_checkpoint(path, config, net, seed, half)
+    return load_model(path, backend=backend, device=device)

@@ -69,7 +69,7 @@ from ..sampling import sample
 from ..theory import correlation_summary, sample_correlation
 from ..training import train
 from .config import LABELS, MODEL_SEED, SAMPLE_SEED, StudyConfig
-from .files import StudyDir, load_checked_model, row_name, versions
+from .files import StudyDir, check_checkpoint, load_checked_model, row_name, versions
 from .grid import Grid
 from .report import fmt
 from .rows import SAVE_EVERY
@@ -190,8 +190,8 @@ def _network(sd: StudyDir, config: StudyConfig, net: str, half: str, seed: int, 
     partial = sd.partial(row_name(f"{net}-{half}", seed))     # resumes mid-training (rows.SAVE_EVERY)
     res = train(model, images, config.train_config(seed), device=device, progress=False, resume=partial,
                 save_every=SAVE_EVERY)
-    extra = {"half": half, "n_train": config.n_train, "data_seed": config.data_seed, "losses": res.losses[::10],
-             "seconds": res.seconds}
+    extra = {"half": half, "n_train": config.n_train, "data_seed": config.data_seed, "init_seed": MODEL_SEED + seed,
+             "losses": res.losses[::10], "seconds": res.seconds}
     sd.save_model(str(ckpt.relative_to(sd.path)), res.model, data_config=config.data_config(),
                   train_config=config.train_config(seed), extra=extra)
     partial.unlink(missing_ok=True)
@@ -230,6 +230,17 @@ def run_row(sd: StudyDir, config: StudyConfig, net: str, seed: int, halves: tupl
     return row
 
 
+def _check_checkpoints(sd: StudyDir, config: StudyConfig) -> None:
+    """Every network checkpoint already in the cell, checked against its row before any training
+    (``files.check_checkpoint``): a wrong one is found at the start, not hours in."""
+    for net in config.networks:
+        for half in HALVES:
+            for s in range(config.n_seeds):
+                ckpt = sd.checkpoint(f"{net}-{half}", s)
+                if ckpt.exists():
+                    check_checkpoint(ckpt, config, net, s, half)
+
+
 def run_cell(config: StudyConfig, out: str | Path, *, device: str | torch.device = "cpu", backend: str = "auto",
              force: bool = False, progress: bool = False, workers: int | None = None,
              group_seeds: bool | None = None) -> dict:
@@ -242,6 +253,7 @@ def run_cell(config: StudyConfig, out: str | Path, *, device: str | torch.device
     sd.prepare(config, force)
     start = time.perf_counter()
     jobs = [(net, s) for net in config.networks for s in range(config.n_seeds)]
+    _check_checkpoints(sd, config)
     done = sd.finished_rows(jobs)
     resumed = len(done)
     try:
@@ -406,8 +418,9 @@ def markdown(doc: dict) -> str:
              "Same content: both samples valid and decoded to the same content, of all pairs [95% Wilson interval] "
              "(and of the pairs both valid). r: per-pair Pearson r of the mean-centred pixels, median "
              "[quartiles]. Shuffled: the same measures with A's sample i paired with B's sample (i + 1) mod N "
-             "(other noise), what unrelated samples of the two networks give (the shared grey background and "
-             "the shared initial weights raise r without a shared function). Copy rate: samples whose content "
+             "(other noise), what unrelated samples of the two networks give (the shared grey background raises "
+             "it above 0). The paired r is also raised by the shared initial weights and noise, so read it "
+             "against the shuffled r and the copy rates, not alone. Copy rate: samples whose content "
              "is a training image of the network's own half, of all samples; copies of the other half: of the "
              "other half's (both networks pooled). Rule copy rate A, B: each half's probability mass under the "
              "data distribution, the copy rate of a network that learned the rule and samples the data "

@@ -103,10 +103,11 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
                 lines.append(f"| {s['label']} | {seed} | "
                              + " | ".join("n/a" if c is None else f"{100 * c:.2f}%" for c in cells) + " |")
     ours = [net for net in summary["networks"] if net in PAPER]
-    if ours:
+    if ours and (config.n_pairs, config.n_colours) == (4, 4):      # the paper's setting only
         lines += ["", "## Beside the paper", "",
-                  "Finn et al. (2025) report the share of all samples that are consistent (their headline column); "
-                  "their random baseline is not uniformly random pairs, so that row compares only in order.", "",
+                  "Finn et al. (2025) report the share of all samples that are consistent (their headline column). "
+                  "Their random baseline is not uniformly random pairs (25.51% consistent here), so that row is "
+                  "not comparable.", "",
                   "| model | consistent, here | consistent, paper | consistent among valid, here |", "|---|---|---|---|",
                   f"| random | {100 * an:.2f}% (uniform pairs) | {PAPER['random']:.2f}% | {100 * an:.2f}% |"]
         for net in ours:
@@ -120,7 +121,8 @@ def results_markdown(config: StudyConfig, summary: dict, versions: dict, wall: f
                   "of the same seed (200 shuffles), which keeps every colour marginal and breaks the link between "
                   "pairs. Coordination: the 95% interval lies above the analytic chance, above the CNN's interval, "
                   "and above the own-marginal chance. The intervals count samples; *(not in every seed)* follows a "
-                  "yes whose bars some seed's own rate does not clear.", "",
+                  "yes where some seed's own rate is not above the analytic chance, the CNN's pooled rate and the "
+                  "own-marginal chance.", "",
                   "| model | consistent among valid | analytic chance | own-marginal chance | coordination |",
                   "|---|---|---|---|---|"]
         for net, s in summary["networks"].items():
@@ -181,7 +183,9 @@ def own_marginal_chance(out: StudyDir, config: StudyConfig) -> dict:
 def coordination_verdict(summary: dict) -> dict:
     """Per attention network: is its consistency among valid samples above chance and above the CNN's,
     with non-overlapping 95% intervals (the study's criterion for coordination)? With
-    ``summary["own_marginal_chance"]``, also: is it above the chance its own colour marginals give?"""
+    ``summary["own_marginal_chance"]``, also: is it above the chance its own colour marginals give? With
+    several seeds, ``every_seed_above``: is each seed's own rate above chance, the CNN's pooled rate and
+    the own-marginal chance (the intervals count samples, not seeds)?"""
     nets, chance = summary["networks"], summary["baseline"]["analytic_consistent"]
     own = summary.get("own_marginal_chance") or {}
     cnn = nets.get("none", {}).get("rates", {}).get("consistent_among_valid")
@@ -196,7 +200,7 @@ def coordination_verdict(summary: dict) -> dict:
         # the intervals count samples, not seeds: does each seed's own rate clear the same bars?
         seeds = r.get("per_seed") or []                     # None: a seed without valid samples
         if len(seeds) > 1:
-            bar = max(chance, cnn["rate"] if cnn is not None and cnn["n"] else 0.0,
-                      own[net]["mean"] if net in own else 0.0)
+            marg = own[net]["mean"] if net in own else 0.0
+            bar = max(chance, cnn["rate"] if cnn is not None and cnn["n"] else 0.0, 0.0 if marg != marg else marg)
             out[net]["every_seed_above"] = all(x is not None and x > bar for x in seeds)
     return out

@@ -138,7 +138,8 @@ def _save_trained(ctx: RunContext, net: str, seed: int, res: TrainResult) -> Bui
     losses = res.losses[::10]
     ctx.out.save_model(str(ctx.out.checkpoint(net, seed).relative_to(ctx.out.path)), res.model,
                        data_config=c.data_config(), train_config=c.train_config(seed),
-                       extra={"n_train": c.n_train, "data_seed": c.data_seed, "losses": losses, "seconds": res.seconds})
+                       extra={"n_train": c.n_train, "data_seed": c.data_seed, "init_seed": MODEL_SEED + seed,
+                              "losses": losses, "seconds": res.seconds})
     return Built(res.model, None, res.seconds, losses)
 
 

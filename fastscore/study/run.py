@@ -9,9 +9,9 @@ import torch
 from .. import _validate
 from ..metrics import analytic_random_consistency, random_images, score
 from ..ops import BACKENDS
-from .config import PAPER, RANDOM_IMAGES_SEED, StudyConfig
+from .config import ANALYTIC, PAPER, RANDOM_IMAGES_SEED, StudyConfig
 from .figures import study_figures
-from .files import StudyDir, versions
+from .files import StudyDir, check_checkpoint, versions
 from .parallel import balance, default_workers, run_parallel, unit_label
 from .report import coordination_verdict, correlations, own_marginal_chance, results_markdown, summarise
 from .rows import RunContext, progress_weights, run_unit, units
@@ -52,6 +52,9 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
     sd.prepare(config, force)
     start = time.perf_counter()
     jobs = config.jobs()
+    for net, seed in jobs:                  # a checkpoint of another run is refused now, not hours in
+        if net not in ANALYTIC and sd.checkpoint(net, seed).exists():
+            check_checkpoint(sd.checkpoint(net, seed), config, net, seed)
     done = sd.finished_rows(jobs)
     resumed = len(done)
     bar = None
