@@ -260,3 +260,27 @@ def test_another_config_is_refused_without_force_and_force_keeps_the_users_files
     assert json.loads((out / "cells" / "n_train=4" / "study.json").read_text())["train_steps"] == 21
     assert doc is not None and doc["config"]["train_steps"] == 21
     assert os.path.exists(out / "halves.md")
+
+
+def test_a_checkpoint_of_another_half_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    import shutil
+    out = tmp_path / "run"
+    g = halves.grid("tiny", sizes=(4,), networks=("none",), n_seeds=2)
+    halves.run(g, out, progress=False)
+    cell = out / "cells" / "n_train=4"
+    (cell / "rows" / "none-seed1.json").unlink()                 # seed 1 unfinished: its networks load or train
+    (cell / "results.json").unlink()                              # and so the cell
+    (cell / "checkpoints" / "none-a-seed1.safetensors").unlink()  # A would train first
+    b = cell / "checkpoints" / "none-b-seed1.safetensors"
+    shutil.copy2(cell / "checkpoints" / "none-a-seed0.safetensors", b)   # another half's (and seed's) network
+
+    def no_training(*args, **kw):
+        raise AssertionError("trained before the checkpoints were checked")
+    monkeypatch.setattr(halves, "train", no_training)
+    with pytest.raises(UsageError, match=r"none-b-seed1.safetensors was not trained as this study's row none-b "
+                                         r"seed 1: extra half \(saved 'a', here 'b'\)"):
+        halves.run(g, out, progress=False)
+    monkeypatch.undo()
+    b.unlink()                                                    # moved away, as the message says: it resumes
+    doc = halves.run(g, out, progress=False)
+    assert doc is not None and [c["n_train"] for c in doc["cells"]] == [4]

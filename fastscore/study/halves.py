@@ -230,15 +230,14 @@ def run_row(sd: StudyDir, config: StudyConfig, net: str, seed: int, halves: tupl
     return row
 
 
-def _check_checkpoints(sd: StudyDir, config: StudyConfig) -> None:
-    """Every network checkpoint already in the cell, checked against its row before any training
-    (``files.check_checkpoint``): a wrong one is found at the start, not hours in."""
-    for net in config.networks:
+def _check_checkpoints(sd: StudyDir, config: StudyConfig, jobs: list[tuple[str, int]]) -> None:
+    """The checkpoints that rows ``jobs`` (``(net, seed)``, not finished) will load, checked against their
+    rows before any training (``files.check_checkpoint``): a wrong one is found at the start, not hours in."""
+    for net, s in jobs:
         for half in HALVES:
-            for s in range(config.n_seeds):
-                ckpt = sd.checkpoint(f"{net}-{half}", s)
-                if ckpt.exists():
-                    check_checkpoint(ckpt, config, net, s, half)
+            ckpt = sd.checkpoint(f"{net}-{half}", s)
+            if ckpt.exists():
+                check_checkpoint(ckpt, config, net, s, half)
 
 
 def run_cell(config: StudyConfig, out: str | Path, *, device: str | torch.device = "cpu", backend: str = "auto",
@@ -253,8 +252,8 @@ def run_cell(config: StudyConfig, out: str | Path, *, device: str | torch.device
     sd.prepare(config, force)
     start = time.perf_counter()
     jobs = [(net, s) for net in config.networks for s in range(config.n_seeds)]
-    _check_checkpoints(sd, config)
     done = sd.finished_rows(jobs)
+    _check_checkpoints(sd, config, [j for j in jobs if j not in done])
     resumed = len(done)
     try:
         halves = split(config.data_config(), config.n_train, config.data_seed)

@@ -52,10 +52,10 @@ def reproduce(config: StudyConfig, out: str | Path, *, device: str | torch.devic
     sd.prepare(config, force)
     start = time.perf_counter()
     jobs = config.jobs()
-    for net, seed in jobs:                  # a checkpoint of another run is refused now, not hours in
-        if net not in ANALYTIC and sd.checkpoint(net, seed).exists():
-            check_checkpoint(sd.checkpoint(net, seed), config, net, seed)
     done = sd.finished_rows(jobs)
+    for net, seed in jobs:                  # a checkpoint a row will load is checked now, not hours in
+        if net not in ANALYTIC and (net, seed) not in done and sd.checkpoint(net, seed).exists():
+            check_checkpoint(sd.checkpoint(net, seed), config, net, seed)
     resumed = len(done)
     bar = None
     try:
