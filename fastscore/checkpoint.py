@@ -82,6 +82,16 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 def load_tensors(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Load a file written by ``save_tensors``: ``(tensors, meta)``. ValueError on a corrupt or foreign file."""
+    return _read(path, kind, tensors=True)
+
+
+def read_meta(path: str | os.PathLike, kind: str | None = None) -> dict:
+    """The JSON document of a file written by ``save_tensors``, without reading its tensors (a header
+    read: milliseconds for any file size). The errors of ``load_tensors``."""
+    return _read(path, kind, tensors=False)[1]
+
+
+def _read(path: str | os.PathLike, kind: str | None, tensors: bool) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
@@ -89,7 +99,7 @@ def load_tensors(path: str | os.PathLike, kind: str | None = None) -> tuple[dict
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("fastscore")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has keys(), no __iter__)
+            out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (no __iter__)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     if raw is None:
@@ -104,7 +114,7 @@ def load_tensors(path: str | os.PathLike, kind: str | None = None) -> tuple[dict
         raise ValueError(f"{path} has format {meta.get('format')!r}; this fastscore reads format {FORMAT}")
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{path} holds a {meta.get('kind')!r}, expected a {kind!r}")
-    return tensors, meta
+    return out, meta
 
 
 def save_model(path: str | os.PathLike, model, *, data_config=None, train_config=None, extra: dict | None = None,

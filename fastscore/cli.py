@@ -1,4 +1,4 @@
-"""The ``fastscore`` command line: train, sample, score, probe, reproduce, sweep.
+"""The ``fastscore`` command line: train, sample, score, probe, reproduce, sweep, status.
 
 The study's options are generated from ``StudyConfig``'s fields (name, help and default declared
 once, ``fastscore.options``). Bad input (a ``UsageError`` from validation, checked before any work,
@@ -339,6 +339,13 @@ def _sweep(a, g) -> int:
     return 0
 
 
+def cmd_status(a) -> int:
+    from .study import status
+    doc = status.status(a.dir)
+    print(json.dumps(doc, indent=1) if a.json else status.text(doc))
+    return 0
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
     """How a study's rows are run: worker processes and grouped seeds."""
     p.add_argument("--workers", type=int, default=None,
@@ -468,6 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(w)
     _common(w)
     w.set_defaults(fn=cmd_sweep, flags=_flags(w))
+
+    st = sub.add_parser("status", help="where a study or sweep stands: rows finished, training (step, rate), to start",
+                        description="Where the study or sweep in DIR (reproduce's or sweep's --out) stands, read from "
+                        "its files while it runs or after it stopped: per row finished, trained (sampling and scoring "
+                        "left), training (the step of its saved state, and its rate so far) or to start; per sweep "
+                        "cell finished, started or to start. Reads only; writes nothing.")
+    st.add_argument("dir", help="a study or sweep directory (the --out of reproduce or sweep)")
+    st.add_argument("--json", action="store_true", help="the state as JSON")
+    st.set_defaults(fn=cmd_status, flags=_flags(st))
 
     return p
 

@@ -14,7 +14,7 @@ from fastscore.cli import main
 
 
 def test_help_of_every_command(capsys):
-    for cmd in ("train", "sample", "score", "probe", "reproduce"):
+    for cmd in ("train", "sample", "score", "probe", "reproduce", "sweep", "status"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0

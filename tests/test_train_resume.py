@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from fastscore.checkpoint import load_tensors, save_model
 from fastscore.models import ModelConfig, build_model
-from fastscore.study import StudyConfig, reproduce
+from fastscore.study import StudyConfig, reproduce, status
 from fastscore.study import rows as rows_mod
 from fastscore.study.files import MANIFEST
 from fastscore.study.run import Interrupted
@@ -220,6 +220,9 @@ def test_an_interrupted_study_row_resumes_to_the_checkpoint_of_one_run(tmp_path,
     assert load_tensors(partial, STATE_KIND)[1]["step"] == 5
     assert f"checkpoints/{name}.partial.safetensors" in (out / MANIFEST).read_text().split("\n")
     assert not (out / "checkpoints" / "none-seed0.safetensors").exists()
+    rows = status.status(out)["rows"]      # what fastscore status says of the stopped run
+    assert [(r["state"], r["partials"][0]["file"], r["partials"][0]["step"]) for r in rows] == \
+        [("training", name, 5)] * cfg.n_seeds
     monkeypatch.undo()
     seen: list[int] = []
     monkeypatch.setattr(rows_mod.RunContext, "on_train_step", lambda self: lambda s, loss: seen.append(s))
@@ -227,6 +230,8 @@ def test_an_interrupted_study_row_resumes_to_the_checkpoint_of_one_run(tmp_path,
     reproduce(cfg, out, **kw)
     assert seen == [5, 6, 7]   # continued from the partial state, not retrained
     assert not partial.exists()   # removed once the checkpoints are saved: never stale
+    after = status.status(out)
+    assert after["results"] and {r["state"] for r in after["rows"]} == {"finished"}
     for s in range(cfg.n_seeds):
         (a, ma), (b, mb) = (load_tensors(d / "checkpoints" / f"none-seed{s}.safetensors", "model")
                             for d in (tmp_path / "whole", out))

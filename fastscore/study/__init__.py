@@ -10,7 +10,7 @@ wrote: all that ``force`` may remove). Every file is written atomically.
 
 One module per job: ``config`` (``StudyConfig``), ``files`` (the directory, manifest, resumption),
 ``rows`` (``RunContext`` and one row), ``parallel`` (worker processes), ``report`` (pooled numbers,
-markdown), ``figures``, ``run`` (``reproduce``), ``grid`` (a sweep's cells), ``sweep`` (``run_sweep``: a grid of studies over torchrun ranks; ``pairs_grid``, the grid over the number of pairs), ``creativity`` (``reproduce --study creativity``: a sweep over the number of training images, scored for copies and new consistent samples), ``halves`` (``reproduce --study halves``: networks on disjoint halves of each number of training images, sampled from the same noise: memorisation to generalisation). The coordination
+markdown), ``figures``, ``run`` (``reproduce``), ``grid`` (a sweep's cells), ``sweep`` (``run_sweep``: a grid of studies over torchrun ranks; ``pairs_grid``, the grid over the number of pairs), ``creativity`` (``reproduce --study creativity``: a sweep over the number of training images, scored for copies and new consistent samples), ``halves`` (``reproduce --study halves``: networks on disjoint halves of each number of training images, sampled from the same noise: memorisation to generalisation), ``status`` (``fastscore status``: where a study or sweep stands, from its files). The coordination
 probe is ``fastscore.probe``.
 """
 from .config import ANALYTIC, LABELS, PAPER, StudyConfig

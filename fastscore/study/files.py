@@ -29,6 +29,7 @@ from ..checkpoint import (
     check_writable,
     load_model,
     load_tensors,
+    read_meta,
     save_model,
     save_tensors,
 )
@@ -224,7 +225,7 @@ def check_checkpoint(path: Path, config: StudyConfig, net: str, seed: int, half:
     from ..models import ModelConfig
     from ..training import TrainConfig
     from .config import MODEL_SEED
-    meta = load_tensors(path, "model")[1]
+    meta = read_meta(path, "model")
     want = {"n_train": config.n_train, "data_seed": config.data_seed, "half": half}
     saved_extra = meta.get("extra") or {}
     if "init_seed" in saved_extra:

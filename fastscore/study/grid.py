@@ -198,20 +198,26 @@ def from_toml(config_cls: type, path: str | Path) -> Grid:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML ({e})") from None
+    return from_doc(config_cls, doc, str(path))
+
+
+def from_doc(config_cls: type, doc: Mapping[str, Any], source: str = "grid") -> Grid:
+    """A grid from its document: the TOML file's tables as a dict, or ``Grid.to_dict()``'s (a sweep's
+    ``sweep.json`` holds it); ``source`` names it in errors."""
     unknown = set(doc) - {"preset", "base", "grid", "cell"}
     if unknown:
-        raise UsageError(f"{path}: unknown top-level keys {sorted(unknown)}; expected preset, [base], [grid], "
+        raise UsageError(f"{source}: unknown top-level keys {sorted(unknown)}; expected preset, [base], [grid], "
                          "[[cell]]")
     base = {k: _convert(config_cls, k, v) for k, v in doc.get("base", {}).items()}
     axes = {}
     for k, vs in doc.get("grid", {}).items():
         if not isinstance(vs, list) or not vs:
-            raise UsageError(f"{path}: grid.{k} must be a non-empty list, got {vs!r}")
+            raise UsageError(f"{source}: grid.{k} must be a non-empty list, got {vs!r}")
         axes[k] = tuple(_convert(config_cls, k, v) for v in vs)
     rules = []
     for rule in doc.get("cell", []):
         if not isinstance(rule, dict) or set(rule) != {"where", "set"}:
-            raise UsageError(f"{path}: each [[cell]] must hold exactly where = {{...}} and set = {{...}}, got {rule!r}")
+            raise UsageError(f"{source}: each [[cell]] must hold exactly where = {{...}} and set = {{...}}, got {rule!r}")
         rules.append(({k: _convert(config_cls, k, v) for k, v in rule["where"].items()},
                       {k: _convert(config_cls, k, v) for k, v in rule["set"].items()}))
     return _checked(config_cls, Grid(base, axes, doc.get("preset", "full"), tuple(rules)))

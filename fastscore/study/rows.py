@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_tensors
+from ..checkpoint import read_meta
 from ..data import make_dataset
 from ..metrics import score
 from ..models import ModelConfig, build_model
@@ -126,7 +126,7 @@ def _count_resumed(ctx: RunContext, partial: Path, members: int) -> None:
     if ctx.bar is None or not partial.exists():
         return
     try:
-        step = load_tensors(partial, STATE_KIND)[1].get("step", 0)
+        step = read_meta(partial, STATE_KIND).get("step", 0)
     except ValueError:
         return
     ctx.bar.update(ctx.weights["train"] * members * (step if isinstance(step, int) else 0))

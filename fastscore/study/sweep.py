@@ -52,7 +52,7 @@ def _cost(config) -> float:
     return float(per_net * len(config.networks) * config.n_seeds)
 
 
-def _finished(path: Path, config: StudyConfig) -> dict | None:
+def finished_cell(path: Path, config: StudyConfig) -> dict | None:
     """The results of a finished cell study at ``path`` with this ``config`` (``StudyConfig.matches``),
     else None."""
     res = path / "results.json"
@@ -127,7 +127,7 @@ def run(grid: Grid, out: str | Path, *, device: str | torch.device = "cpu", back
     docs = {}
     for c in mine:
         path = out / "cells" / c.dirname
-        doc = _finished(path, configs[c.name])
+        doc = finished_cell(path, configs[c.name])
         if doc is None:
             if bar is not None:
                 bar.set_description(f"sweep [{c.name}]")
