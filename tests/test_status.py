@@ -85,6 +85,8 @@ def test_a_sweep_lists_its_cells_and_the_rows_of_those_started(tmp_path):
     assert _states(doc["cells"][1]["study"]) == {"none-seed0": "training"} and doc["tables"] is False
     text = status.text(doc)
     assert text.splitlines()[0].endswith("sweep of 3 cells: 1 finished, 1 started, 1 to start; tables not yet written")
+    assert "  cell n_train=64: started, 2 colours, 20 training steps (fp32), 1 rows; results not yet written" \
+        in text.splitlines()
     assert "      none-seed0: step 4 of 20 (20.0%), 2.0 steps/s so far, ~0 min more at that rate" in text.splitlines()
 
 

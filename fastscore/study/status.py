@@ -109,8 +109,9 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min"
 
 
-def text(doc: dict[str, Any], indent: str = "") -> str:
-    """``status``'s document as the lines ``fastscore status`` prints."""
+def text(doc: dict[str, Any], indent: str = "", title: str | None = None) -> str:
+    """``status``'s document as the lines ``fastscore status`` prints (``title``: the first line's
+    name, default the directory)."""
     if doc["kind"] == "sweep":
         count = {s: sum(c["state"] == s for c in doc["cells"]) for s in ("finished", "started", "to start")}
         lines = [f"{indent}{doc['path']}: sweep of {len(doc['cells'])} cells: "
@@ -118,12 +119,12 @@ def text(doc: dict[str, Any], indent: str = "") -> str:
                  + ("; tables written" if doc["tables"] else "; tables not yet written")]
         for c in doc["cells"]:
             if c["state"] == "started":
-                lines.append(text(c["study"], indent + "  "))
+                lines.append(text(c["study"], indent + "  ", f"cell {c['name']}: started"))
             else:
                 lines.append(f"{indent}  cell {c['name']}: {c['state']}")
         return "\n".join(lines)
     rows = doc["rows"]
-    head = (f"{indent}{doc['path']}: study, {doc['n_colours']} colours, {doc['train_steps']:,} training steps "
+    head = (f"{indent}{title or doc['path'] + ': study'}, {doc['n_colours']} colours, {doc['train_steps']:,} training steps "
             f"({doc['precision']}), {len(rows)} rows; "
             + ("results written" if doc["results"] else "results not yet written"))
     lines = [head]
