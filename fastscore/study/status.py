@@ -8,7 +8,6 @@ are left), ``training`` (a ``.partial`` training state covers it: its step and i
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ from ..checkpoint import read_meta
 from ..training import STATE_KIND
 from .config import StudyConfig
 from .files import StudyDir, read_study_json, row_name
-from .grid import from_doc
-from .sweep import cell_config, finished_cell
+from .sweep import cell_config, finished_cell, read_grid
 
 PARTIAL = ".partial.safetensors"
 
@@ -41,13 +39,7 @@ def status(path: str | Path) -> dict[str, Any]:
 
 
 def _sweep(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads((path / "sweep.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path / 'sweep.json'} is not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("kind") != "fastscore-sweep":
-        raise UsageError(f"{path / 'sweep.json'} was not written by fastscore sweep")
-    grid = from_doc(StudyConfig, doc.get("grid", {}), str(path / "sweep.json"))
+    grid = read_grid(path)
     cells: list[dict[str, Any]] = []
     for c in grid.cells():
         where = path / "cells" / c.dirname

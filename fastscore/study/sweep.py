@@ -31,7 +31,7 @@ from ..data import KVConfig, palette_of_size
 from ..metrics import Rate
 from .config import StudyConfig
 from .figures import _save, pyplot
-from .grid import Cell, Grid
+from .grid import Cell, Grid, from_doc
 from .run import reproduce
 
 RATES = ("valid", "consistent", "consistent_among_valid", "novel")
@@ -60,6 +60,20 @@ def finished_cell(path: Path, config: StudyConfig) -> dict | None:
         return None
     doc = json.loads(res.read_text())
     return doc if isinstance(doc.get("config"), dict) and config.matches(doc["config"]) else None
+
+
+def read_grid(out: str | Path) -> Grid:
+    """The grid of the sweep in directory ``out`` (its ``sweep.json``); UsageError if there is none."""
+    spec = Path(out) / "sweep.json"
+    if not spec.is_file():
+        raise UsageError(f"{out} holds no fastscore sweep (no sweep.json)")
+    try:
+        doc = json.loads(spec.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{spec} is not valid JSON ({e}); is this a fastscore sweep?") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "fastscore-sweep":
+        raise UsageError(f"{spec} was not written by fastscore sweep")
+    return from_doc(StudyConfig, doc.get("grid", {}), str(spec))
 
 
 def _prepare(out: Path, grid: Grid, force: bool) -> None:
