@@ -14,7 +14,6 @@ be there) and leaves the rest of the page as it is.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
