@@ -65,7 +65,8 @@ def test_cell_rules_set_settings_of_the_matching_cells_and_read_from_toml(tmp_pa
 
 @pytest.mark.parametrize("rule, match", [
     ("where = {n_train = 8}\nset = {image_size = 10}", "not swept: \\['n_train'\\]"),
-    ("where = {n_pairs = 2}\nset = {n_pairs = 3}", "already fixed or swept: \\['n_pairs'\\]"),
+    ("where = {n_pairs = 2}\nset = {n_pairs = 3}", "sets swept settings: \\['n_pairs'\\]"),
+    ("where = [2]\nset = {width = 3}", "s.toml: a rule's where must be a table of settings"),
     ("where = {n_pairs = 2}", "exactly where"),
     ("where = {n_pairs = 2}\nset = {widht = 3}", "unknown study setting 'widht'"),
 ])
@@ -74,3 +75,16 @@ def test_bad_cell_rules_are_refused(tmp_path, rule, match):
     path.write_text(f"[grid]\nn_pairs = [2, 4]\n[[cell]]\n{rule}\n")
     with pytest.raises(ValueError, match=match):
         grid.from_toml(StudyConfig, path)
+
+
+def test_a_rule_overrides_a_base_setting_and_errors_name_the_file(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text("[base]\nn_samples = 100\n[grid]\nn_pairs = [2, 4]\n[[cell]]\nwhere = {n_pairs = 4}\n"
+                    "set = {n_samples = 20}\n")
+    assert [c.settings["n_samples"] for c in grid.from_toml(StudyConfig, path).cells()] == [100, 20]
+    for doc, words in (({"base": {"width": "wide"}}, "g.json: width must be an integer"),
+                       ({"base": 3}, "g.json: base must be a table of settings"),
+                       ({"grid": None}, "g.json: grid must be a table of settings"),
+                       ({"cell": {"where": {}}}, "g.json: cell must be a list")):
+        with pytest.raises(ValueError, match=words):
+            grid.from_doc(StudyConfig, doc, "g.json")

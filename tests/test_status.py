@@ -102,6 +102,70 @@ def test_the_command_prints_it_and_refuses_what_is_not_a_run(tmp_path, capsys):
         assert main(["status", str(bad)]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and words in err, err
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    main(["status", str(out)])
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before     # reads only
+
+
+def _files(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_it_reads_only(tmp_path, capsys):
+    out = _study(tmp_path / "s")
+    _partial(out, "none-seed0", 3, 10, 1.0)
+    (out / "results.json").write_text(json.dumps({"config": CFG.to_dict()}))
+    g = grid.from_cli(StudyConfig, ["networks=none", "analytic="], ["n_train=8,64"], "tiny")
+    sweep._prepare(tmp_path / "sw", g, force=False)
+    _study(tmp_path / "sw" / "cells" / g.cells()[0].dirname, sweep.cell_config(g, g.cells()[0]))
+    before = _files(tmp_path)
+    for d in (out, tmp_path / "sw"):
+        assert main(["status", str(d)]) == 0 and main(["status", str(d), "--json"]) == 0
+    assert _files(tmp_path) == before
+
+
+def test_a_saved_checkpoint_outranks_a_stale_state_and_bad_states_are_noted(tmp_path):
+    out = _study(tmp_path / "s")
+    (out / "checkpoints" / "none-seed0.safetensors").write_bytes(b"")
+    _partial(out, "none-seeds0-1", 5000, 10000, 100.0)      # left by a grouped run, e.g. resumed ungrouped
+    (out / "checkpoints" / "softmax-seed0.partial.safetensors").write_bytes(b"not a safetensors file")
+    save_tensors(out / "checkpoints" / "softmax-seed1.partial.safetensors", {}, {"kind": STATE_KIND})
+    doc = status.status(out)
+    assert _states(doc)["none-seed0"] == "trained" and _states(doc)["none-seed1"] == "training"
+    text = status.text(doc)
+    assert "    softmax-seed0: unreadable (" in text
+    assert "    softmax-seed1: unreadable (an incomplete training state (no step, steps or seconds))" in text
+    (out / "checkpoints" / "softmax-seed0.partial.safetensors").unlink()
+    _partial(out, "softmax-seed0", 1000, 160000, 50.0)
+    assert "softmax-seed0: step 1,000 of 160,000 (0.6%), 20.0 steps/s so far, ~2.2 h more at that rate" \
+        in status.text(status.status(out))
+    assert status._partial(out / "checkpoints" / "gone.partial.safetensors")["error"].startswith("no such file")
+
+
+def test_a_sweep_json_reads_back_as_the_grid_the_sweep_ran(tmp_path):
+    grids = [grid.from_cli(StudyConfig, ["networks=none,softmax", "analytic="],
+                           ["t_focus=50+600,none", "lr=1e-3,2.5e-3"], "tiny"),
+             sweep.pairs_grid("tiny", {"image_size": 8}, (2, 10))]       # a rule overrides base's image_size
+    for i, g in enumerate(grids):
+        out = tmp_path / f"sw{i}"
+        sweep._prepare(out, g, force=False)
+        back = sweep.read_grid(out)
+        assert [(c.name, c.dirname, sweep.cell_config(back, c)) for c in back.cells()] == \
+            [(c.name, c.dirname, sweep.cell_config(g, c)) for c in g.cells()]
+    names = [c.name for c in grids[0].cells()]
+    assert names == ["t_focus=50+600,lr=0.001", "t_focus=50+600,lr=0.0025", "t_focus=None,lr=0.001",
+                     "t_focus=None,lr=0.0025"]
+    assert [sweep.cell_config(grids[1], c).image_size for c in grids[1].cells()] == [8, 14]     # the smallest image that holds 10 pairs
+    (tmp_path / "sw0" / "sweep.json").write_text(json.dumps({"kind": "fastscore-sweep"}))
+    with pytest.raises(ValueError, match="holds no grid"):
+        status.status(tmp_path / "sw0")
+
+
+def test_a_cell_of_another_config_and_a_damaged_results_file(tmp_path):
+    g = grid.from_cli(StudyConfig, ["networks=none", "analytic="], ["n_train=8,64"], "tiny")
+    out = tmp_path / "sw"
+    sweep._prepare(out, g, force=False)
+    first, second = g.cells()
+    _study(out / "cells" / first.dirname, StudyConfig.preset("tiny", networks=("softmax",), n_train=8))
+    cell = _study(out / "cells" / second.dirname, sweep.cell_config(g, second))
+    (cell / "results.json").write_text('{"config": ')                      # cut short
+    doc = status.status(out)
+    assert [c["state"] for c in doc["cells"]] == ["another config (a rerun refuses it without --force)", "started"]
+    assert "1 started, 1 with another config" in status.text(doc).splitlines()[0]

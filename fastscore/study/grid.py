@@ -14,6 +14,7 @@ field's type, so a typo fails before any work. A TOML file looks like::
     n_train = [8, 64, 512, 5000]
     lr = [1e-3, 2e-3]
     [[cell]]                              # optional: settings of the cells whose axis values match
+                                          # (over [base]'s)
     where = {n_train = 5000}
     set = {n_samples = 2000}
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._validate import UsageError, UsageTypeError
+from .._validate import UsageError, UsageTypeError, usage
 from .config import PRESETS
 
 
@@ -204,22 +205,39 @@ def from_toml(config_cls: type, path: str | Path) -> Grid:
 def from_doc(config_cls: type, doc: Mapping[str, Any], source: str = "grid") -> Grid:
     """A grid from its document: the TOML file's tables as a dict, or ``Grid.to_dict()``'s (a sweep's
     ``sweep.json`` holds it); ``source`` names it in errors."""
+    try:
+        return _from_doc(config_cls, doc, source)
+    except UsageError as e:
+        msg = str(e)
+        raise usage(e, msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+
+def _from_doc(config_cls: type, doc: Mapping[str, Any], source: str) -> Grid:
+    def table(v: Any, what: str) -> Mapping[str, Any]:
+        if not isinstance(v, Mapping):
+            raise UsageError(f"{source}: {what} must be a table of settings, got {v!r}")
+        return v
+
+    table(doc, "the grid document")
     unknown = set(doc) - {"preset", "base", "grid", "cell"}
     if unknown:
         raise UsageError(f"{source}: unknown top-level keys {sorted(unknown)}; expected preset, [base], [grid], "
                          "[[cell]]")
-    base = {k: _convert(config_cls, k, v) for k, v in doc.get("base", {}).items()}
+    base = {k: _convert(config_cls, k, v) for k, v in table(doc.get("base", {}), "base").items()}
     axes = {}
-    for k, vs in doc.get("grid", {}).items():
+    for k, vs in table(doc.get("grid", {}), "grid").items():
         if not isinstance(vs, list) or not vs:
             raise UsageError(f"{source}: grid.{k} must be a non-empty list, got {vs!r}")
         axes[k] = tuple(_convert(config_cls, k, v) for v in vs)
     rules = []
-    for rule in doc.get("cell", []):
+    cell_rules = doc.get("cell", [])
+    if not isinstance(cell_rules, list):
+        raise UsageError(f"{source}: cell must be a list of [[cell]] rules, got {cell_rules!r}")
+    for rule in cell_rules:
         if not isinstance(rule, dict) or set(rule) != {"where", "set"}:
             raise UsageError(f"{source}: each [[cell]] must hold exactly where = {{...}} and set = {{...}}, got {rule!r}")
-        rules.append(({k: _convert(config_cls, k, v) for k, v in rule["where"].items()},
-                      {k: _convert(config_cls, k, v) for k, v in rule["set"].items()}))
+        rules.append(({k: _convert(config_cls, k, v) for k, v in table(rule["where"], "a rule's where").items()},
+                      {k: _convert(config_cls, k, v) for k, v in table(rule["set"], "a rule's set").items()}))
     return _checked(config_cls, Grid(base, axes, doc.get("preset", "full"), tuple(rules)))
 
 
@@ -232,7 +250,6 @@ def _checked(config_cls: type, grid: Grid) -> Grid:
     for where, extra in grid.rules:
         if not set(where) <= set(grid.axes):
             raise UsageError(f"a cell rule's where names settings that are not swept: {sorted(set(where) - set(grid.axes))}")
-        if set(extra) & (set(grid.axes) | set(grid.base)):
-            raise UsageError(f"a cell rule sets settings already fixed or swept: "
-                             f"{sorted(set(extra) & (set(grid.axes) | set(grid.base)))}")
+        if set(extra) & set(grid.axes):      # a base setting it may override: the rule is the more specific
+            raise UsageError(f"a cell rule sets swept settings: {sorted(set(extra) & set(grid.axes))}")
     return grid

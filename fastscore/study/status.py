@@ -5,6 +5,8 @@ It reads ``study.json``, ``sweep.json``, ``rows/``, ``results.json`` and the hea
 ``checkpoints/`` (never their tensors), and writes nothing, so it is safe beside the run itself. A row is
 ``finished`` (its ``rows/<row>.json`` is saved), ``trained`` (its checkpoint is saved: sampling and scoring
 are left), ``training`` (a ``.partial`` training state covers it: its step and its rate so far) or ``to start``.
+A row in training shows as ``to start`` until its first saved state (``rows.SAVE_EVERY`` steps), and the
+analytic rows (ideal score, ELS machine) until they finish: they save nothing before.
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ def _sweep(path: Path) -> dict[str, Any]:
         if finished_cell(where, cell_config(grid, c)) is not None:
             cells.append({"name": c.name, "state": "finished"})
         elif (where / "study.json").exists():
+            if not cell_config(grid, c).matches(read_study_json(where / "study.json")):
+                cells.append({"name": c.name, "state": "another config (a rerun refuses it without --force)"})
+                continue
             cells.append({"name": c.name, "state": "started", "study": _study(where)})
         else:
             cells.append({"name": c.name, "state": "to start"})
@@ -64,10 +69,10 @@ def _study(path: Path) -> dict[str, Any]:
         training = [dict(p, file=stem) for stem, p in partials.items() if _covers(stem, net, seed)]
         if sd.row_path(net, seed).exists():
             rows.append({"name": name, "state": "finished"})
-        elif training or (any(h.exists() for h in halves) and not all(h.exists() for h in halves)):
-            rows.append({"name": name, "state": "training", "partials": training})
         elif sd.checkpoint(net, seed).exists() or all(h.exists() for h in halves):
-            rows.append({"name": name, "state": "trained"})
+            rows.append({"name": name, "state": "trained"})   # a checkpoint is never retrained: a partial beside it is stale
+        elif training or any(h.exists() for h in halves):
+            rows.append({"name": name, "state": "training", "partials": training})
         else:
             rows.append({"name": name, "state": "to start"})
     return {"kind": "study", "path": str(path), "n_colours": config.n_colours, "train_steps": config.train_steps,
@@ -87,14 +92,15 @@ def _partial(p: Path) -> dict[str, Any]:
     """A training state's step, total steps, training seconds so far and rate (steps per second of training)."""
     try:
         meta = read_meta(p, STATE_KIND)
-    except ValueError as e:     # mid-replacement or corrupt: say so, do not fail the whole report
+    except (ValueError, OSError) as e:   # corrupt, or removed since the listing (its row just finished training)
         return {"error": str(e)}
-    step, seconds = meta.get("step"), float(meta.get("seconds") or 0.0)
-    configs = meta.get("configs") or [{}]
-    steps = configs[0].get("steps")
-    rate = step / seconds if isinstance(step, int) and seconds > 0 else None
-    left = (steps - step) / rate if rate and isinstance(steps, int) and isinstance(step, int) else None
-    return {"step": step, "steps": steps, "seconds": seconds, "steps_per_second": rate, "seconds_left": left}
+    step, seconds, configs = meta.get("step"), meta.get("seconds") or 0.0, meta.get("configs")
+    steps = configs[0].get("steps") if isinstance(configs, list) and configs and isinstance(configs[0], dict) else None
+    if not (isinstance(step, int) and isinstance(steps, int) and steps > 0 and isinstance(seconds, (int, float))):
+        return {"error": "an incomplete training state (no step, steps or seconds)"}
+    rate = step / seconds if seconds > 0 else None
+    left = (steps - step) / rate if rate else None
+    return {"step": step, "steps": steps, "seconds": float(seconds), "steps_per_second": rate, "seconds_left": left}
 
 
 def _duration(s: float) -> str:
@@ -106,6 +112,7 @@ def text(doc: dict[str, Any], indent: str = "", title: str | None = None) -> str
     name, default the directory)."""
     if doc["kind"] == "sweep":
         count = {s: sum(c["state"] == s for c in doc["cells"]) for s in ("finished", "started", "to start")}
+        count["with another config"] = len(doc["cells"]) - sum(count.values())
         lines = [f"{indent}{doc['path']}: sweep of {len(doc['cells'])} cells: "
                  + ", ".join(f"{n} {s}" for s, n in count.items() if n)
                  + ("; tables written" if doc["tables"] else "; tables not yet written")]
@@ -133,12 +140,12 @@ def text(doc: dict[str, Any], indent: str = "", title: str | None = None) -> str
             for p in r["partials"] or [{"file": r["name"] + " (one half saved)"}]:
                 if "error" in p:
                     lines.append(f"{indent}    {p['file']}: unreadable ({p['error']})")
-                elif "step" not in p:
+                elif "step" not in p:       # one half's checkpoint saved, the other's training not yet saved
                     lines.append(f"{indent}    {p['file']}")
                 else:
                     rate = p["steps_per_second"]
                     more = "" if rate is None else (f", {rate:.1f} steps/s so far, ~{_duration(p['seconds_left'])} "
                                                     "more at that rate")
-                    frac = f" ({100 * p['step'] / p['steps']:.1f}%)" if p["steps"] else ""
-                    lines.append(f"{indent}    {p['file']}: step {p['step']:,} of {p['steps']:,}{frac}{more}")
+                    lines.append(f"{indent}    {p['file']}: step {p['step']:,} of {p['steps']:,} "
+                                 f"({100 * p['step'] / p['steps']:.1f}%){more}")
     return "\n".join(lines)

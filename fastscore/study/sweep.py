@@ -58,8 +58,12 @@ def finished_cell(path: Path, config: StudyConfig) -> dict | None:
     res = path / "results.json"
     if not res.exists():
         return None
-    doc = json.loads(res.read_text())
-    return doc if isinstance(doc.get("config"), dict) and config.matches(doc["config"]) else None
+    try:
+        doc = json.loads(res.read_text())
+    except json.JSONDecodeError:    # cut short or damaged: not finished (a rerun writes it again from the rows)
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("config"), dict) and config.matches(doc["config"]) \
+        else None
 
 
 def read_grid(out: str | Path) -> Grid:
@@ -73,7 +77,9 @@ def read_grid(out: str | Path) -> Grid:
         raise UsageError(f"{spec} is not valid JSON ({e}); is this a fastscore sweep?") from None
     if not isinstance(doc, dict) or doc.get("kind") != "fastscore-sweep":
         raise UsageError(f"{spec} was not written by fastscore sweep")
-    return from_doc(StudyConfig, doc.get("grid", {}), str(spec))
+    if "grid" not in doc:
+        raise UsageError(f"{spec} holds no grid")
+    return from_doc(StudyConfig, doc["grid"], str(spec))
 
 
 def _prepare(out: Path, grid: Grid, force: bool) -> None:
