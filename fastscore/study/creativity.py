@@ -41,7 +41,7 @@ from ..novelty import coverage, distance_summary, mosaic_chance, novelty, recolo
 from .config import ANALYTIC, LABELS
 from .files import StudyDir, row_name
 from .grid import Grid
-from .report import fmt, pooled
+from .report import every_seed_above, fmt, pooled
 from .sweep import cell_config
 from .sweep import run as run_sweep
 
@@ -178,7 +178,7 @@ def verdicts(models: Mapping[str, dict], chance: float, rule_novel: float) -> di
         # seed's own rate clears the same bars, beside the verdict (None for one seed)
         seeds = [ps["rates"]["novel_among_valid"]["rate"] for ps in m.get("per_seed", ())]
         bar = max(chance, own or 0.0, cnn["rate"] if tests["above_cnn"] is not None and cnn else 0.0)
-        every = all(x > bar for x in seeds) if len(seeds) > 1 else None
+        every = every_seed_above(seeds, bar)
         out[name] = {"verdict": word, "copies_of_consistent": copies, **tests, "every_seed_above": every}
     return out
 

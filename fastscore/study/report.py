@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from ..data import decode
 from ..metrics import Rate, shuffled_consistency
@@ -198,9 +199,15 @@ def coordination_verdict(summary: dict) -> dict:
         if net in own:
             out[net]["above_own_marginals"] = bool(lo > own[net]["mean"])
         # the intervals count samples, not seeds: does each seed's own rate clear the same bars?
-        seeds = r.get("per_seed") or []                     # None: a seed without valid samples
-        if len(seeds) > 1:
-            marg = own[net]["mean"] if net in own else 0.0
-            bar = max(chance, cnn["rate"] if cnn is not None and cnn["n"] else 0.0, 0.0 if marg != marg else marg)
-            out[net]["every_seed_above"] = all(x is not None and x > bar for x in seeds)
+        marg = own[net]["mean"] if net in own else 0.0
+        bar = max(chance, cnn["rate"] if cnn is not None and cnn["n"] else 0.0, 0.0 if marg != marg else marg)
+        every = every_seed_above(r.get("per_seed") or [], bar)
+        if every is not None:
+            out[net]["every_seed_above"] = every
     return out
+
+
+def every_seed_above(seeds: Sequence[float | None], bar: float) -> bool | None:
+    """Is each seed's own rate above ``bar`` (a seed without samples, None or NaN, is not)? None with fewer
+    than two seeds. The verdicts' intervals count samples, not seeds; this says whether every seed agrees."""
+    return all(x is not None and x > bar for x in seeds) if len(seeds) > 1 else None
