@@ -32,18 +32,20 @@ def _states(doc):
 def test_each_row_is_finished_trained_training_or_to_start(tmp_path):
     out = _study(tmp_path / "s")
     (out / "rows" / "ideal-seed0.json").write_text("{}")
+    (out / "rows" / "els-seed0.json").write_text(json.dumps({"rates": {"consistent_among_valid": {"rate": 0.25, "n": 8}}}))
     (out / "checkpoints" / "none-seed0.safetensors").write_bytes(b"")      # existence is all status reads
     _partial(out, "none-seed1", 3000, 10000, 100.0)
     _partial(out, "softmax-seeds0-1", 500, 10000, 50.0)                      # grouped seeds: one state, two rows
     doc = status.status(out)
-    assert _states(doc) == {"ideal-seed0": "finished", "els-seed0": "to start", "none-seed0": "trained",
+    assert _states(doc) == {"ideal-seed0": "finished", "els-seed0": "finished", "none-seed0": "trained",
                             "none-seed1": "training", "softmax-seed0": "training", "softmax-seed1": "training"}
     assert doc["results"] is False and doc["train_steps"] == 10000
     p = next(r for r in doc["rows"] if r["name"] == "none-seed1")["partials"][0]
     assert p["file"] == "none-seed1" and p["step"] == 3000 and p["steps_per_second"] == pytest.approx(30.0)
     assert p["seconds_left"] == pytest.approx(7000 / 30)
     lines = status.text(doc).splitlines()
-    assert "  finished 1: ideal-seed0" in lines and "  to start 1: els-seed0" in lines
+    assert "  finished 2: ideal-seed0, els-seed0 25.0% (consistent among valid)" in lines
+    assert not any("to start" in line for line in lines)
     assert "    none-seed1: step 3,000 of 10,000 (30.0%), 30.0 steps/s so far, ~4 min more at that rate" in lines
     assert sum("softmax-seeds0-1" in line for line in lines) == 2     # listed under each row it trains
     (out / "results.json").write_text(json.dumps({"config": CFG.to_dict()}))

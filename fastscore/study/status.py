@@ -10,6 +10,7 @@ analytic rows (ideal score, ELS machine) until they finish: they save nothing be
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def _study(path: Path) -> dict[str, Any]:
         halves = [ckpt / f"{row_name(f'{net}-{h}', seed)}.safetensors" for h in "ab"]
         training = [dict(p, file=stem) for stem, p in partials.items() if _covers(stem, net, seed)]
         if sd.row_path(net, seed).exists():
-            rows.append({"name": name, "state": "finished"})
+            rows.append({"name": name, "state": "finished", "consistent_among_valid": _rate(sd.row_path(net, seed))})
         elif sd.checkpoint(net, seed).exists() or all(h.exists() for h in halves):
             rows.append({"name": name, "state": "trained"})   # a checkpoint is never retrained: a partial beside it is stale
         elif training or any(h.exists() for h in halves):
@@ -77,6 +78,15 @@ def _study(path: Path) -> dict[str, Any]:
             rows.append({"name": name, "state": "to start"})
     return {"kind": "study", "path": str(path), "n_colours": config.n_colours, "train_steps": config.train_steps,
             "precision": config.precision, "rows": rows, "results": finished_cell(path, config) is not None}
+
+
+def _rate(path: Path) -> float | None:
+    """A finished row's consistency among valid samples (None: a row without it, e.g. a halves pair)."""
+    try:
+        r = json.loads(path.read_text())["rates"]["consistent_among_valid"]
+        return float(r["rate"]) if r["n"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _covers(stem: str, net: str, seed: int) -> bool:
@@ -131,6 +141,12 @@ def text(doc: dict[str, Any], indent: str = "", title: str | None = None) -> str
                         ("training", ""), ("to start", "")):
         names = [r for r in rows if r["state"] == state]
         if not names:
+            continue
+        if state == "finished":
+            rates = [r["consistent_among_valid"] for r in names]
+            listed = ", ".join(r["name"] + ("" if x is None else f" {100 * x:.1f}%") for r, x in zip(names, rates))
+            note = " (consistent among valid)" if any(x is not None for x in rates) else ""
+            lines.append(f"{indent}  finished {len(names)}: {listed}{note}")
             continue
         if state != "training":
             lines.append(f"{indent}  {state} {len(names)}: {', '.join(r['name'] for r in names)}{note}")
