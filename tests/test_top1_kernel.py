@@ -80,11 +80,18 @@ def _assert_close_rule(name, got, ref64, ref32, mag, rel=1e-6):
 
 def _magnitudes(q, k, v, do, temperature, gumbel, seed, idx):
     """Sums of absolute terms of dq, dk, dv (float64), for the rounding slack. Each probability carries
-    the relative rounding of its exponent, ~eps * (1 + |s - lse| / T) (exp of an fp32 argument x is off by
-    |x| eps relative), so the terms are weighted by that factor."""
+    the relative rounding of its exponent (exp of an fp32 argument x is off by |x| eps relative), and that
+    argument's own rounding is relative to the magnitudes it is computed from, not to their difference:
+    the score's |q|.|k| (plus the Gumbel noise's |g|) over T, and the shift lse. So the terms are weighted
+    by 1 + (|q|.|k| + |g|) / T + |lse| (the kernels scale the scores by log2(e) / T before exp2, a rounding
+    relative to |s| / T that a reference dividing by T = 0.25 exactly does not make: seen as a 16-eps dk
+    error at T = 0.25, d = 18)."""
     s = _scores64(q, k, gumbel, seed)
     p = torch.softmax(s / temperature, dim=-1)
-    expo = 1 + (s / temperature - torch.logsumexp(s / temperature, dim=-1, keepdim=True)).abs()
+    qk = q.double() @ k.double().transpose(-1, -2)
+    size = q.double().abs() @ k.double().abs().transpose(-1, -2) + (s - qk).abs()
+    lse = torch.logsumexp(s / temperature, dim=-1, keepdim=True)
+    expo = 1 + size / temperature + lse.abs()
     dp = do.double().abs() @ v.double().abs().transpose(-1, -2)
     delta = (p * dp).sum(-1, keepdim=True)
     a = p * expo * (dp + delta) / temperature
@@ -117,6 +124,31 @@ def _check_all(q, k, v, do, temperature, gumbel, seed):
     mq, mk, mv = _magnitudes(q, k, v, do, temperature, gumbel, seed, idx)
     return {"dq": _assert_close_rule("dq", dq, dq64, dq32, mq), "dk": _assert_close_rule("dk", dk, dk64, dk32, mk),
             "dv": _assert_close_rule("dv", dv, dv64, dv32, mv)}
+
+
+@pytest.mark.parametrize("temperature", [0.25, 1.0])
+def test_the_closeness_rule_rejects_a_gradient_missing_one_term(temperature, seed):
+    """The slack of ``_assert_close_rule`` (with ``_magnitudes``) is rounding-sized: dq or dk with the
+    largest term of the sum left out fails it, at the study's shape (fresh inputs per run)."""
+    torch.manual_seed(seed)
+    q, k, v, do = _inputs(2, 64, 16)
+    out, idx, dq64, dk64, dv64 = _reference(q, k, v, do, temperature, True, seed)
+    _, _, dq32, dk32, dv32 = _reference(q, k, v, do, temperature, True, seed, acc=torch.float32)
+    mq, mk, mv = _magnitudes(q, k, v, do, temperature, True, seed, idx)
+    _assert_close_rule("dk", dk32, dk64, dk32, mk)      # the fp32 reference itself passes
+    s = _scores64(q, k, True, seed)
+    p = torch.softmax(s / temperature, dim=-1)
+    dp = do.double() @ v.double().transpose(-1, -2)
+    ds = (p * (dp - (p * dp).sum(-1, keepdim=True)) / temperature)[0]   # the surrogate's dS of image 0
+    i, j = divmod(int(ds.abs().argmax()), ds.shape[1])                     # its largest term
+    wrong_dk = dk64.clone()
+    wrong_dk[0, j] -= ds[i, j] * q.double()[0, i]          # key j without query i's term
+    with pytest.raises(AssertionError, match="dk: kernel err"):
+        _assert_close_rule("dk", wrong_dk, dk64, dk32, mk)
+    wrong_dq = dq64.clone()
+    wrong_dq[0, i] -= ds[i, j] * k.double()[0, j]          # query i without key j's term
+    with pytest.raises(AssertionError, match="dq: kernel err"):
+        _assert_close_rule("dq", wrong_dq, dq64, dq32, mq)
 
 
 # ------------------------------------------------------------------------------------------------
