@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastscore.checkpoint import atomic_write_text
+from fastscore.study.report import fmt
 from fastscore.study.sweep import cell_config, finished_cell, read_grid
 
 BEGIN, END = "<!-- search-table: begin -->", "<!-- search-table: end -->"
@@ -52,13 +53,6 @@ def cells(dirs: list[Path], network: str) -> list[dict[str, Any]]:
     return out
 
 
-def _pct(r: dict) -> str:
-    if not r["n"]:
-        return "n/a"
-    lo, hi = r["ci95"]
-    return f"{100 * r['rate']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
 def compare(r: dict, base: dict) -> str:
     """"above" / "below" the baseline when the 95% intervals do not overlap, else "overlaps"."""
     if r["ci95"][0] > base["ci95"][1]:
@@ -88,7 +82,7 @@ def markdown(entries: list[dict[str, Any]], baseline: str, network: str) -> str:
         seeds = ", ".join(f"{100 * x:.1f}" for x in cav.get("per_seed") or [] if x is not None)
         gaps = " / ".join(f"{100 * probe[t]['gap']:+.2f}" if t in probe else "-" for t in PROBE_T) + " pp"
         against = "-" if e is base or b is None or not b["n"] or not cav["n"] else compare(cav, b)
-        lines.append(f"| {name} | {_pct(rates['valid'])} | {_pct(cav)} ({seeds}) | {_pct(rates['novel'])} | {gaps} "
+        lines.append(f"| {name} | {fmt(rates['valid'])} | {fmt({k: v for k, v in cav.items() if k != 'per_seed'})} ({seeds}) | {fmt(rates['novel'])} | {gaps} "
                      f"| {e['doc']['wall_seconds'] / 60:.0f} min | {against} |")
     return "\n".join(lines) + "\n"
 

@@ -66,16 +66,22 @@ def finished_cell(path: Path, config: StudyConfig) -> dict | None:
         else None
 
 
+def _read_spec(spec: Path) -> dict | None:
+    """A sweep.json's document; None if the file is JSON but not a fastscore sweep's (UsageError if not JSON)."""
+    try:
+        doc = json.loads(spec.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{spec} is not valid JSON ({e}); is this a fastscore sweep?") from None
+    return doc if isinstance(doc, dict) and doc.get("kind") == "fastscore-sweep" else None
+
+
 def read_grid(out: str | Path) -> Grid:
     """The grid of the sweep in directory ``out`` (its ``sweep.json``); UsageError if there is none."""
     spec = Path(out) / "sweep.json"
     if not spec.is_file():
         raise UsageError(f"{out} holds no fastscore sweep (no sweep.json)")
-    try:
-        doc = json.loads(spec.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{spec} is not valid JSON ({e}); is this a fastscore sweep?") from None
-    if not isinstance(doc, dict) or doc.get("kind") != "fastscore-sweep":
+    doc = _read_spec(spec)
+    if doc is None:
         raise UsageError(f"{spec} was not written by fastscore sweep")
     if "grid" not in doc:
         raise UsageError(f"{spec} holds no grid")
@@ -90,11 +96,8 @@ def _prepare(out: Path, grid: Grid, force: bool) -> None:
     spec = out / "sweep.json"
     want = json.loads(json.dumps({"kind": "fastscore-sweep", "grid": grid.to_dict()}))  # as it reads back
     if spec.exists():
-        try:
-            have = json.loads(spec.read_text())
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{spec} is not valid JSON ({e}); is this a fastscore sweep?") from None
-        if not isinstance(have, dict) or have.get("kind") != "fastscore-sweep":
+        have = _read_spec(spec)
+        if have is None:
             raise FileExistsError(f"{spec} was not written by fastscore sweep; choose another --out")
         if have.get("grid") != want["grid"] and not force:
             raise FileExistsError(f"{out} holds a sweep over another grid; pass --force to run this grid there "
