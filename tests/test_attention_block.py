@@ -120,11 +120,15 @@ def _scores64(args, M=None):
 def _compare(args, kw, dtype=torch.float32, M=None, floor=None):
     """Kernel (backend='triton') vs the float64 reference, bounded by the torch composition at ``dtype``."""
     floor = floor or (2e-6 if dtype == torch.float32 else 2e-2)
-    if kw["kind"] == "top1" and dtype == torch.float32:
-        # the surrogate's logits (q.k + g) / T are unscaled (|s| ~ 100): an ulp of s moves p by ~1e-5
-        # relative, and the kernel sums q.k in another order than torch
-        floor = max(floor, 1e-5)
     args = [None if a is None else a.to(dtype) for a in args]
+    if kw["kind"] == "top1" and dtype == torch.float32:
+        # the surrogate's logits (q.k + g) / T are unscaled: the kernels' exp2 argument s log2(e) / T rounds
+        # relative to |s| / T (|s| ~ 50 at T = 0.7 moves p by ~5e-6 relative), and the kernel sums q.k in
+        # another order than torch. FASTSCORE_TEST_SEED=54 (max|s| 48.9) beat the fixed 1e-5 floor.
+        s = _scores64([None if a is None else a.double() for a in args], M)
+        if kw["gumbel"]:
+            s = s + gumbel_noise(kw["seed"], *s.shape, s.device).double()
+        floor = max(floor, 1e-5, 5e-7 * float(s.abs().max()) / kw["temperature"])
     out0 = attention_block_reference(*[None if a is None else a.double() for a in args], **kw)
     out0 = out0[0] if isinstance(out0, tuple) else out0
     g = torch.randn(out0.shape, device=DEV)

@@ -88,10 +88,10 @@ def test_noise_moments_and_ks(seed):
     n = z.numel()
     assert abs(z.mean().item()) < 5 / math.sqrt(n)
     assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
-    assert ks_statistic(z) < 1.95 / math.sqrt(n)  # alpha = 0.001
+    assert ks_statistic(z) < 2.69 / math.sqrt(n)  # alpha = 2 exp(-2 * 2.69^2) = 1e-6 per check (1.95, alpha 0.001, failed ~0.5% of CI runs)
     # each Philox word position alone is normal too (a layout bug would mix them up)
     for w in range(4):
-        assert ks_statistic(z.view(-1, 4)[:, w]) < 1.95 / math.sqrt(n // 4)
+        assert ks_statistic(z.view(-1, 4)[:, w]) < 2.69 / math.sqrt(n // 4)
 
 
 def test_kernel_and_torch_streams_share_their_constants():
@@ -110,7 +110,7 @@ def test_torch_noise_statistics(seed):
     n = z.numel()
     assert abs(z.mean().item()) < 5 / math.sqrt(n)
     assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
-    assert ks_statistic(z) < 1.95 / math.sqrt(n)
+    assert ks_statistic(z) < 2.69 / math.sqrt(n)  # alpha 1e-6 (seed 1422762592 failed at 1.95)
     scipy_stats = pytest.importorskip("scipy.stats")
     assert ks_statistic(z) == pytest.approx(scipy_stats.kstest(z.double().numpy(), "norm").statistic, abs=1e-9)
 

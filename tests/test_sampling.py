@@ -49,7 +49,10 @@ def test_ddim_eta0_matches_a_float64_reference_on_a_random_linear_model(seed):
         eps = model(x, torch.full((3,), t))
         x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
         x = prev.sqrt() * x0 + (1 - prev).sqrt() * eps
-    assert torch.allclose(got.double(), x, rtol=1e-4, atol=1e-4), (got.double() - x).abs().max()
+    # the first step divides by sqrt(ab[99]) (tiny on the cosine schedule): the path grows to ~1e4, and an
+    # element near 0 is a cancellation of terms that size, so the bound scales with max|x| (seed 1492: an
+    # element -0.48 off by 1.9e-3 among elements ~1e4 failed rtol=atol=1e-4); a wrong coefficient is off by ~|x|
+    torch.testing.assert_close(got.double(), x, rtol=0, atol=1e-5 * float(x.abs().max()))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])

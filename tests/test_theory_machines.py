@@ -133,7 +133,8 @@ def test_bootstrap_summary_covers_the_quantiles(seed):
         assert d["q25"] == pytest.approx(float(x.quantile(0.25))) and d["q75"] == pytest.approx(float(x.quantile(0.75)))
         for q in ("median", "q25", "q75"):
             lo, hi = d[q + "_ci"]
-            assert lo <= d[q] <= hi and hi - lo < 0.3
+            # the widest interval's median over seeds is 0.20, p99 0.27; seeds 699 and 1559 drew 0.325 and 0.312
+            assert lo <= d[q] <= hi and hi - lo < 0.4
     wide = bootstrap_summary(r[:40], n_boot=300, seed=1)["r"]
     assert wide["median_ci"][1] - wide["median_ci"][0] > doc["r"]["median_ci"][1] - doc["r"]["median_ci"][0]
     assert bootstrap_summary(torch.full((3,), float("nan")))["n"] == 0
