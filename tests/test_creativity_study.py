@@ -91,6 +91,60 @@ def test_a_rerun_of_a_finished_creativity_study_trains_nothing(study):
     assert json.dumps(again["cells"]) == json.dumps(doc["cells"])
 
 
+def _carried(src, dst):
+    """The study at ``src`` as carried to another machine: its JSON files, no samples or checkpoints."""
+    import shutil
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.png"))
+    assert not list(dst.rglob("*.safetensors"))
+    return dst
+
+
+@pytest.mark.slow
+def test_cells_carried_without_samples_report_the_same_numbers_and_train_nothing(study, tmp_path):
+    out, doc = study
+    for n in SIZES:
+        saved = json.loads((out / "cells" / f"n_train={n}" / creativity.CELL_FILE).read_text())
+        assert saved["config"]["n_train"] == n
+    dst = _carried(out, tmp_path / "carried")
+    again = creativity.run(creativity.grid("tiny"), dst, progress=False, workers=1)
+    assert not list(dst.rglob("*.safetensors"))          # nothing trained or sampled again
+    assert json.dumps(again["cells"]) == json.dumps(doc["cells"])
+    assert _table((dst / "creativity.md").read_text()) == _table((out / "creativity.md").read_text())
+
+
+@pytest.mark.slow
+def test_a_cell_file_of_another_config_is_refused_when_the_samples_are_gone(study, tmp_path):
+    out, _ = study
+    dst = _carried(out, tmp_path / "carried")
+    f = dst / "cells" / f"n_train={SIZES[0]}" / creativity.CELL_FILE
+    saved = json.loads(f.read_text())
+    saved["config"]["n_samples"] += 1
+    f.write_text(json.dumps(saved))
+    with pytest.raises(FileNotFoundError, match="another config"):
+        creativity.report(creativity.grid("tiny"), dst)
+    f.unlink()
+    with pytest.raises(FileNotFoundError, match="samples of .* are missing"):
+        creativity.report(creativity.grid("tiny"), dst)
+
+
+@pytest.mark.slow
+def test_a_partial_report_has_the_finished_cells_and_names_the_others(study, tmp_path):
+    out, doc = study
+    dst = _carried(out, tmp_path / "carried")
+    (dst / "cells" / f"n_train={SIZES[1]}" / "results.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no finished study"):
+        creativity.report(creativity.grid("tiny"), dst)
+    part = creativity.report(creativity.grid("tiny"), dst, partial=True)
+    assert part["unfinished"] == [f"n_train={SIZES[1]}"]
+    assert json.dumps(part["cells"]) == json.dumps(doc["cells"][:1])
+    md = (dst / "creativity.md").read_text()
+    assert f"Not finished yet: n_train={SIZES[1]}" in md
+    assert sorted({int(r["training images"]) for r in _table(md)}) == [SIZES[0]]
+    (dst / "cells" / f"n_train={SIZES[0]}" / "results.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no cell .* is finished"):
+        creativity.report(creativity.grid("tiny"), dst, partial=True)
+
+
 def test_verdicts_follow_the_stated_rules():
     def model(novel_k, valid_n, consistent_k, own, lo, hi):
         return {"rates": {"novel_among_valid": {"k": novel_k, "n": valid_n, "rate": novel_k / valid_n, "ci95": [lo, hi]},

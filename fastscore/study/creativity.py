@@ -15,6 +15,10 @@ It writes ``creativity.json`` (every number), ``creativity.md`` (the tables and 
 ``creativity-curve.png`` (consistent-and-new among valid against the number of training images per model,
 with both chances) and ``creativity-novel-<model>.png`` (new consistent samples beside their nearest
 training images, at the grid's middle number of training images), beside the sweep's own tables.
+Each cell's measurement is also saved in the cell (``creativity-cell.json``, with the cell's config), so a
+cell carried to another machine without its samples and checkpoints (its JSON files only: a few hundred kB
+instead of ~10 MB) is reported from that file, and ``report(..., partial=True)`` reports the finished
+cells of a study still running (docs/creativity.md, "Carrying cells").
 
 Verdict per model and number of training images: *memorises* when copies are >= 95% of its consistent
 samples and the 95% interval of new among consistent lies below ``rule_novel`` (the share of new contents
@@ -52,6 +56,8 @@ SIZES: dict[str, tuple[int, ...]] = {"full": (8, 16, 32, 64, 128, 256, 5000), "q
 # what the creativity study changes in its preset: the CNN beside softmax attention, and no coordination
 # probe (the probe answers another question and costs a third of a quick row)
 DEFAULTS: dict[str, Any] = {"networks": ("none", "softmax"), "probe_t": ()}
+#: a cell's measurement, written by ``report`` beside its results.json (read when its samples are gone)
+CELL_FILE = "creativity-cell.json"
 MEMORISES = 0.95          # copies' share of consistent samples above which a model memorises
 RATES = ("valid", "consistent_among_valid", "copy_among_valid", "novel_among_valid", "novel_among_consistent")
 
@@ -142,6 +148,26 @@ def _cell_models(config, path: Path, figure: Path | None) -> dict:
             "mosaic": float(mosaic_chance(cfg, train))}
 
 
+def _measure_cell(config, path: Path, figure: Path | None) -> dict:
+    """``_cell_models`` of the cell at ``path`` when every row's samples are there, saved as ``CELL_FILE``
+    with the cell's config; without them, the saved measurement of this config (no figures)."""
+    sd = StudyDir(path)
+    missing = [row_name(n, s) for n, s in config.jobs() if not (path / "samples" / f"{row_name(n, s)}.safetensors").exists()]
+    if not missing:
+        measured = _cell_models(config, path, figure)
+        sd.write_json(CELL_FILE, {"config": config.to_dict(), **{k: measured[k] for k in ("models", "coverage", "mosaic")}},
+                      indent=1)
+        return measured
+    saved = path / CELL_FILE
+    if saved.exists():
+        doc = json.loads(saved.read_text())
+        if isinstance(doc, dict) and isinstance(doc.get("config"), dict) and config.matches(doc["config"]):
+            return {"models": doc["models"], "coverage": doc["coverage"], "mosaic": doc["mosaic"], "figures": []}
+        raise FileNotFoundError(f"{path}: the samples of {missing[0]} are missing and {CELL_FILE} there measured "
+                                "another config; run the study again")
+    raise FileNotFoundError(f"{path}: the samples of {missing[0]} are missing (and no {CELL_FILE}); run the study again")
+
+
 def verdicts(models: Mapping[str, dict], chance: float, rule_novel: float) -> dict[str, dict]:
     """Per model: ``verdict`` ("memorises", "creative", "neither: ..." or "no consistent samples") and the
     tests behind it (see the module docstring); ``models`` as in a cell of ``report``'s document,
@@ -189,9 +215,11 @@ def _verdict(v: dict) -> str:
                            else "")
 
 
-def report(g: Grid, out: str | Path, *, run_seconds: float | None = None) -> dict:
-    """Measure every finished cell of the creativity study ``g`` under ``out`` and write
-    ``creativity.json``, ``creativity.md`` and the figures (with matplotlib); returns the document."""
+def report(g: Grid, out: str | Path, *, run_seconds: float | None = None, partial: bool = False) -> dict:
+    """Measure every cell of the creativity study ``g`` under ``out`` and write ``creativity.json``,
+    ``creativity.md`` and the figures (with matplotlib); returns the document. A cell without its
+    samples is reported from its ``CELL_FILE``. ``partial``: the finished cells only, the others listed
+    as ``unfinished`` (a FileNotFoundError when none is finished); without it an unfinished cell is one."""
     from .figures import pyplot
     out = Path(out)
     t0 = time.perf_counter()
@@ -199,28 +227,34 @@ def report(g: Grid, out: str | Path, *, run_seconds: float | None = None) -> dic
     cells = g.cells()
     sizes = [dict(c.point)["n_train"] for c in cells]
     fig_n = sizes[len(sizes) // 2]
-    doc_cells, figures, wall, vers = [], [], 0.0, None
+    doc_cells, figures, wall, vers, unfinished = [], [], 0.0, None, []
     for c in cells:
         config = cell_config(g, c)
         path = out / "cells" / c.dirname
         results = path / "results.json"
         if not results.exists():
+            if partial:
+                unfinished.append(c.name)
+                continue
             raise FileNotFoundError(f"{path} holds no finished study; run the creativity study first")
         res = json.loads(results.read_text())
         wall += res.get("wall_seconds", 0.0)
         vers = vers or res.get("versions")
         fig = out / "creativity-novel" if plot and config.n_train == fig_n else None
-        measured = _cell_models(config, path, fig)
+        measured = _measure_cell(config, path, fig)
         figures += measured["figures"]
         cov, mosaic, models = measured["coverage"], measured["mosaic"], measured["models"]
         doc_cells.append({"cell": c.name, "n_train": config.n_train, "coverage": cov, "chance": cov["chance"],
                           "chance_exact": cov["chance_exact"], "mosaic_chance": mosaic, "wall_seconds":
                           res.get("wall_seconds", 0.0), "models": models,
                           "verdicts": verdicts(models, cov["chance"], cov["rule_novel"])})
+    if not doc_cells:
+        raise FileNotFoundError(f"{out}: no cell of the creativity study is finished yet")
     first = cell_config(g, cells[0])
     doc = {"grid": g.to_dict(), "config": first.to_dict() | {"n_train": sizes},
            "data_config": first.data_config().to_dict(), "versions": vers, "study_wall_seconds": wall,
-           "run_seconds": run_seconds, "cells": doc_cells, "figure_n_train": fig_n}
+           "run_seconds": run_seconds, "cells": doc_cells, "figure_n_train": fig_n,
+           "unfinished": unfinished}
     if plot:
         figures.insert(0, _curve(out / "creativity-curve.png", doc))
     doc["figures"] = figures
@@ -276,7 +310,8 @@ def markdown(doc: dict) -> str:
              f"sampling wall time {wall:.0f} s (sum over cells and invocations); this report "
              f"{doc.get('report_seconds', 0):.0f} s" + ("" if doc.get("run_seconds") is None else
                                                       f"; the invocation that wrote it {doc['run_seconds']:.0f} s")
-             + ".", "",
+             + "." + (f" **Not finished yet: {', '.join(doc['unfinished'])}** (this report has the finished cells "
+                      "only)." if doc.get("unfinished") else ""), "",
              "*Copy*: a valid sample whose decoded content equals a training image's (copies are consistent). "
              "*New*: consistent and not a copy. Percentages are of valid samples, with 95% Wilson intervals "
              "(and the spread over seeds when there are several). Chances (exact) of consistent-and-new among valid: "
