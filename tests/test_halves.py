@@ -205,9 +205,9 @@ def test_tiny_run_writes_one_row_per_size_and_kind_with_numbers_recomputed_from_
         assert cell["rule_copy"]["b"] == float(rule["b"])
         assert cell["rule_copy"]["mean"] == pytest.approx(float(rule["a"] + rule["b"]) / 2, abs=1e-15)
         assert f"| {100 * float(rule['a']):.2f}%, {100 * float(rule['b']):.2f}% |" in md
-        # the rows are those of the code before the controls: the report computes them
+        # a row keeps its shuffled control (it travels without the samples); the rule copy rates are the report's
         row = json.loads((tiny / "cells" / f"n_train={n}" / "rows" / "none-seed0.json").read_text())
-        assert "shuffled" not in row and "rule_copy" not in row
+        assert "shuffled" in row and "rule_copy" not in row
         for net in ("none", "softmax"):
             assert f"| {n} | {cell['networks'][net]['label']} | 1 |" in md
             root = tiny / "cells" / f"n_train={n}" / "samples"
@@ -244,6 +244,33 @@ def test_resume_does_not_retrain_and_recomputes_a_lost_row_from_the_saved_networ
     again = json.loads((cell / "rows" / "softmax-seed0.json").read_text())
     assert again["same_content"] == row["same_content"] and again["r"] == row["r"]
     assert len(json.loads((cell / "invocations.json").read_text())) == len(runs) + 1
+
+
+def test_cells_and_rows_carried_without_samples_report_the_same_and_rows_of_older_code_need_them(tiny, tmp_path):
+    import shutil
+    doc = json.loads((tiny / "halves.json").read_text())
+    g = halves.grid("tiny", networks=("none", "softmax"))
+    dst = tmp_path / "carried"
+    shutil.copytree(tiny, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.png"))
+    again = halves.report(g, dst)
+    assert json.dumps(again["cells"]) == json.dumps(doc["cells"])
+    # a row written before rows kept the control: computed from the samples, which a carried cell lacks
+    cell = dst / "cells" / f"n_train={halves.SIZES['tiny'][0]}"
+    row = json.loads((cell / "rows" / "softmax-seed0.json").read_text())
+    del row["shuffled"]
+    (cell / "rows" / "softmax-seed0.json").write_text(json.dumps(row))
+    with pytest.raises(FileNotFoundError, match="softmax-a-seed0.*before rows kept their shuffled control"):
+        halves.report(g, dst)
+    shutil.copytree(tiny / "cells" / cell.name / "samples", cell / "samples", dirs_exist_ok=True)
+    assert json.dumps(halves.report(g, dst)["cells"]) == json.dumps(doc["cells"])
+    # the finished cells of a study still running, the others named
+    (dst / "cells" / f"n_train={halves.SIZES['tiny'][1]}" / "results.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no finished cell"):
+        halves.report(g, dst)
+    part = halves.report(g, dst, partial=True)
+    assert part["unfinished"] == [f"n_train={halves.SIZES['tiny'][1]}"]
+    assert json.dumps(part["cells"]) == json.dumps(doc["cells"][:1])
+    assert f"Not finished yet: n_train={halves.SIZES['tiny'][1]}" in (dst / "halves.md").read_text()
 
 
 def test_another_config_is_refused_without_force_and_force_keeps_the_users_files(tmp_path):

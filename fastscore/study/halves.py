@@ -31,11 +31,14 @@ copy every sample: the halves share no content); a pair that generalised draws t
 the same noise. The curve of same content and copy rate against ``n`` shows where each kind stops
 memorising.
 
-Two references, computed by ``report`` (from the halves and the saved samples, so a cell finished
-before they existed gets them too): the *rule copy rate* of a half (``rule_copy_rate``), the copy rate
+Two references: the *rule copy rate* of a half (``rule_copy_rate``, computed by ``report`` from the
+halves), the copy rate
 of a network that learned the rule and samples the data distribution, i.e. the half's mass under the
 data distribution; and the *shuffled* pairing (``shuffled``), A's sample i against B's sample
-(i + 1) mod N (other noise), the same content and r of unrelated samples of the two networks.
+(i + 1) mod N (other noise), the same content and r of unrelated samples of the two networks, kept in
+each row (``report`` computes it from the saved samples for a row written before rows kept it). So a
+cell's JSON files (its finished rows, a finished cell's results.json) carry it to another machine
+without samples or checkpoints: a rerun there trains only the unfinished pairs.
 
 ``run`` is a sweep (``fastscore.study.sweep.run`` with this module's ``run_cell``): a cell per ``n`` in
 ``out/cells/n_train=<n>/`` (``study.json``, the cell's ``StudyConfig``; ``checkpoints/<net>-<half>-seed<s>``,
@@ -226,6 +229,7 @@ def run_row(sd: StudyDir, config: StudyConfig, net: str, seed: int, halves: tupl
         xs.append(x)
     row.update(compare(cfg, xs[0], xs[1]))
     row["r"] = [round(v, 6) for v in row["r"]]
+    row["shuffled"] = shuffled(cfg, xs[0], xs[1])    # the control, kept with the row: it travels without samples
     sd.write_json(f"rows/{row_name(net, seed)}.json", row)
     return row
 
@@ -274,7 +278,7 @@ def run_cell(config: StudyConfig, out: str | Path, *, device: str | torch.device
            "summary": {"baseline": {"analytic_fraction": str(an), "analytic_consistent": float(an)}},
            "rows": [{"network": f"{p['network']}-{h}", "seed": p["seed"], "rates": p["halves"][h]["rates"],
                      "losses": p["halves"][h]["losses"]} for p in pairs for h in HALVES],
-           "pairs": [{k: v for k, v in p.items() if k != "r"} for p in pairs]}
+           "pairs": [{k: v for k, v in p.items() if k not in ("r", "shuffled")} for p in pairs]}
     sd.write_json("results.json", doc, indent=1)
     return doc
 
@@ -332,22 +336,36 @@ def _pool(rates: list[dict]) -> dict:
     return Rate(sum(r["k"] for r in rates), sum(r["n"] for r in rates)).to_dict()
 
 
-def _shuffled_row(sd: StudyDir, cfg: KVConfig, net: str, seed: int) -> dict:
-    """``shuffled`` on the saved samples of the pair ``net``, ``seed``."""
-    a, b = (load_tensors(sd.path / _samples_rel(net, h, seed), "halves-samples")[0]["samples"] for h in HALVES)
+def _shuffled_row(sd: StudyDir, cfg: KVConfig, row: dict) -> dict:
+    """``shuffled`` of the pair ``row``: the row's own (written since the control existed), else computed
+    from the saved samples (a row of older code)."""
+    if "shuffled" in row:
+        return row["shuffled"]
+    paths = [sd.path / _samples_rel(row["network"], h, row["seed"]) for h in HALVES]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing, and row {row['network']} seed {row['seed']} was written "
+                                    "before rows kept their shuffled control; run the study again")
+    a, b = (load_tensors(p, "halves-samples")[0]["samples"] for p in paths)
     return shuffled(cfg, a, b)
 
 
-def report(g: Grid, out: str | Path, *, run_seconds: float | None = None) -> dict:
-    """Pool every finished cell of ``g`` under ``out`` over seeds and write ``halves.json``, ``halves.md``
-    and ``halves.png`` (with matplotlib); returns the document. The rule copy rates (per cell) and the
-    shuffled control (per network) are computed here, from the cell's halves and saved samples."""
+def report(g: Grid, out: str | Path, *, run_seconds: float | None = None, partial: bool = False) -> dict:
+    """Pool every cell of ``g`` under ``out`` over seeds and write ``halves.json``, ``halves.md`` and
+    ``halves.png`` (with matplotlib); returns the document. The rule copy rates (per cell) are computed
+    here from the cell's halves, the shuffled control read from each row (or computed from the saved
+    samples of a row written before rows kept it), so a cell carried without its samples reports too.
+    ``partial``: the finished cells only, the others listed as ``unfinished`` (a FileNotFoundError when
+    none is finished); without it an unfinished cell is one."""
     out = Path(out)
-    cells, wall, vers = [], 0.0, None
+    cells, wall, vers, unfinished = [], 0.0, None, []
     for c in g.cells():
         config = cell_config(g, c)
         path = out / "cells" / c.dirname / "results.json"
         if not path.exists():
+            if partial:
+                unfinished.append(c.name)
+                continue
             raise FileNotFoundError(f"{path.parent} holds no finished cell; run the halves study first")
         res = json.loads(path.read_text())
         wall += res.get("wall_seconds", 0.0)
@@ -358,7 +376,7 @@ def report(g: Grid, out: str | Path, *, run_seconds: float | None = None) -> dic
         nets = {}
         for net in config.networks:
             rows = [json.loads(sd.row_path(net, s).read_text()) for s in range(config.n_seeds)]
-            shuf = [_shuffled_row(sd, cfg, net, row["seed"]) for row in rows]
+            shuf = [_shuffled_row(sd, cfg, row) for row in rows]
             r = torch.tensor([v for row in rows for v in row["r"]], dtype=torch.float64)
             r_shuf = torch.tensor([v for sh in shuf for v in sh["r"]], dtype=torch.float64)
             h = {k: _pool([row["halves"][x][k] for row in rows for x in HALVES])
@@ -384,10 +402,13 @@ def report(g: Grid, out: str | Path, *, run_seconds: float | None = None) -> dic
                                     "mean": float((rule["a"] + rule["b"]) / 2),
                                     **{f"{x}_exact": f"{rule[x].numerator}/{rule[x].denominator}" for x in HALVES}},
                       "networks": nets})
+    if not cells:
+        raise FileNotFoundError(f"{out}: no cell of the halves study is finished yet")
     first = cell_config(g, g.cells()[0])
     doc: dict[str, Any] = {"grid": g.to_dict(), "config": first.to_dict() | {"n_train": [c["n_train"] for c in cells]},
                            "data_config": first.data_config().to_dict(), "versions": vers,
-                           "study_wall_seconds": wall, "run_seconds": run_seconds, "cells": cells}
+                           "study_wall_seconds": wall, "run_seconds": run_seconds, "cells": cells,
+                           "unfinished": unfinished}
     doc["figure"] = _figure(out / "halves.png", doc)
     atomic_write_text(out / "halves.json", json.dumps(doc, indent=1), overwrite=True)
     atomic_write_text(out / "halves.md", markdown(doc), overwrite=True)
@@ -413,7 +434,9 @@ def markdown(doc: dict) -> str:
              f"initial weights and training noise ({c['train_steps']} steps x {c['n_seeds']} seed(s)), sampled "
              f"from the same noise ({c['n_samples']} pairs per seed, {c['sampler']} {c['steps']} steps). Device "
              f"{v.get('device_name', '?')} ({v.get('device', '?')}), torch {v.get('torch', '?')}; wall time "
-             f"{doc['study_wall_seconds']:.0f} s (sum over cells and invocations).", "",
+             f"{doc['study_wall_seconds']:.0f} s (sum over cells and invocations)."
+             + (f" **Not finished yet: {', '.join(doc['unfinished'])}** (this report has the finished cells only)."
+                if doc.get("unfinished") else ""), "",
              "Same content: both samples valid and decoded to the same content, of all pairs [95% Wilson interval] "
              "(and of the pairs both valid). r: per-pair Pearson r of the mean-centred pixels, median "
              "[quartiles]. Shuffled: the same measures with A's sample i paired with B's sample (i + 1) mod N "
