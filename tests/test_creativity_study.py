@@ -91,11 +91,11 @@ def test_a_rerun_of_a_finished_creativity_study_trains_nothing(study):
     assert json.dumps(again["cells"]) == json.dumps(doc["cells"])
 
 
-def _carried(src, dst):
-    """The study at ``src`` as carried to another machine: its JSON files, no samples or checkpoints."""
-    import shutil
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.png"))
-    assert not list(dst.rglob("*.safetensors"))
+def _carried(src, dst, **kw):
+    """The study at ``src`` as carried to another machine (``scripts.carry``): no samples or checkpoints."""
+    from fastscore.scripts.carry import carry
+    assert carry(src, dst, **kw)
+    assert not list(dst.rglob("*.safetensors")) and not list(dst.rglob("*.png"))
     return dst
 
 
@@ -105,6 +105,15 @@ def test_cells_carried_without_samples_report_the_same_numbers_and_train_nothing
     for n in SIZES:
         saved = json.loads((out / "cells" / f"n_train={n}" / creativity.CELL_FILE).read_text())
         assert saved["config"]["n_train"] == n
+    # written when the cell finishes, not only by the report (a study stopped before its report keeps them)
+    import shutil
+    cell = tmp_path / "cell"
+    shutil.copytree(out / "cells" / f"n_train={SIZES[0]}", cell)
+    (cell / creativity.CELL_FILE).unlink()
+    config = creativity.cell_config(creativity.grid("tiny"), creativity.grid("tiny").cells()[0])
+    creativity.run_cell(config, cell, progress=False, workers=1)
+    assert json.loads((cell / creativity.CELL_FILE).read_text()) == json.loads(
+        (out / "cells" / f"n_train={SIZES[0]}" / creativity.CELL_FILE).read_text())
     dst = _carried(out, tmp_path / "carried")
     again = creativity.run(creativity.grid("tiny"), dst, progress=False, workers=1)
     assert not list(dst.rglob("*.safetensors"))          # nothing trained or sampled again
@@ -122,9 +131,46 @@ def test_a_cell_file_of_another_config_is_refused_when_the_samples_are_gone(stud
     f.write_text(json.dumps(saved))
     with pytest.raises(FileNotFoundError, match="another config"):
         creativity.report(creativity.grid("tiny"), dst)
-    f.unlink()
-    with pytest.raises(FileNotFoundError, match="samples of .* are missing"):
+    saved["config"]["n_samples"] -= 1
+    saved["rows"][0]["valid"]["k"] += 1                    # the rows were rerun after it was measured
+    f.write_text(json.dumps(saved))
+    with pytest.raises(FileNotFoundError, match="other rows than results.json's"):
         creativity.report(creativity.grid("tiny"), dst)
+    saved["rows"][0]["valid"]["k"] -= 1
+    saved["format"] = creativity.CELL_FORMAT + 1
+    f.write_text(json.dumps(saved))
+    with pytest.raises(FileNotFoundError, match="another version of the report"):
+        creativity.report(creativity.grid("tiny"), dst)
+    f.unlink()
+    with pytest.raises(FileNotFoundError, match="samples of .* are missing .*remove its rows/ files"):
+        creativity.report(creativity.grid("tiny"), dst)
+
+
+@pytest.mark.slow
+def test_carry_leaves_an_unfinished_cell_behind_and_a_carried_unfinished_cell_is_refused(study, tmp_path):
+    from fastscore._validate import UsageError
+    from fastscore.scripts.carry import carry
+    out, _ = study
+    src = tmp_path / "src"
+    import shutil
+    shutil.copytree(out, src)
+    unfinished = src / "cells" / f"n_train={SIZES[1]}"
+    (unfinished / "results.json").unlink()
+    dst = _carried(src, tmp_path / "dst")
+    assert (dst / "cells" / f"n_train={SIZES[0]}" / "results.json").exists()
+    assert not (dst / "cells" / unfinished.name).exists()
+    # its finished rows carried without their samples: the creativity study refuses them before any work
+    rows = _carried(src, tmp_path / "rows", rows=True)
+    assert (rows / "cells" / unfinished.name / "rows" / "softmax-seed0.json").exists()
+    with pytest.raises(UsageError, match="finished but their samples are missing"):
+        creativity.run(creativity.grid("tiny"), rows, progress=False, workers=1)
+    assert not list(rows.rglob("*.safetensors"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sweep.json").write_text(json.dumps({"grid": "another"}))
+    with pytest.raises(UsageError, match="dst: .* holds another sweep"):
+        carry(src, tmp_path / "other")
+    with pytest.raises(UsageError, match="src: .* holds no sweep.json"):
+        carry(tmp_path / "other" / "nothing", tmp_path / "x")
 
 
 @pytest.mark.slow

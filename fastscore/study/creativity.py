@@ -46,6 +46,7 @@ from .config import ANALYTIC, LABELS
 from .files import StudyDir, row_name
 from .grid import Grid
 from .report import every_seed_above, fmt, pooled
+from .run import reproduce
 from .sweep import cell_config
 from .sweep import run as run_sweep
 
@@ -56,8 +57,10 @@ SIZES: dict[str, tuple[int, ...]] = {"full": (8, 16, 32, 64, 128, 256, 5000), "q
 # what the creativity study changes in its preset: the CNN beside softmax attention, and no coordination
 # probe (the probe answers another question and costs a third of a quick row)
 DEFAULTS: dict[str, Any] = {"networks": ("none", "softmax"), "probe_t": ()}
-#: a cell's measurement, written by ``report`` beside its results.json (read when its samples are gone)
+#: a cell's measurement, written beside its results.json when the cell finishes and by ``report`` (read when
+#: its samples are gone); CELL_FORMAT changes whenever what ``_cell_models`` measures does
 CELL_FILE = "creativity-cell.json"
+CELL_FORMAT = 1
 MEMORISES = 0.95          # copies' share of consistent samples above which a model memorises
 RATES = ("valid", "consistent_among_valid", "copy_among_valid", "novel_among_valid", "novel_among_consistent")
 
@@ -86,10 +89,29 @@ def run(g: Grid, out: str | Path, *, device: str | torch.device = "cpu", backend
     if set(g.axes) != {"n_train"}:
         raise ValueError(f"a creativity grid sweeps n_train only, got axes {sorted(g.axes)}")
     t0 = time.perf_counter()
-    res = run_sweep(g, out, device=device, backend=backend, force=force, progress=progress, workers=workers)
+    res = run_sweep(g, out, device=device, backend=backend, force=force, progress=progress, workers=workers,
+                    run_cell=run_cell)
     if res is None:
         return None
     return report(g, out, run_seconds=time.perf_counter() - t0)
+
+
+def run_cell(config, path: str | Path, **kw: Any) -> dict:
+    """One cell: ``reproduce(config, path, **kw)``, then its measurement saved as ``CELL_FILE`` (so the cell
+    can be carried without its samples as soon as it is finished). A finished row whose samples are gone
+    (a cell carried before it finished) is refused before any work: its numbers could not be measured."""
+    path = Path(path)
+    if not (path / "results.json").exists():
+        lost = [row_name(n, s) for n, s in config.jobs() if (path / "rows" / f"{row_name(n, s)}.json").exists()
+                and not (path / "samples" / f"{row_name(n, s)}.safetensors").exists()]
+        if lost:
+            raise _validate.UsageError(
+                f"{path}: rows {', '.join(lost)} are finished but their samples are missing (a cell carried before "
+                "it finished?); the creativity report measures samples: remove those rows/<row>.json files to "
+                "sample them again from their checkpoints, or the cell to start it again")
+    doc = reproduce(config, path, **kw)
+    _measure_cell(config, path, None)
+    return doc
 
 
 def _cell_models(config, path: Path, figure: Path | None) -> dict:
@@ -152,20 +174,25 @@ def _measure_cell(config, path: Path, figure: Path | None) -> dict:
     """``_cell_models`` of the cell at ``path`` when every row's samples are there, saved as ``CELL_FILE``
     with the cell's config; without them, the saved measurement of this config (no figures)."""
     sd = StudyDir(path)
+    rows = [r["rates"] for r in json.loads((path / "results.json").read_text())["rows"]]
     missing = [row_name(n, s) for n, s in config.jobs() if not (path / "samples" / f"{row_name(n, s)}.safetensors").exists()]
     if not missing:
         measured = _cell_models(config, path, figure)
-        sd.write_json(CELL_FILE, {"config": config.to_dict(), **{k: measured[k] for k in ("models", "coverage", "mosaic")}},
-                      indent=1)
+        sd.write_json(CELL_FILE, {"format": CELL_FORMAT, "config": config.to_dict(), "rows": rows,
+                                  **{k: measured[k] for k in ("models", "coverage", "mosaic")}}, indent=1)
         return measured
     saved = path / CELL_FILE
-    if saved.exists():
-        doc = json.loads(saved.read_text())
-        if isinstance(doc, dict) and isinstance(doc.get("config"), dict) and config.matches(doc["config"]):
-            return {"models": doc["models"], "coverage": doc["coverage"], "mosaic": doc["mosaic"], "figures": []}
-        raise FileNotFoundError(f"{path}: the samples of {missing[0]} are missing and {CELL_FILE} there measured "
-                                "another config; run the study again")
-    raise FileNotFoundError(f"{path}: the samples of {missing[0]} are missing (and no {CELL_FILE}); run the study again")
+    again = (f"; rerun the cell: remove its rows/ files of {', '.join(missing)} and its results.json to sample them "
+             "again from their checkpoints, or the cell to train it again")
+    if not saved.exists():
+        raise FileNotFoundError(f"{path}: the samples of {missing[0]} are missing (and no {CELL_FILE})" + again)
+    doc = json.loads(saved.read_text())
+    why = ("measured by another version of the report" if not isinstance(doc, dict) or doc.get("format") != CELL_FORMAT
+           else "measured another config" if not isinstance(doc.get("config"), dict) or not config.matches(doc["config"])
+           else "measured other rows than results.json's" if json.dumps(doc.get("rows")) != json.dumps(rows) else None)
+    if why:
+        raise FileNotFoundError(f"{path}: the samples of {missing[0]} are missing and {CELL_FILE} there {why}" + again)
+    return {"models": doc["models"], "coverage": doc["coverage"], "mosaic": doc["mosaic"], "figures": []}
 
 
 def verdicts(models: Mapping[str, dict], chance: float, rule_novel: float) -> dict[str, dict]:
@@ -251,7 +278,7 @@ def report(g: Grid, out: str | Path, *, run_seconds: float | None = None, partia
     if not doc_cells:
         raise FileNotFoundError(f"{out}: no cell of the creativity study is finished yet")
     first = cell_config(g, cells[0])
-    doc = {"grid": g.to_dict(), "config": first.to_dict() | {"n_train": sizes},
+    doc = {"grid": g.to_dict(), "config": first.to_dict() | {"n_train": [c["n_train"] for c in doc_cells]},
            "data_config": first.data_config().to_dict(), "versions": vers, "study_wall_seconds": wall,
            "run_seconds": run_seconds, "cells": doc_cells, "figure_n_train": fig_n,
            "unfinished": unfinished}
@@ -362,4 +389,4 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULTS", "SIZES", "grid", "markdown", "report", "run", "verdicts"]
+__all__ = ["DEFAULTS", "SIZES", "grid", "markdown", "report", "run", "run_cell", "verdicts"]
