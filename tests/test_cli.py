@@ -330,3 +330,38 @@ def test_an_old_pairs_sweep_directory_is_explained_not_overwritten(tmp_path, cap
     assert main(["reproduce", "--tiny", "--pairs-sweep", "2,4", "--out", str(tmp_path), "--quiet"]) == 2
     _one_line_error(capsys, "a pairs sweep of an earlier fastscore", "--pairs K --out OUT/pairs-K")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["pairs-2", "study.json"]
+
+
+# the command line's SIGTERM arriving inside a weakref callback: Python cannot propagate the handler's
+# KeyboardInterrupt from there; it must still stop the command, quietly, with its one-line message
+_CALLBACK_STOP = """
+import argparse, os, signal, sys, time, weakref
+from fastscore import cli
+def job(args):
+    class A:
+        pass
+    def cb(ref):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10))   # the handler runs here, inside the callback
+    a = A()
+    r = weakref.ref(a, cb)
+    del a
+    deadline = time.monotonic() + 30   # a hang guard
+    while time.monotonic() < deadline:
+        sum(range(10))
+    print("carried on")
+    return 0
+def build_parser():
+    p = argparse.ArgumentParser()
+    p.set_defaults(fn=job, command="job")
+    return p
+cli.build_parser = build_parser
+sys.exit(cli.main([]))
+"""
+
+
+def test_a_stop_inside_a_callback_still_stops_the_command():
+    p = subprocess.run([sys.executable, "-c", _CALLBACK_STOP], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 143, (p.stdout, p.stderr)
+    assert "carried on" not in p.stdout and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("fastscore job: SIGTERM"), p.stderr

@@ -134,3 +134,35 @@ def test_sigkill_of_reproduce_leaves_no_worker(tmp_path):
     finally:
         for pid in _session(p.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+# a worker's SIGTERM arriving inside a weakref callback (as the import machinery's lock callbacks):
+# Python cannot propagate the handler's SystemExit from there, swallows it and prints a traceback
+_CALLBACK_STOP = """
+import os, signal, sys, time, weakref
+from fastscore.study import parallel
+signal.signal(signal.SIGTERM, parallel._sigterm_exit)
+sys.unraisablehook = parallel._stop_again
+class A:
+    pass
+def cb(ref):
+    os.kill(os.getpid(), signal.SIGTERM)
+    sum(range(10))   # the handler runs here, inside the callback
+a = A()
+r = weakref.ref(a, cb)
+try:
+    del a
+    deadline = time.monotonic() + 30   # a hang guard: the stop comes RESTOP_SECONDS after the callback
+    while time.monotonic() < deadline:
+        sum(range(10))
+    print("carried on")
+finally:
+    print("unwound")
+"""
+
+
+def test_a_worker_stopped_inside_a_callback_stops_quietly():
+    p = subprocess.run([sys.executable, "-c", _CALLBACK_STOP], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, (p.stdout, p.stderr)
+    assert "unwound" in p.stdout and "carried on" not in p.stdout    # stopped at the next point, finally run
+    assert "Traceback" not in p.stderr, p.stderr
