@@ -178,7 +178,7 @@ def test_a_partial_report_has_the_finished_cells_and_names_the_others(study, tmp
     out, doc = study
     dst = _carried(out, tmp_path / "carried")
     (dst / "cells" / f"n_train={SIZES[1]}" / "results.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no finished study"):
+    with pytest.raises(FileNotFoundError, match="no finished cell"):
         creativity.report(creativity.grid("tiny"), dst)
     part = creativity.report(creativity.grid("tiny"), dst, partial=True)
     assert part["unfinished"] == [f"n_train={SIZES[1]}"]

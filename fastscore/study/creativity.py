@@ -47,7 +47,7 @@ from .files import StudyDir, row_name
 from .grid import Grid
 from .report import every_seed_above, fmt, pooled
 from .run import reproduce
-from .sweep import cell_config
+from .sweep import cell_config, finished_cells
 from .sweep import run as run_sweep
 
 # numbers of training images per preset: from a few contents seen to all of them in the study's 2 colours
@@ -254,29 +254,19 @@ def report(g: Grid, out: str | Path, *, run_seconds: float | None = None, partia
     cells = g.cells()
     sizes = [dict(c.point)["n_train"] for c in cells]
     fig_n = sizes[len(sizes) // 2]
-    doc_cells, figures, wall, vers, unfinished = [], [], 0.0, None, []
-    for c in cells:
-        config = cell_config(g, c)
-        path = out / "cells" / c.dirname
-        results = path / "results.json"
-        if not results.exists():
-            if partial:
-                unfinished.append(c.name)
-                continue
-            raise FileNotFoundError(f"{path} holds no finished study; run the creativity study first")
-        res = json.loads(results.read_text())
-        wall += res.get("wall_seconds", 0.0)
-        vers = vers or res.get("versions")
+    done, unfinished = finished_cells(g, out, partial=partial, study="creativity")
+    wall = sum(res.get("wall_seconds", 0.0) for _, _, res in done)
+    vers = next((res["versions"] for _, _, res in done if res.get("versions")), None)
+    doc_cells, figures = [], []
+    for c, config, res in done:
         fig = out / "creativity-novel" if plot and config.n_train == fig_n else None
-        measured = _measure_cell(config, path, fig)
+        measured = _measure_cell(config, out / "cells" / c.dirname, fig)
         figures += measured["figures"]
         cov, mosaic, models = measured["coverage"], measured["mosaic"], measured["models"]
         doc_cells.append({"cell": c.name, "n_train": config.n_train, "coverage": cov, "chance": cov["chance"],
                           "chance_exact": cov["chance_exact"], "mosaic_chance": mosaic, "wall_seconds":
                           res.get("wall_seconds", 0.0), "models": models,
                           "verdicts": verdicts(models, cov["chance"], cov["rule_novel"])})
-    if not doc_cells:
-        raise FileNotFoundError(f"{out}: no cell of the creativity study is finished yet")
     first = cell_config(g, cells[0])
     doc = {"grid": g.to_dict(), "config": first.to_dict() | {"n_train": [c["n_train"] for c in doc_cells]},
            "data_config": first.data_config().to_dict(), "versions": vers, "study_wall_seconds": wall,

@@ -77,7 +77,7 @@ from .grid import Grid
 from .report import fmt
 from .rows import SAVE_EVERY
 from .run import Interrupted
-from .sweep import cell_config
+from .sweep import cell_config, finished_cells
 from .sweep import run as run_sweep
 
 # training images per half, per preset: from a few dozen to most of the 4-colour setting's 16,720
@@ -358,19 +358,12 @@ def report(g: Grid, out: str | Path, *, run_seconds: float | None = None, partia
     ``partial``: the finished cells only, the others listed as ``unfinished`` (a FileNotFoundError when
     none is finished); without it an unfinished cell is one."""
     out = Path(out)
-    cells, wall, vers, unfinished = [], 0.0, None, []
-    for c in g.cells():
-        config = cell_config(g, c)
-        path = out / "cells" / c.dirname / "results.json"
-        if not path.exists():
-            if partial:
-                unfinished.append(c.name)
-                continue
-            raise FileNotFoundError(f"{path.parent} holds no finished cell; run the halves study first")
-        res = json.loads(path.read_text())
-        wall += res.get("wall_seconds", 0.0)
-        vers = vers or res.get("versions")
-        sd = StudyDir(path.parent)
+    done, unfinished = finished_cells(g, out, partial=partial, study="halves")
+    wall = sum(res.get("wall_seconds", 0.0) for _, _, res in done)
+    vers = next((res["versions"] for _, _, res in done if res.get("versions")), None)
+    cells = []
+    for c, config, res in done:
+        sd = StudyDir(out / "cells" / c.dirname)
         cfg = config.data_config()
         rule = dict(zip(HALVES, (rule_copy_rate(cfg, h) for h in split(cfg, config.n_train, config.data_seed))))
         nets = {}
@@ -402,8 +395,6 @@ def report(g: Grid, out: str | Path, *, run_seconds: float | None = None, partia
                                     "mean": float((rule["a"] + rule["b"]) / 2),
                                     **{f"{x}_exact": f"{rule[x].numerator}/{rule[x].denominator}" for x in HALVES}},
                       "networks": nets})
-    if not cells:
-        raise FileNotFoundError(f"{out}: no cell of the halves study is finished yet")
     first = cell_config(g, g.cells()[0])
     doc: dict[str, Any] = {"grid": g.to_dict(), "config": first.to_dict() | {"n_train": [c["n_train"] for c in cells]},
                            "data_config": first.data_config().to_dict(), "versions": vers,

@@ -66,6 +66,24 @@ def finished_cell(path: Path, config: StudyConfig) -> dict | None:
         else None
 
 
+def finished_cells(grid: Grid, out: Path, *, partial: bool, study: str) -> tuple[list[tuple[Cell, Any, dict]], list[str]]:
+    """The cells of ``grid`` under ``out`` with a ``results.json``: (cell, its config, that document) each, in
+    the grid's order, and the names of the others. An unfinished cell is a FileNotFoundError (naming
+    ``study``, the study to run) unless ``partial``; with it, only no finished cell at all is one."""
+    done, unfinished = [], []
+    for c in grid.cells():
+        path = out / "cells" / c.dirname / "results.json"
+        if path.exists():
+            done.append((c, cell_config(grid, c), json.loads(path.read_text())))
+        elif partial:
+            unfinished.append(c.name)
+        else:
+            raise FileNotFoundError(f"{path.parent} holds no finished cell; run the {study} study first")
+    if not done:
+        raise FileNotFoundError(f"{out}: no cell of the {study} study is finished yet")
+    return done, unfinished
+
+
 def _read_spec(spec: Path) -> dict | None:
     """A sweep.json's document; None if the file is JSON but not a fastscore sweep's (UsageError if not JSON)."""
     try:
