@@ -118,6 +118,15 @@ def test_a_study_from_before_the_manifest_adopts_its_own_files_on_resume(tmp_pat
     assert json.loads((tmp_path / "study.json").read_text()) == other.to_dict()
 
 
+def test_a_file_written_again_is_listed_once_in_the_manifest(tmp_path):
+    sd = StudyDir(tmp_path)
+    for text in ("a", "b", "c"):   # a report rewritten after every cell
+        sd.write_text("results.md", text)
+    sd.write_json("rows/x.json", {})
+    assert (tmp_path / MANIFEST).read_text().splitlines() == ["results.md", "rows/x.json"]
+    assert (tmp_path / "results.md").read_text() == "c"
+
+
 def test_a_failed_start_leaves_nothing_behind(tmp_path):
     cfg = StudyConfig.preset("tiny", networks=("none",), analytic=())
     for kw, words in ((dict(device="tpu"), "device"), (dict(workers=0), "workers"), (dict(backend="cuda"), "backend")):

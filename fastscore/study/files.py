@@ -136,7 +136,12 @@ class StudyDir:
                 d.rmdir()
 
     def _record(self, rel: str) -> None:
-        fd = os.open(self.path / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        """Add ``rel`` to the manifest unless it is listed already (a file written again: a report, a cell's
+        measurement)."""
+        manifest = self.path / MANIFEST
+        if manifest.exists() and rel in manifest.read_text().splitlines():
+            return
+        fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             os.write(fd, (rel + "\n").encode())
         finally:
