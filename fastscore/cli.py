@@ -11,14 +11,13 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
 import re
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from . import __version__
+from ._signals import stop_again
 
 
 def setup() -> None:
@@ -501,22 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     def defer(signum, frame) -> None:   # while torch imports: an interrupt inside its C++ init aborts
         pending.append(signal.Signals(signum).name)
 
-    def stop_again(unraisable) -> None:
-        # an interrupt raised where Python cannot propagate it (a weakref callback, a __del__) is
-        # swallowed with a printed traceback: send it again once this hook has returned
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-            sys.__unraisablehook__(unraisable)
-            return
-        sig = signal.SIGTERM if stop["signal"] == "SIGTERM" else signal.SIGINT
-        again = threading.Timer(0.1, os.kill, (os.getpid(), sig))
-        again.daemon = True
-        again.start()
     main_thread = _main_thread()
     previous = None
     previous_hook = sys.unraisablehook
     if main_thread:
         previous = signal.signal(signal.SIGTERM, defer), signal.signal(signal.SIGINT, defer)
-        sys.unraisablehook = stop_again
+        # a stop swallowed where Python cannot propagate it (a weakref callback): sent again
+        sys.unraisablehook = stop_again(KeyboardInterrupt, lambda: signal.SIGTERM if stop["signal"] == "SIGTERM"
+                                        else signal.SIGINT)
     name, args = "fastscore", None
     try:
         try:

@@ -142,7 +142,7 @@ _CALLBACK_STOP = """
 import os, signal, sys, time, weakref
 from fastscore.study import parallel
 signal.signal(signal.SIGTERM, parallel._sigterm_exit)
-sys.unraisablehook = parallel._stop_again
+sys.unraisablehook = parallel.stop_again(SystemExit, lambda: signal.SIGTERM)   # as _init_worker sets it
 class A:
     pass
 def cb(ref):

@@ -23,14 +23,13 @@ from typing import Any
 
 import torch
 
+from .._signals import stop_again
 from .config import LABELS
 from .rows import RunContext, run_unit
 
 STOP_SECONDS = 3.0
 #: how often a worker's watchdog checks that its parent is alive (seconds)
 WATCH_SECONDS = 0.5
-#: delay before a worker's swallowed SIGTERM is sent again (``_stop_again``)
-RESTOP_SECONDS = 0.1
 PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
 # relative cost of a row (CPU, width 64, 10k steps; measured in the full run: top-1 ~630 s, softmax
 # ~525 s, identity ~345 s, CNN ~320 s per row on one thread; the analytic rows sample only)
@@ -86,21 +85,6 @@ def _sigterm_exit(signum, frame) -> None:
     sys.exit(128 + signum)
 
 
-def _stop_again(unraisable) -> None:
-    """``sys.unraisablehook`` of a worker. A signal handler's ``SystemExit`` raised where Python cannot
-    propagate it (a weakref callback run by the import machinery, a ``__del__``) is swallowed and
-    printed with a traceback, and the worker would carry on. Instead: print nothing and send the signal
-    again from a thread ``RESTOP_SECONDS`` later, once this hook has returned (a signal sent from here
-    would be handled inside it, where it is swallowed again), so the stop happens at a point that can
-    unwind."""
-    if not isinstance(unraisable.exc_value, SystemExit):
-        sys.__unraisablehook__(unraisable)
-        return
-    again = threading.Timer(RESTOP_SECONDS, os.kill, (os.getpid(), signal.SIGTERM))
-    again.daemon = True
-    again.start()
-
-
 def _parent_death_signal(sig: int) -> bool:
     """Ask Linux to send this process ``sig`` when its parent dies; False where that is unavailable.
     (The kernel means the parent *thread*: the pool starts its workers from the caller's thread, which
@@ -139,7 +123,7 @@ def _init_worker(queue, threads: int, parent: int) -> None:
     global _QUEUE
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _sigterm_exit)
-    sys.unraisablehook = _stop_again
+    sys.unraisablehook = stop_again(SystemExit, lambda: signal.SIGTERM)   # a SIGTERM swallowed: again
     die_with_parent(parent)
     torch.set_num_threads(threads)
     _QUEUE = queue
